@@ -1,0 +1,49 @@
+# One venv at the repo root; every target creates what it needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := $(VENV)/.installed
+
+SPECS := $(wildcard data_specs/*.yaml)
+
+.PHONY: setup demo data train test test-all lint bench compare clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	# CPU build from the local wheel first: a bare `torch` requirement would pull a CUDA build.
+	$(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Demo trajectories are generated locally (gymnasium rollouts), then built into stores.
+data/raw/.generated: scripts/make_demo_data.py | $(STAMP)
+	$(PYTHON) scripts/make_demo_data.py --out data/raw
+	touch $@
+
+data: $(STAMP) data/raw/.generated
+	@for spec in $(SPECS); do \
+		$(PYTHON) -m pipeline.build $$spec --out stores || exit 1; \
+	done
+
+demo: data
+
+test: $(STAMP)
+	$(PYTHON) -m pytest
+
+test-all: $(STAMP)
+	$(PYTHON) -m pytest -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy pipeline trainer data_specs scripts
+
+bench: $(STAMP)
+	$(PYTHON) scripts/bench_build.py
+
+clean:
+	rm -rf stores runs data/raw .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,542 @@
+"""The spec schema: what a YAML file in ``data_specs/`` may say, checked on load.
+
+A spec tells ``pipeline.build`` where every field of a step sits in the user's JSONL
+and how to turn it into a store. Every error names the key and the fix, e.g.::
+
+    data_specs/x.yaml: fields.action.n: must be an integer >= 1 (the number of discrete actions), got 0
+
+Two kinds of spec share this module: ``kind: transitions`` (trajectory logs) and
+``kind: segments`` (QA documents). The resolved form (``to_dict``) is what a store's
+manifest records and hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SPEC_DIR = Path(__file__).resolve().parent
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file, the key and the fix."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Ctx:
+    """Where we are in the YAML, to name it in errors."""
+
+    def __init__(self, origin: str, key: str = "") -> None:
+        self.origin = origin
+        self.key = key
+
+    def child(self, key: str | int) -> _Ctx:
+        k = str(key)
+        return _Ctx(self.origin, f"{self.key}.{k}" if self.key else k)
+
+    def fail(self, msg: str) -> SpecError:
+        where = f"{self.key}: " if self.key else ""
+        return SpecError(f"{self.origin}: {where}{msg}")
+
+
+def _mapping(value: Any, ctx: _Ctx, allowed: set[str], required: set[str] = frozenset()) -> dict:  # type: ignore[assignment]
+    if not isinstance(value, Mapping):
+        raise ctx.fail(f"must be a mapping (key: value), got {type(value).__name__}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ctx.fail(
+            f"unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}"
+        )
+    for key in sorted(required):
+        if key not in value:
+            raise ctx.fail(f"missing required key {key!r}")
+    return dict(value)
+
+
+def _str(value: Any, ctx: _Ctx, what: str = "a string") -> str:
+    if not isinstance(value, str) or not value:
+        raise ctx.fail(f"must be {what}, got {value!r}")
+    return value
+
+
+def _int(value: Any, ctx: _Ctx, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ctx.fail(f"must be an integer >= {minimum} ({what}), got {value!r}")
+    return value
+
+
+def _float(value: Any, ctx: _Ctx, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ctx.fail(f"must be a number ({what}), got {value!r}")
+    return float(value)
+
+
+def _str_list(value: Any, ctx: _Ctx, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ctx.fail(f"must be a non-empty list of {what}, got {value!r}")
+    return tuple(_str(v, ctx.child(i)) for i, v in enumerate(value))
+
+
+def _path(value: Any, ctx: _Ctx) -> str:
+    p = _str(value, ctx, "a dotted field path such as `obs` or `info.state`")
+    if any(not part for part in p.split(".")):
+        raise ctx.fail(f"{p!r} is not a dotted path: empty part between dots")
+    return p
+
+
+# --------------------------------------------------------------------------- fields
+
+
+@dataclass(frozen=True)
+class ObsKey:
+    """One named piece of a dict observation: a scalar (size None) or a list of ``size`` numbers."""
+
+    path: str  # dotted, relative to the observation dict
+    size: int | None = None  # None: a scalar; an int: a fixed-length list
+
+    @property
+    def width(self) -> int:
+        return 1 if self.size is None else self.size
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """Where the observation is and how it is flattened into one float vector."""
+
+    path: str  # dotted path relative to a step
+    keys: tuple[ObsKey, ...] | None = None  # a dict flattened in this order; None: a list or scalar
+    size: int | None = None  # list observations: its length (None: inferred from the first record)
+    scalar: bool = False  # true: the value is a single number
+
+    @property
+    def dim(self) -> int | None:
+        if self.keys is not None:
+            return sum(k.width for k in self.keys)
+        if self.scalar:
+            return 1
+        return self.size
+
+
+@dataclass(frozen=True)
+class CompositeCase:
+    """One branch of a composite action: index = offset + value, value in [0, n)."""
+
+    offset: int
+    n: int
+
+
+@dataclass(frozen=True)
+class CompositeSpec:
+    """Several fields mapped to one discrete index by a declared rule.
+
+    ``select`` picks the branch (e.g. ``action_type``), ``value`` the index inside it
+    (e.g. ``action_target``); branch ``k`` maps ``value`` to ``cases[k].offset + value``.
+    """
+
+    select: str
+    value: str
+    cases: tuple[tuple[int, CompositeCase], ...]
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    type: Literal["discrete", "continuous"]
+    path: str | None = None  # None only for composite actions
+    n: int | None = None  # discrete: number of actions
+    size: int | None = None  # continuous: action dimension
+    low: tuple[float, ...] | None = None  # continuous: per-dimension lower bound
+    high: tuple[float, ...] | None = None
+    composite: CompositeSpec | None = None
+
+
+@dataclass(frozen=True)
+class FieldPath:
+    path: str
+
+
+@dataclass(frozen=True)
+class EndSpec:
+    """An episode-level end reason: a string field mapped to terminated / truncated."""
+
+    path: str
+    terminated: tuple[str, ...]
+    truncated: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FieldsSpec:
+    observation: ObservationSpec
+    action: ActionSpec
+    reward: FieldPath
+    terminated: FieldPath | None = None
+    truncated: FieldPath | None = None
+    end: EndSpec | None = None
+    final_observation: FieldPath | None = None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    paths: tuple[str, ...]  # globs, relative to the working directory
+    layout: Literal["step_per_line", "episode_per_line"] = "step_per_line"
+    episode_key: str = "episode"
+    step_key: str | None = None  # step_per_line: order within the episode
+    steps_key: str | None = None  # episode_per_line: the list of steps
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    format: Literal["arrow", "zarr"] = "arrow"
+    discount: float = 0.99  # for return_to_go
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    id: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    max_episode_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceReturns:
+    """Average returns used for normalized scores: 100 * (R - random) / (expert - random)."""
+
+    random: float
+    expert: float
+    behaviour: float | None = None
+
+
+@dataclass(frozen=True)
+class TransitionSpec:
+    name: str
+    source: SourceSpec
+    fields: FieldsSpec
+    store: StoreSpec = field(default_factory=StoreSpec)
+    env: EnvSpec | None = None
+    reference_returns: ReferenceReturns | None = None
+    description: str = ""
+    kind: Literal["transitions"] = "transitions"
+    origin: str = field(default="<spec>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("origin")
+        return _jsonable(d)
+
+    def sha256(self) -> str:
+        return spec_hash(self.to_dict())
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def spec_hash(d: Mapping[str, Any]) -> str:
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _parse_obs_key(value: Any, ctx: _Ctx) -> ObsKey:
+    if isinstance(value, str):
+        return ObsKey(_path(value, ctx))
+    if isinstance(value, Mapping) and len(value) == 1:
+        ((name, size),) = value.items()
+        return ObsKey(
+            _path(name, ctx), _int(size, ctx.child(name), 1, "the length of this list")
+        )
+    raise ctx.fail(
+        f"must be a key name (a scalar) or `{{name: N}}` (a list of N numbers), got {value!r}"
+    )
+
+
+def _parse_observation(value: Any, ctx: _Ctx) -> ObservationSpec:
+    if isinstance(value, str):
+        value = {"path": value}
+    d = _mapping(value, ctx, {"path", "keys", "shape", "scalar"}, {"path"})
+    path = _path(d["path"], ctx.child("path"))
+    if "keys" in d:
+        if "shape" in d or d.get("scalar"):
+            raise ctx.fail("give either `keys` (a dict observation) or `shape`/`scalar`, not both")
+        raw = d["keys"]
+        if not isinstance(raw, list) or not raw:
+            raise ctx.child("keys").fail("must be a non-empty list of key names, e.g. [cos, sin]")
+        keys = tuple(_parse_obs_key(k, ctx.child("keys").child(i)) for i, k in enumerate(raw))
+        names = [k.path for k in keys]
+        if len(set(names)) != len(names):
+            raise ctx.child("keys").fail("lists a key twice")
+        return ObservationSpec(path=path, keys=keys)
+    scalar = bool(d.get("scalar", False))
+    size = None
+    if "shape" in d:
+        shape = d["shape"]
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = [shape]
+        if not isinstance(shape, list) or len(shape) != 1:
+            raise ctx.child("shape").fail("must be a one-element list such as [3]")
+        size = _int(shape[0], ctx.child("shape").child(0), 1, "the observation length")
+    return ObservationSpec(path=path, size=size, scalar=scalar)
+
+
+def _bounds(value: Any, size: int, ctx: _Ctx) -> tuple[float, ...]:
+    if isinstance(value, list):
+        if len(value) != size:
+            raise ctx.fail(f"has {len(value)} values, the action has {size} dimensions (shape)")
+        return tuple(_float(v, ctx.child(i), "a bound") for i, v in enumerate(value))
+    return (_float(value, ctx, "a bound"),) * size
+
+
+def _parse_action(value: Any, ctx: _Ctx) -> ActionSpec:
+    d = _mapping(
+        value, ctx, {"path", "type", "n", "shape", "low", "high", "composite"}, {"type"}
+    )
+    kind = d["type"]
+    if kind == "discrete":
+        if "shape" in d or "low" in d or "high" in d:
+            raise ctx.fail("discrete actions take `n`, not shape/low/high")
+        n = _int(d.get("n"), ctx.child("n"), 1, "the number of discrete actions")
+        composite = None
+        if "composite" in d:
+            composite = _parse_composite(d["composite"], ctx.child("composite"), n)
+            if "path" in d:
+                raise ctx.fail("a composite action takes its fields from `composite`, drop `path`")
+            return ActionSpec(type="discrete", n=n, composite=composite)
+        if "path" not in d:
+            raise ctx.fail("missing required key 'path' (or a `composite` rule)")
+        return ActionSpec(type="discrete", path=_path(d["path"], ctx.child("path")), n=n)
+    if kind == "continuous":
+        if "n" in d or "composite" in d:
+            raise ctx.fail("continuous actions take shape/low/high, not n/composite")
+        if "path" not in d:
+            raise ctx.fail("missing required key 'path'")
+        shape = d.get("shape")
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = [shape]
+        if not isinstance(shape, list) or len(shape) != 1:
+            raise ctx.child("shape").fail("must be a one-element list such as [6]")
+        size = _int(shape[0], ctx.child("shape").child(0), 1, "the action dimension")
+        low = _bounds(d["low"], size, ctx.child("low")) if "low" in d else (float("-inf"),) * size
+        high = _bounds(d["high"], size, ctx.child("high")) if "high" in d else (float("inf"),) * size
+        for i, (lo, hi) in enumerate(zip(low, high)):
+            if not lo < hi:
+                raise ctx.fail(f"dimension {i}: low ({lo}) must be below high ({hi})")
+        return ActionSpec(
+            type="continuous", path=_path(d["path"], ctx.child("path")), size=size, low=low, high=high
+        )
+    raise ctx.child("type").fail(f"must be `discrete` or `continuous`, got {kind!r}")
+
+
+def _parse_composite(value: Any, ctx: _Ctx, n: int) -> CompositeSpec:
+    d = _mapping(value, ctx, {"select", "value", "cases"}, {"select", "value", "cases"})
+    raw = d["cases"]
+    if not isinstance(raw, Mapping) or not raw:
+        raise ctx.child("cases").fail(
+            "must map each value of `select` to {offset, n}, e.g. {0: {offset: 0, n: 4}}"
+        )
+    cases: list[tuple[int, CompositeCase]] = []
+    covered: list[int] = []
+    for k, v in raw.items():
+        cctx = ctx.child("cases").child(k)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise cctx.fail("case keys must be integers (values of the `select` field)")
+        cd = _mapping(v, cctx, {"offset", "n"}, {"offset", "n"})
+        case = CompositeCase(
+            _int(cd["offset"], cctx.child("offset"), 0, "first index of this branch"),
+            _int(cd["n"], cctx.child("n"), 1, "number of values in this branch"),
+        )
+        if case.offset + case.n > n:
+            raise cctx.fail(
+                f"maps to indices {case.offset}..{case.offset + case.n - 1}, beyond action n={n}"
+            )
+        covered.extend(range(case.offset, case.offset + case.n))
+        cases.append((k, case))
+    if len(set(covered)) != len(covered):
+        raise ctx.child("cases").fail("two branches map to the same index; give disjoint offsets")
+    return CompositeSpec(
+        select=_path(d["select"], ctx.child("select")),
+        value=_path(d["value"], ctx.child("value")),
+        cases=tuple(sorted(cases)),
+    )
+
+
+def _parse_field(value: Any, ctx: _Ctx) -> FieldPath:
+    if isinstance(value, str):
+        return FieldPath(_path(value, ctx))
+    d = _mapping(value, ctx, {"path"}, {"path"})
+    return FieldPath(_path(d["path"], ctx.child("path")))
+
+
+def _parse_end(value: Any, ctx: _Ctx) -> EndSpec:
+    d = _mapping(value, ctx, {"path", "terminated", "truncated"}, {"path"})
+    term = _str_list(d.get("terminated", ["terminated"]), ctx.child("terminated"), "end reasons")
+    trunc = _str_list(d.get("truncated", ["truncated"]), ctx.child("truncated"), "end reasons")
+    both = set(term) & set(trunc)
+    if both:
+        raise ctx.fail(f"end reason {sorted(both)[0]!r} is listed as both terminated and truncated")
+    return EndSpec(_path(d["path"], ctx.child("path")), term, trunc)
+
+
+def _parse_fields(value: Any, ctx: _Ctx) -> FieldsSpec:
+    allowed = {
+        "observation",
+        "action",
+        "reward",
+        "terminated",
+        "truncated",
+        "end",
+        "final_observation",
+    }
+    d = _mapping(value, ctx, allowed, {"observation", "action", "reward"})
+    end = _parse_end(d["end"], ctx.child("end")) if "end" in d else None
+    if end is not None and ("terminated" in d or "truncated" in d):
+        raise ctx.fail(
+            "give the end of an episode either per step (terminated/truncated) or as `end`, not both"
+        )
+    return FieldsSpec(
+        observation=_parse_observation(d["observation"], ctx.child("observation")),
+        action=_parse_action(d["action"], ctx.child("action")),
+        reward=_parse_field(d["reward"], ctx.child("reward")),
+        terminated=_parse_field(d["terminated"], ctx.child("terminated")) if "terminated" in d else None,
+        truncated=_parse_field(d["truncated"], ctx.child("truncated")) if "truncated" in d else None,
+        end=end,
+        final_observation=(
+            _parse_field(d["final_observation"], ctx.child("final_observation"))
+            if "final_observation" in d
+            else None
+        ),
+    )
+
+
+def _parse_source(value: Any, ctx: _Ctx) -> SourceSpec:
+    d = _mapping(
+        value, ctx, {"paths", "layout", "episode_key", "step_key", "steps_key"}, {"paths"}
+    )
+    layout = d.get("layout", "step_per_line")
+    if layout not in ("step_per_line", "episode_per_line"):
+        raise ctx.child("layout").fail(
+            f"must be `step_per_line` or `episode_per_line`, got {layout!r}"
+        )
+    paths = _str_list(d["paths"], ctx.child("paths"), "file globs")
+    episode_key = _path(d.get("episode_key", "episode"), ctx.child("episode_key"))
+    if layout == "step_per_line":
+        if "steps_key" in d:
+            raise ctx.fail("`steps_key` is for layout episode_per_line; use `step_key` here")
+        if "step_key" not in d:
+            raise ctx.fail("layout step_per_line needs `step_key` (the field that orders steps)")
+        return SourceSpec(paths, layout, episode_key, step_key=_path(d["step_key"], ctx.child("step_key")))
+    if "step_key" in d:
+        raise ctx.fail("`step_key` is for layout step_per_line; use `steps_key` here")
+    steps_key = _path(d.get("steps_key", "steps"), ctx.child("steps_key"))
+    return SourceSpec(paths, layout, episode_key, steps_key=steps_key)
+
+
+def _parse_store(value: Any, ctx: _Ctx) -> StoreSpec:
+    d = _mapping(value, ctx, {"format", "discount"})
+    fmt = d.get("format", "arrow")
+    if fmt not in ("arrow", "zarr"):
+        raise ctx.child("format").fail(f"must be `arrow` or `zarr`, got {fmt!r}")
+    discount = _float(d.get("discount", 0.99), ctx.child("discount"), "the discount factor")
+    if not 0.0 <= discount <= 1.0:
+        raise ctx.child("discount").fail(f"must be in [0, 1], got {discount}")
+    return StoreSpec(format=fmt, discount=discount)
+
+
+def _parse_env(value: Any, ctx: _Ctx) -> EnvSpec:
+    d = _mapping(value, ctx, {"id", "kwargs", "max_episode_steps"}, {"id"})
+    kwargs = d.get("kwargs", {}) or {}
+    if not isinstance(kwargs, Mapping):
+        raise ctx.child("kwargs").fail("must be a mapping of keyword arguments for gymnasium.make")
+    mes = d.get("max_episode_steps")
+    return EnvSpec(
+        id=_str(d["id"], ctx.child("id"), "a gymnasium id such as Pendulum-v1"),
+        kwargs=tuple(sorted(kwargs.items())),
+        max_episode_steps=None if mes is None else _int(mes, ctx.child("max_episode_steps"), 1, "steps"),
+    )
+
+
+def _parse_refs(value: Any, ctx: _Ctx) -> ReferenceReturns:
+    d = _mapping(value, ctx, {"random", "expert", "behaviour"}, {"random", "expert"})
+    r = ReferenceReturns(
+        random=_float(d["random"], ctx.child("random"), "average return of a random policy"),
+        expert=_float(d["expert"], ctx.child("expert"), "average return of an expert"),
+        behaviour=(
+            _float(d["behaviour"], ctx.child("behaviour"), "average return in the data")
+            if d.get("behaviour") is not None
+            else None
+        ),
+    )
+    if r.expert == r.random:
+        raise ctx.fail("expert and random returns must differ (they scale normalized scores)")
+    return r
+
+
+def parse_transition_spec(raw: Any, origin: str = "<spec>") -> TransitionSpec:
+    ctx = _Ctx(origin)
+    allowed = {"name", "kind", "source", "fields", "store", "env", "reference_returns", "description"}
+    d = _mapping(raw, ctx, allowed, {"name", "source", "fields"})
+    name = _str(d["name"], ctx.child("name"), "a store name")
+    if "/" in name or name.startswith("."):
+        raise ctx.child("name").fail(f"{name!r} is used as a directory name: no '/' or leading '.'")
+    if d.get("kind", "transitions") != "transitions":
+        raise ctx.child("kind").fail("must be `transitions` here")
+    return TransitionSpec(
+        name=name,
+        source=_parse_source(d["source"], ctx.child("source")),
+        fields=_parse_fields(d["fields"], ctx.child("fields")),
+        store=_parse_store(d.get("store", {}), ctx.child("store")),
+        env=_parse_env(d["env"], ctx.child("env")) if d.get("env") else None,
+        reference_returns=(
+            _parse_refs(d["reference_returns"], ctx.child("reference_returns"))
+            if d.get("reference_returns")
+            else None
+        ),
+        description=str(d.get("description", "")),
+        origin=origin,
+    )
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such spec file") from None
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+
+
+def load_spec(path: str | Path) -> TransitionSpec:
+    """Load and check a transition spec (``kind: transitions``)."""
+    raw = read_yaml(path)
+    return parse_transition_spec(raw, origin=str(path))
+
+
+def spec_kind(path: str | Path) -> str:
+    raw = read_yaml(path)
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path}: a spec must be a YAML mapping")
+    kind = raw.get("kind", "transitions")
+    if kind not in ("transitions", "segments"):
+        raise SpecError(f"{path}: kind: must be `transitions` or `segments`, got {kind!r}")
+    return str(kind)
