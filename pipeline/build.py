@@ -1,0 +1,835 @@
+"""``python -m pipeline.build SPEC [--out DIR] [--force]``: JSONL logs -> a transition store.
+
+The build streams: each input file is read in line-aligned chunks, each chunk is parsed
+and checked by polars in one typed pass (see :mod:`pipeline.parse`), and transitions go
+to per-column files in a staging directory next to the target. Memory holds a chunk, or
+for ``step_per_line`` logs (whose episodes may be spread over files) one hash bucket of
+episodes that was spilled to disk. The store appears under ``OUT/NAME`` only when it is
+complete (one rename); a killed build leaves a hidden staging directory and no store.
+
+Building again from the same inputs and spec does nothing ("up to date").
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import heapq
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import polars as pl
+import pyarrow as pa
+
+from data_specs.schema import SpecError, TransitionSpec, load_spec, spec_kind
+from pipeline import __version__
+from pipeline.episodes import Transitions, build_transitions
+from pipeline.format import (
+    EPISODES_ARROW,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    QUARANTINE,
+    SPEC_COPY,
+    TRANSITIONS_ARROW,
+    ZARR_GROUP,
+    BuildError,
+    StoreError,
+)
+from pipeline.parse import (
+    EPISODE_REJECTED,
+    ChunkParser,
+    ParsedSteps,
+    Rejected,
+    _get,
+    infer_shapes,
+    parse_line,
+)
+from pipeline.sources import Chunk, SourceFile, file_sha256, iter_chunks, read_lines, resolve_sources
+from pipeline.writer import (
+    ColumnSink,
+    combine_digests,
+    episodes_digest,
+    file_digest,
+    write_arrow_table,
+    write_arrow_transitions,
+    write_zarr,
+)
+
+DUPLICATE_EPISODE = "duplicate_episode"
+BUCKET_TARGET_BYTES = 96 << 20  # parsed step rows per spill bucket (memory per bucket ~3x)
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    status: str  # "built" or "up to date"
+    manifest: dict[str, Any]
+    seconds: float = 0.0
+
+
+@dataclass
+class _Quarantine:
+    """Rejected records: written as found (already in file/line order), plus deferred ones
+    (records of rejected episodes found later) resolved by one pass over their files."""
+
+    path: Path
+    sources: list[SourceFile]
+    reasons: Counter[str] = field(default_factory=Counter)
+    deferred: list[tuple[int, int, str, str, str | None]] = field(default_factory=list)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self._fh = self.path.open("wb")
+
+    def record(self, src: SourceFile, line: int, reason: str, detail: str, raw: bytes, episode_id: str | None) -> None:
+        self._fh.write(_quarantine_line(src, line, reason, detail, raw, episode_id))
+        self._count(src, reason)
+
+    def _count(self, src: SourceFile, reason: str) -> None:
+        self.reasons[reason] += 1
+        src.quarantined += 1
+        self.count += 1
+
+    def defer(self, file_idx: int, line: int, reason: str, detail: str, episode_id: str | None) -> None:
+        self.deferred.append((file_idx, line, reason, detail, episode_id))
+        self._count(self.sources[file_idx], reason)
+
+    def finish(self, final: Path) -> None:
+        self._fh.close()
+        by_file: dict[int, set[int]] = {}
+        for fi, ln, *_ in self.deferred:
+            by_file.setdefault(fi, set()).add(ln)
+        raw: dict[tuple[int, int], bytes] = {}
+        for fi, lines in by_file.items():
+            for ln, text in read_lines(self.sources[fi], lines).items():
+                raw[(fi, ln)] = text
+        deferred = sorted(self.deferred, key=lambda r: (r[0], r[1]))
+        index = {s.display: s.index for s in self.sources}
+
+        def immediate() -> Iterator[tuple[tuple[int, int], bytes]]:
+            with self.path.open("rb") as f:
+                for line in f:
+                    rec = orjson.loads(line)
+                    yield (index[rec["file"]], rec["line"]), line
+
+        def later() -> Iterator[tuple[tuple[int, int], bytes]]:
+            for fi, ln, reason, detail, ep in deferred:
+                src = self.sources[fi]
+                yield (fi, ln), _quarantine_line(src, ln, reason, detail, raw.get((fi, ln), b""), ep)
+
+        with final.open("wb") as out:
+            for _, line in heapq.merge(immediate(), later(), key=lambda x: x[0]):
+                out.write(line)
+        self.path.unlink()
+
+
+def _quarantine_line(src: SourceFile, line: int, reason: str, detail: str, raw: bytes, episode_id: str | None) -> bytes:
+    rec: dict[str, Any] = {"file": src.display, "line": line, "reason": reason, "detail": detail, "episode_id": episode_id}
+    try:
+        rec["raw"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        rec["raw"] = raw.decode("utf-8", errors="replace")
+        rec["raw_base64"] = base64.b64encode(raw).decode("ascii")
+    return orjson.dumps(rec) + b"\n"
+
+
+def _episode_id_of(raw: bytes, key: str) -> str | None:
+    try:
+        obj = parse_line(raw)
+    except Exception:  # noqa: BLE001 - unreadable: no episode to name
+        return None
+    v = _get(obj, key)
+    if v is None or isinstance(v, dict | list) or v.__class__.__name__ == "object":
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+# --------------------------------------------------------------------------- spill
+
+
+class _Buckets:
+    """step_per_line: spill parsed steps into hash buckets of episode ids on disk."""
+
+    def __init__(self, directory: Path, n: int) -> None:
+        self.directory = directory
+        self.n = n
+        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self._files: dict[int, Any] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, steps: ParsedSteps, file_idx: int) -> None:
+        if len(steps) == 0:
+            return
+        bucket = (steps.episode_id.hash(seed=0) % self.n).to_numpy() if self.n > 1 else np.zeros(len(steps), np.int64)
+        for b in np.unique(bucket):
+            m = bucket == b
+            batch = _steps_to_batch(steps, m, file_idx)
+            if b not in self._writers:
+                f = pa.OSFile(str(self.directory / f"bucket-{b}.arrow"), "wb")
+                self._files[b] = f
+                self._writers[b] = pa.ipc.new_stream(f, batch.schema)
+            self._writers[b].write_batch(batch)
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        for f in self._files.values():
+            f.close()
+
+    def read(self) -> Iterator[tuple[ParsedSteps, np.ndarray]]:
+        for b in sorted(self._writers):
+            path = self.directory / f"bucket-{b}.arrow"
+            with pa.OSFile(str(path), "rb") as f:
+                table = pa.ipc.open_stream(f).read_all()
+            path.unlink()
+            yield _batch_to_steps(table)
+
+
+def _fixed(a: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).reshape(-1)), a.shape[1])
+
+
+def _steps_to_batch(s: ParsedSteps, m: np.ndarray, file_idx: int) -> pa.RecordBatch:
+    cols: dict[str, pa.Array] = {
+        "ep": s.episode_id.filter(pl.Series(m)).to_arrow(compat_level=pl.CompatLevel.oldest()),
+        "t": pa.array(s.t[m]),
+        "obs": _fixed(s.obs[m]),
+        "act": _fixed(s.act[m]) if s.act.ndim == 2 else pa.array(s.act[m]),
+        "rew": pa.array(s.rew[m]),
+        "term": pa.array(s.term[m]),
+        "trunc": pa.array(s.trunc[m]),
+        "line": pa.array(s.line[m]),
+        "file": pa.array(np.full(int(m.sum()), file_idx, dtype=np.int32)),
+    }
+    if s.end is not None:
+        cols["end"] = pa.array(list(s.end[m]), pa.string())
+    if s.fobs is not None and s.fobs_present is not None:
+        cols["fobs"] = _fixed(s.fobs[m])
+        cols["fobs_present"] = pa.array(s.fobs_present[m])
+    return pa.RecordBatch.from_pydict(cols)
+
+
+def _to_np(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
+    names = set(t.column_names)
+    steps = ParsedSteps(
+        episode_id=pl.Series("_ep", t.column("ep").combine_chunks()).cast(pl.Utf8),
+        t=_to_np(t.column("t")).astype(np.int64),
+        obs=_to_np(t.column("obs")).astype(np.float32),
+        act=_to_np(t.column("act")),
+        rew=_to_np(t.column("rew")).astype(np.float64),
+        term=_to_np(t.column("term")).astype(bool),
+        trunc=_to_np(t.column("trunc")).astype(bool),
+        end=np.asarray(t.column("end").to_pylist(), dtype=object) if "end" in names else None,
+        fobs=_to_np(t.column("fobs")).astype(np.float32) if "fobs" in names else None,
+        fobs_present=_to_np(t.column("fobs_present")).astype(bool) if "fobs_present" in names else None,
+        line=_to_np(t.column("line")).astype(np.int64),
+    )
+    return steps, _to_np(t.column("file")).astype(np.int64)
+
+
+def _subset(s: ParsedSteps, m: np.ndarray) -> ParsedSteps:
+    return ParsedSteps(
+        episode_id=s.episode_id.filter(pl.Series(m)),
+        t=s.t[m],
+        obs=s.obs[m],
+        act=s.act[m],
+        rew=s.rew[m],
+        term=s.term[m],
+        trunc=s.trunc[m],
+        end=None if s.end is None else s.end[m],
+        fobs=None if s.fobs is None else s.fobs[m],
+        fobs_present=None if s.fobs_present is None else s.fobs_present[m],
+        line=s.line[m],
+    )
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _merge_runs(runs: list[ColumnSink], sink: ColumnSink, names: list[str]) -> None:
+    """Merge per-bucket runs (each in first-appearance order) into ``sink`` in global
+    first-appearance order, a window of episodes at a time (bounded memory)."""
+    eps: list[tuple[int, int, int, int]] = []  # (key, run, start, length)
+    ep_rows: list[dict[str, Any]] = []
+    for r, run in enumerate(runs):
+        for e in run.episodes:
+            eps.append((e["_key"], r, e["start"], e["length"]))
+            ep_rows.append(e)
+    order = sorted(range(len(eps)), key=lambda i: eps[i][0])
+    cols = {c.name: c for c in runs[0].columns} if runs else {}
+    window: list[int] = []
+    rows = 0
+
+    def flush() -> None:
+        nonlocal window, rows
+        if not window:
+            return
+        per_run: dict[int, list[int]] = {}
+        for i in window:
+            per_run.setdefault(eps[i][1], []).append(i)
+        blocks: dict[str, list[np.ndarray]] = {n: [] for n in cols}
+        base: dict[int, int] = {}
+        offset = 0
+        for r, idxs in per_run.items():
+            start = eps[idxs[0]][2]
+            stop = eps[idxs[-1]][2] + eps[idxs[-1]][3]
+            for name, c in cols.items():
+                if name == "episode_id":
+                    continue
+                blocks[name].append(runs[r].read_column(c, start, stop))
+            base[r] = offset - start
+            offset += stop - start
+        gather = np.concatenate([np.arange(eps[i][2], eps[i][2] + eps[i][3]) + base[eps[i][1]] for i in window])
+        data = {name: np.concatenate(b)[gather] for name, b in blocks.items() if b}
+        lengths = np.array([eps[i][3] for i in window], dtype=np.int64)
+        ids = pl.Series([ep_rows[i]["episode_id"] for i in window], dtype=pl.Utf8)
+        tr = Transitions(
+            episode_id=ids.gather(np.repeat(np.arange(len(window)), lengths)),
+            step=data["step"],
+            observation=data["observation"],
+            action=data["action"],
+            reward=data["reward"],
+            next_observation=data["next_observation"],
+            terminated=data["terminated"].astype(bool),
+            truncated=data["truncated"].astype(bool),
+            return_to_go=data["return_to_go"],
+            ep_id=ids,
+            ep_length=lengths,
+            ep_return=np.array([ep_rows[i]["return"] for i in window]),
+            ep_terminated=np.array([ep_rows[i]["terminated"] for i in window], dtype=bool),
+            ep_truncated=np.array([ep_rows[i]["truncated"] for i in window], dtype=bool),
+            ep_file=np.array([ep_rows[i]["_key"] >> 40 for i in window], dtype=np.int64),
+            ep_line=np.array([ep_rows[i]["_key"] & ((1 << 40) - 1) for i in window], dtype=np.int64),
+        )
+        sink.append(tr, names)
+        window, rows = [], 0
+
+    for i in order:
+        window.append(i)
+        rows += eps[i][3]
+        if rows >= 1 << 16:
+            flush()
+    flush()
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _build_key(spec: TransitionSpec, sources: list[SourceFile]) -> str:
+    h = hashlib.sha256()
+    h.update(f"{FORMAT_NAME}/{FORMAT_VERSION}\n{spec.sha256()}\n".encode())
+    for s in sources:
+        h.update(f"{s.display}\t{s.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def _up_to_date(target: Path, spec: TransitionSpec, sources: list[SourceFile]) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("spec_sha256") != spec.sha256():
+        return None
+    old = {s["path"]: s for s in manifest.get("sources", [])}
+    if set(old) != {s.display for s in sources}:
+        return None
+    for s in sources:
+        o = old[s.display]
+        if o.get("bytes") == s.size and o.get("mtime_ns") == s.mtime_ns:
+            s.sha256 = o.get("sha256")
+        else:
+            s.sha256 = file_sha256(s.path)
+    if _build_key(spec, sources) != manifest.get("build_key"):
+        for s in sources:
+            s.sha256 = None
+        return None
+    if not all((target / f).exists() for f in manifest.get("data_files", {})):
+        return None
+    return manifest
+
+
+def _clean_stale(out: Path, name: str) -> None:
+    for p in out.glob(f".{name}.build-*"):
+        try:
+            pid = int(p.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        alive = True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive or pid == os.getpid():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _nonblank(chunk: Chunk) -> np.ndarray:
+    buf = np.frombuffer(chunk.data, dtype=np.uint8)
+    ws = (buf == 32) | (buf == 9) | (buf == 13) | (buf == 10)
+    cs = np.cumsum(~ws, dtype=np.int64)
+    before = np.where(chunk.starts > 0, cs[np.maximum(chunk.starts - 1, 0)], 0)
+    return np.flatnonzero(cs[chunk.ends] - before > 0)
+
+
+def _first_records(src: SourceFile, limit: int = 200) -> list[Any]:
+    out: list[Any] = []
+    for chunk in iter_chunks(src, 1 << 20):
+        for i in _nonblank(chunk):
+            try:
+                out.append(parse_line(chunk.line(int(i))))
+            except Exception:  # noqa: BLE001 - a bad line: keep looking
+                continue
+            if len(out) >= limit:
+                return out
+        break
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    out = {"builder": __version__, "python": platform.python_version()}
+    for mod in ("numpy", "pyarrow", "polars", "orjson", "zarr"):
+        with contextlib.suppress(Exception):
+            out[mod] = __import__(mod).__version__
+    return out
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not enabled, leave=False)
+
+
+def build(
+    spec_path: str | Path,
+    out_dir: str | Path = "stores",
+    *,
+    force: bool = False,
+    max_bad_fraction: float | None = None,
+    chunk_bytes: int = 16 << 20,
+    progress: bool | None = None,
+    bucket_bytes: int = BUCKET_TARGET_BYTES,
+) -> BuildResult:
+    """Build (or find up to date) the store for ``spec_path`` under ``out_dir/NAME``."""
+    t0 = time.perf_counter()
+    kind = spec_kind(spec_path)
+    if kind == "segments":
+        from pipeline import segments
+
+        return segments.build_segments(spec_path, out_dir, force=force, max_bad_fraction=max_bad_fraction)  # type: ignore[no-any-return]
+    spec = load_spec(spec_path)
+    sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
+    out = Path(out_dir)
+    target = out / spec.name
+    if not force:
+        manifest = _up_to_date(target, spec, sources)
+        if manifest is not None:
+            return BuildResult(target, "up to date", manifest, time.perf_counter() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out, spec.name)
+    staging = out / f".{spec.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        manifest = _build_into(spec, spec_path, sources, staging, max_bad_fraction, chunk_bytes, progress, bucket_bytes, out)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildResult(target, "built", manifest, time.perf_counter() - t0)
+
+
+def _build_into(
+    spec: TransitionSpec,
+    spec_path: str | Path,
+    sources: list[SourceFile],
+    staging: Path,
+    max_bad_fraction: float | None,
+    chunk_bytes: int,
+    progress: bool | None,
+    bucket_bytes: int,
+    out: Path,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    raw_spec_sha = spec.sha256()
+    try:
+        spec = infer_shapes(spec, _first_records(sources[0]))
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    parser = ChunkParser(spec)
+    lay = parser.layout
+    a = spec.fields.action
+    discrete = a.type == "discrete"
+    work = staging / "_work"
+    sink = ColumnSink(work / "final", lay.obs_dim, discrete, lay.act_dim or 0)
+    quarantine = _Quarantine(staging / "quarantine.partial.jsonl", sources)
+    names = [s.display for s in sources]
+    per_line = lay.per_line
+    counts: Counter[str] = Counter()
+    end = spec.fields.end
+    term_reasons = end.terminated if end else ()
+    trunc_reasons = end.truncated if end else ()
+    est = sum(s.size * (5 if s.path.suffix in (".gz", ".zst") else 1) for s in sources)
+    n_buckets = max(1, min(256, int(np.ceil(est * 0.35 / bucket_bytes))))
+    buckets = None if per_line else _Buckets(work / "buckets", n_buckets)
+    rejected_eps: dict[str, str] = {}
+    seen_eps: set[str] = set()
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _progress(sum(s.size for s in sources), show)
+    steps_read = 0
+    try:
+        for src in sources:
+            read = 0
+            for chunk in iter_chunks(src, chunk_bytes):
+                nb = _nonblank(chunk)
+                src.blank_lines += chunk.n_lines - len(nb)
+                src.records += len(nb)
+                lines = chunk.first_line + nb
+                steps, rejected = parser.parse(chunk.data, lines, lambda i, c=chunk, nb=nb: c.line(int(nb[i])))  # type: ignore[misc]
+                steps_read += len(steps)
+                for r in rejected:
+                    r.episode_id = _episode_id_of(r.raw, spec.source.episode_key)
+                if per_line:
+                    _per_line_chunk(steps, rejected, src, chunk, nb, sink, names, seen_eps, spec, term_reasons, trunc_reasons, counts)
+                    for r in sorted(rejected, key=lambda r: r.line):
+                        quarantine.record(src, r.line, r.reason, r.detail, r.raw, r.episode_id)
+                else:
+                    for r in rejected:
+                        quarantine.record(src, r.line, r.reason, r.detail, r.raw, r.episode_id)
+                        if r.episode_id is not None:
+                            rejected_eps.setdefault(r.episode_id, f"{src.display}:{r.line}: {r.reason}: {r.detail}")
+                    assert buckets is not None
+                    buckets.add(steps, src.index)
+                if not src.path.suffix in (".gz", ".zst"):
+                    bar.update(len(chunk.data))
+                    read += len(chunk.data)
+            bar.update(max(0, src.size - read))
+        if buckets is not None:
+            buckets.close()
+            runs = []
+            for r, (steps, file_idx) in enumerate(buckets.read()):
+                run = ColumnSink(work / f"run-{r}", lay.obs_dim, discrete, lay.act_dim or 0)
+                steps, file_idx = _drop_rejected(steps, file_idx, rejected_eps, quarantine)
+                tr = build_transitions(
+                    steps, file_idx, sorted_by_line=False, terminated_reasons=term_reasons, truncated_reasons=trunc_reasons, gamma=spec.store.discount
+                )
+                counts.update(tr.counts)
+                for rej in tr.rejected:
+                    for row in rej.rows:
+                        quarantine.defer(int(file_idx[row]), int(steps.line[row]), rej.reason, f"episode {rej.episode_id}: {rej.detail}", rej.episode_id)
+                run.append(tr, names)
+                for e, k in zip(run.episodes, (tr.ep_file << 40) + tr.ep_line):
+                    e["_key"] = int(k)
+                run.close()
+                runs.append(run)
+                del steps, tr
+            _merge_runs(runs, sink, names)
+            for run in runs:
+                shutil.rmtree(run.directory, ignore_errors=True)
+    finally:
+        bar.close()
+        sink.close()
+    quarantine.finish(staging / QUARANTINE)
+    records = sum(s.records for s in sources)
+    if max_bad_fraction is not None and records and quarantine.count / records > max_bad_fraction:
+        keep = out / f"{spec.name}.rejected-quarantine.jsonl"
+        shutil.copyfile(staging / QUARANTINE, keep)
+        top = ", ".join(f"{k} {v}" for k, v in quarantine.reasons.most_common(3))
+        raise BuildError(
+            f"{quarantine.count} of {records} records quarantined ({quarantine.count / records:.1%}) > "
+            f"--max-bad-fraction {max_bad_fraction}: {top}; see {keep}"
+        )
+    if sink.rows == 0:
+        raise BuildError(
+            f"{spec_path}: no transition could be built from {records} records "
+            f"({quarantine.count} quarantined: {dict(quarantine.reasons)}); nothing to store"
+        )
+    episodes = sink.episodes_table()
+    for e in sink.episodes:
+        e.pop("_key", None)
+    if spec.store.format == "arrow":
+        write_arrow_transitions(sink, staging / TRANSITIONS_ARROW)
+        write_arrow_table(episodes, staging / EPISODES_ARROW)
+        data_files = [TRANSITIONS_ARROW, EPISODES_ARROW, QUARANTINE]
+    else:
+        write_zarr(sink, episodes, staging / ZARR_GROUP)
+        data_files = [QUARANTINE]
+    shutil.rmtree(work, ignore_errors=True)
+    content = combine_digests(sink.column_digests(), episodes_digest(episodes), file_digest(staging / QUARANTINE))
+    shutil.copyfile(spec_path, staging / SPEC_COPY)
+    manifest = _manifest(spec, raw_spec_sha, spec_path, sources, sink, episodes, quarantine, counts, content, data_files, staging, steps_read)
+    manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+    tmp = staging / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    _fsync_tree(staging)
+    os.replace(tmp, staging / MANIFEST)
+    return manifest
+
+
+def _drop_rejected(
+    steps: ParsedSteps, file_idx: np.ndarray, rejected_eps: dict[str, str], q: _Quarantine
+) -> tuple[ParsedSteps, np.ndarray]:
+    """step_per_line: records of episodes that another record got rejected go too."""
+    if not rejected_eps or len(steps) == 0:
+        return steps, file_idx
+    bad = steps.episode_id.is_in(list(rejected_eps)).to_numpy()
+    if not bad.any():
+        return steps, file_idx
+    ids = steps.episode_id.to_list()
+    for i in np.flatnonzero(bad):
+        ep = ids[i]
+        q.defer(
+            int(file_idx[i]), int(steps.line[i]), EPISODE_REJECTED,
+            f"episode {ep} was rejected by another record ({rejected_eps[ep]})", ep,
+        )  # fmt: skip
+    return _subset(steps, ~bad), file_idx[~bad]
+
+
+def _per_line_chunk(
+    steps: ParsedSteps,
+    rejected: list[Rejected],
+    src: SourceFile,
+    chunk: Chunk,
+    nb: np.ndarray,
+    sink: ColumnSink,
+    names: list[str],
+    seen: set[str],
+    spec: TransitionSpec,
+    term_reasons: tuple[str, ...],
+    trunc_reasons: tuple[str, ...],
+    counts: Counter[str],
+) -> None:
+    """episode_per_line: the chunk holds whole episodes; build them and append in order."""
+    if len(steps) == 0:
+        return
+    line_pos = {int(chunk.first_line + i): int(i) for i in nb}
+    # duplicate episode ids (across the whole input): keep the first, quarantine the rest
+    new = np.ones(len(steps), dtype=bool)
+    new[1:] = steps.line[1:] != steps.line[:-1]
+    first_rows = np.flatnonzero(new)
+    ids = steps.episode_id.gather(first_rows).to_list()
+    dup_lines: list[int] = []
+    for row, eid in zip(first_rows, ids):
+        if eid in seen:
+            dup_lines.append(int(steps.line[row]))
+        else:
+            seen.add(eid)
+    if dup_lines:
+        for ln in dup_lines:
+            raw = chunk.line(line_pos[ln])
+            eid = _episode_id_of(raw, spec.source.episode_key)
+            rejected.append(Rejected(ln, DUPLICATE_EPISODE, f"episode id {eid!r} was already used by an earlier line", raw, eid))
+        steps = _subset(steps, ~np.isin(steps.line, dup_lines))
+    file_idx = np.full(len(steps), src.index, dtype=np.int64)
+    tr = build_transitions(
+        steps, file_idx, sorted_by_line=True, terminated_reasons=term_reasons, truncated_reasons=trunc_reasons, gamma=spec.store.discount
+    )
+    counts.update(tr.counts)
+    for rej in tr.rejected:
+        ln = int(steps.line[rej.rows[0]])
+        rejected.append(Rejected(ln, rej.reason, rej.detail, chunk.line(line_pos[ln]), rej.episode_id))
+    sink.append(tr, names)
+
+
+def _stats_dict(sink: ColumnSink, episodes: pa.Table) -> dict[str, Any]:
+    lengths = episodes.column("length").to_numpy()
+    rets = episodes.column("return").to_numpy()
+
+    def summary(x: np.ndarray) -> dict[str, Any]:
+        if len(x) == 0:
+            return {}
+        q = np.percentile(x, [0, 25, 50, 75, 100])
+        return {
+            "mean": float(x.mean()), "std": float(x.std()), "min": float(q[0]), "p25": float(q[1]),
+            "median": float(q[2]), "p75": float(q[3]), "max": float(q[4]),
+        }  # fmt: skip
+
+    out = {
+        "observation": sink.obs_stats.to_dict(),
+        "reward": sink.reward_stats.to_dict(scalar=True),
+        "return_to_go": sink.rtg_stats.to_dict(scalar=True),
+        "episode_return": summary(rets),
+        "episode_length": summary(lengths.astype(np.float64)),
+    }
+    if not sink.discrete:
+        out["action"] = sink.act_stats.to_dict()
+    return out
+
+
+def _manifest(
+    spec: TransitionSpec,
+    raw_spec_sha: str,
+    spec_path: str | Path,
+    sources: list[SourceFile],
+    sink: ColumnSink,
+    episodes: pa.Table,
+    q: _Quarantine,
+    counts: Counter[str],
+    content: str,
+    data_files: list[str],
+    staging: Path,
+    steps_read: int,
+) -> dict[str, Any]:
+    a = spec.fields.action
+    o = spec.fields.observation
+    if o.keys is not None:
+        labels = []
+        for k in o.keys:
+            labels += [k.path] if k.size is None else [f"{k.path}[{i}]" for i in range(k.size)]
+    else:
+        labels = [o.path] if o.scalar else [f"{o.path}[{i}]" for i in range(o.dim or 0)]
+    if a.type == "discrete":
+        action_space: dict[str, Any] = {"type": "discrete", "n": a.n}
+    else:
+        action_space = {"type": "continuous", "dim": a.size, "low": list(a.low or ()), "high": list(a.high or ())}
+    ep_term = episodes.column("terminated").to_numpy(zero_copy_only=False)
+    records = sum(s.records for s in sources)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": "transitions",
+        "name": spec.name,
+        "store_format": spec.store.format,
+        "spec": spec.to_dict(),
+        "spec_sha256": raw_spec_sha,
+        "resolved_spec_sha256": spec.sha256(),
+        "spec_file": str(spec_path),
+        "build_key": _build_key(spec_with_sha(spec, raw_spec_sha), sources),
+        "sources": [
+            {
+                "path": s.display, "sha256": s.sha256, "bytes": s.size, "mtime_ns": s.mtime_ns,
+                "records": s.records, "records_kept": s.records - s.quarantined,
+                "records_quarantined": s.quarantined, "blank_lines": s.blank_lines,
+            }
+            for s in sources
+        ],  # fmt: skip
+        "counts": {
+            "records": records,
+            "records_kept": records - q.count,
+            "records_quarantined": q.count,
+            "steps_read": steps_read,
+            "episodes": episodes.num_rows,
+            "episodes_terminated": int(ep_term.sum()),
+            "episodes_truncated": int(episodes.num_rows - ep_term.sum()),
+            "transitions": sink.rows,
+            **{k: int(v) for k, v in sorted(counts.items()) if k != "transitions"},
+        },
+        "quarantine_reasons": dict(sorted(q.reasons.items())),
+        "observation_space": {"dim": sink.obs_dim, "dtype": "float32", "labels": labels},
+        "action_space": action_space,
+        "statistics": _stats_dict(sink, episodes),
+        "content_hash": content,
+        "column_digests": sink.column_digests(),
+        "data_files": {f: {"sha256": file_digest(staging / f), "bytes": (staging / f).stat().st_size} for f in data_files},
+        "versions": _versions(),
+    }
+
+
+def spec_with_sha(spec: TransitionSpec, sha: str) -> TransitionSpec:
+    """The build key is taken over the spec as written (before shapes were inferred)."""
+
+    class _S:
+        def sha256(self) -> str:
+            return sha
+
+    return _S()  # type: ignore[return-value]
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Swap the finished staging directory into place; the old store (if any) goes away."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    dfd = os.open(str(target.parent), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def summary_lines(result: BuildResult) -> list[str]:
+    m = result.manifest
+    c = m["counts"]
+    if result.status == "up to date":
+        return [f"{result.path}: up to date ({c['episodes']} episodes, {c['transitions']} transitions); --force rebuilds"]
+    lines = [
+        f"{result.path}: built in {result.seconds:.2f}s",
+        f"  records   {c['records']:>10}  = kept {c['records_kept']} + quarantined {c['records_quarantined']}",
+        f"  episodes  {c['episodes']:>10}  ({c['episodes_terminated']} terminated, {c['episodes_truncated']} truncated)",
+        f"  transitions {c['transitions']:>8}  ({c.get('truncated_last_steps_dropped', 0)} unbootstrappable last steps dropped)",
+    ]
+    if m["quarantine_reasons"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in m["quarantine_reasons"].items())
+        lines.append(f"  quarantine  {reasons}  -> {result.path / QUARANTINE}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.build", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("spec", help="a spec YAML in data_specs/")
+    p.add_argument("--out", default="stores", help="directory that receives the store OUT/NAME (default: stores)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the store is up to date")
+    p.add_argument("--max-bad-fraction", type=float, default=None, help="fail if more than this fraction of records is quarantined")
+    p.add_argument("--chunk-mb", type=int, default=16, help="input read per chunk, MiB (memory ~ a few times this)")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+    args = p.parse_args(argv)
+    if args.max_bad_fraction is not None and not 0.0 <= args.max_bad_fraction <= 1.0:
+        print("error: --max-bad-fraction must be between 0 and 1", file=sys.stderr)
+        return 2
+    try:
+        result = build(args.spec, args.out, force=args.force, max_bad_fraction=args.max_bad_fraction, chunk_bytes=args.chunk_mb << 20)
+    except (SpecError, BuildError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no store was written", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print("\n".join(summary_lines(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Input files: globbing, transparent decompression, hashing, and line-aligned chunks.
+
+A chunk is a run of whole lines (at most ``chunk_bytes`` plus one line) with the 1-based
+number of its first line, so every record keeps its exact ``file:line`` for quarantine.
+The raw (possibly compressed) bytes are hashed while they are read: one pass per file.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from pipeline.format import BuildError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson", ".gz", ".zst")
+
+
+@dataclass
+class SourceFile:
+    """One input file and what the build learned about it."""
+
+    index: int  # position in the sorted list of inputs
+    path: Path
+    display: str  # the path as the user would write it (relative to cwd if possible)
+    size: int
+    mtime_ns: int
+    sha256: str | None = None  # filled while reading
+    records: int = 0  # non-blank lines read
+    quarantined: int = 0
+    blank_lines: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _display(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p.resolve())
+
+
+def resolve_sources(patterns: tuple[str, ...] | list[str], origin: str = "spec") -> list[SourceFile]:
+    """Expand globs (sorted, de-duplicated); a pattern that matches nothing is an error."""
+    seen: dict[Path, None] = {}
+    for pat in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        files = [Path(m) for m in matches if Path(m).is_file()]
+        if not files:
+            raise BuildError(
+                f"{origin}: source.paths: {pat!r} matches no file (paths are relative to "
+                f"the working directory {Path.cwd()}); generate the data first or fix the glob"
+            )
+        for f in files:
+            seen.setdefault(f.resolve(), None)
+    out: list[SourceFile] = []
+    for i, p in enumerate(sorted(seen, key=lambda q: _display(q))):
+        st = p.stat()
+        out.append(SourceFile(i, p, _display(p), st.st_size, st.st_mtime_ns))
+    return out
+
+
+class _HashingReader(io.RawIOBase):
+    """Wraps a binary file, hashing every byte read from it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hasher = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.hasher.update(data)
+        return n
+
+    def read_rest(self) -> None:
+        while self._raw.read(1 << 20):
+            pass
+
+
+def _open_decoded(path: Path, raw: BinaryIO) -> BinaryIO:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if name.endswith(".zst") or name.endswith(".zstd"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+    return raw
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Chunk:
+    data: bytes  # whole lines, each ending in b"\n" (one is added to a last line without it)
+    first_line: int  # 1-based line number of the first line in ``data``
+    starts: np.ndarray  # (L,) int64 byte offset of each line in ``data``
+    ends: np.ndarray  # (L,) int64 byte offset of each line's "\n"
+
+    @property
+    def n_lines(self) -> int:
+        return len(self.starts)
+
+    def line(self, i: int) -> bytes:
+        return self.data[self.starts[i] : self.ends[i]]
+
+
+def _split_lines(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10).astype(np.int64)
+    starts = np.empty_like(ends)
+    if len(ends):
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+    return starts, ends
+
+
+def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]:
+    """Yield line-aligned chunks of the decoded file; sets ``src.sha256`` at the end.
+
+    Raises :class:`BuildError` if a compressed file is corrupt (its name and the error).
+    """
+    with src.path.open("rb") as fh:
+        hashing = _HashingReader(fh)  # type: ignore[arg-type]
+        reader = _open_decoded(src.path, io.BufferedReader(hashing, 1 << 20))  # type: ignore[arg-type]
+        line_no = 1
+        carry = b""
+        try:
+            while True:
+                block = reader.read(chunk_bytes)
+                if not block:
+                    break
+                data = carry + block
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
+                    continue
+                carry = data[cut + 1 :]
+                data = data[: cut + 1]
+                starts, ends = _split_lines(data)
+                yield Chunk(data, line_no, starts, ends)
+                line_no += len(starts)
+        except (OSError, EOFError) as e:
+            raise BuildError(f"{src.display}: cannot decompress ({e}); the file is corrupt or truncated") from None
+        except Exception as e:  # zstandard raises its own ZstdError
+            if type(e).__name__ == "ZstdError":
+                raise BuildError(f"{src.display}: cannot decompress ({e}); the file is corrupt or truncated") from None
+            raise
+        if carry:
+            data = carry + b"\n"
+            starts, ends = _split_lines(data)
+            yield Chunk(data, line_no, starts, ends)
+        hashing.read_rest()
+        src.sha256 = hashing.hasher.hexdigest()
+
+
+def read_lines(src: SourceFile, wanted: set[int]) -> dict[int, bytes]:
+    """Return the raw bytes of the given 1-based line numbers (one streaming pass)."""
+    out: dict[int, bytes] = {}
+    if not wanted:
+        return out
+    last = max(wanted)
+    with src.path.open("rb") as fh:
+        reader = _open_decoded(src.path, fh)  # type: ignore[arg-type]
+        for i, line in enumerate(io.BufferedReader(reader, 1 << 20) if reader is not fh else fh, start=1):  # type: ignore[arg-type]
+            if i in wanted:
+                out[i] = line.rstrip(b"\n")
+            if i >= last:
+                break
+    return out
