@@ -1,0 +1,323 @@
+"""Networks: MLPs, ensembled critics, actors, and the observation / action scalers.
+
+The twin (or K-member) critics are ONE module whose weights are shaped
+``(K, in, out)``: a forward pass is one ``baddbmm`` per layer for the whole ensemble,
+not K small matmuls. Continuous critics split the first layer into an observation part
+and an action part, so that Q at M sampled actions per state (CQL) computes the
+observation part once per state.
+
+Continuous actions live in a "unit" space inside the algorithms: for finite bounds,
+``a_unit = (a - center) / half_range`` lies in [-1, 1] and actors are tanh-squashed
+Gaussians; for infinite bounds actions are used as they are with a plain Gaussian.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.losses import clipped_atanh, gaussian_log_prob, tanh_gaussian_log_prob
+
+LOG_STD_MIN = -5.0
+LOG_STD_MAX = 2.0
+# Data actions are clipped this far inside [-1, 1] before atanh (unit action space).
+ACTION_EPS = 1e-4
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    """``Linear -> ReLU`` for each hidden size, then a linear output layer."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------- scalers
+class ObsNormalizer(nn.Module):
+    """``(obs - mean) / std`` with the store manifest's statistics, held as buffers.
+
+    Features with (near) zero spread are centred but not scaled.
+    """
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(np.asarray(mean, dtype=np.float32)).reshape(-1)
+        std_t = torch.as_tensor(np.asarray(std, dtype=np.float32)).reshape(-1)
+        if mean_t.shape != std_t.shape:
+            raise ValueError(f"obs_mean has {mean_t.numel()} values but obs_std {std_t.numel()}")
+        std_t = torch.where(torch.isfinite(std_t) & (std_t > 1e-6), std_t, torch.ones_like(std_t))
+        self.register_buffer("mean", torch.nan_to_num(mean_t))
+        self.register_buffer("scale", 1.0 / std_t)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.mean) * self.scale
+
+
+class ActionScaler(nn.Module):
+    """Maps continuous actions between the env's box and the unit space of the actors."""
+
+    center: torch.Tensor
+    half_range: torch.Tensor
+
+    def __init__(self, low: np.ndarray | None, high: np.ndarray | None, dim: int) -> None:
+        super().__init__()
+        lo = (
+            np.full(dim, -np.inf)
+            if low is None
+            else np.broadcast_to(np.asarray(low, np.float64), (dim,))
+        )
+        hi = (
+            np.full(dim, np.inf)
+            if high is None
+            else np.broadcast_to(np.asarray(high, np.float64), (dim,))
+        )
+        self.bounded = bool(np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)))
+        if self.bounded:
+            if np.any(hi <= lo):
+                raise ValueError(f"action bounds need low < high, got low={lo} high={hi}")
+            center, half = (hi + lo) / 2.0, (hi - lo) / 2.0
+        else:
+            center, half = np.zeros(dim), np.ones(dim)
+        self.register_buffer("center", torch.as_tensor(center, dtype=torch.float32))
+        self.register_buffer("half_range", torch.as_tensor(half, dtype=torch.float32))
+
+    def to_unit(self, action: torch.Tensor) -> torch.Tensor:
+        return (action - self.center) / self.half_range
+
+    def from_unit(self, unit_action: torch.Tensor) -> torch.Tensor:
+        return unit_action * self.half_range + self.center
+
+
+# ----------------------------------------------------------------------------- ensembles
+class EnsembleLinear(nn.Module):
+    """K independent linear layers, ``y_k = x_k @ W_k + b_k``, weights (K, in, out)."""
+
+    def __init__(self, n_members: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_members, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(n_members, 1, out_dim))
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def params(
+        self, detach: bool = False, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        w: torch.Tensor = self.weight
+        b: torch.Tensor = self.bias
+        if detach:
+            w, b = w.detach(), b.detach()
+        if dtype is not None and dtype != w.dtype:
+            w, b = w.to(dtype), b.to(dtype)
+        return w, b
+
+
+class EnsembleMLP(nn.Module):
+    """K MLPs evaluated together: (B, in) shared or (K, B, in) -> (K, B, out).
+
+    ``detach_params`` evaluates with the weights detached (gradients flow to the inputs
+    only, e.g. Q(s, pi(s)) in an actor loss). ``hidden_dtype`` (e.g. ``torch.bfloat16``)
+    runs the hidden layers' matmuls in that dtype, with float32 master weights and a
+    float32 output layer.
+    """
+
+    def __init__(self, n_members: int, in_dim: int, hidden: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        if not hidden:
+            raise ValueError("an ensemble MLP needs at least one hidden layer")
+        self.n_members = n_members
+        dims = [in_dim, *hidden, out_dim]
+        self.layers = nn.ModuleList(
+            EnsembleLinear(n_members, i, o) for i, o in zip(dims[:-1], dims[1:])
+        )
+
+    def first_layer(
+        self, x: torch.Tensor, detach_params: bool = False, hidden_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Pre-activation of the first layer; x (B, in) or (K, B, in) -> (K, B, hidden)."""
+        w, b = self.layers[0].params(detach_params, hidden_dtype)  # type: ignore[operator]
+        if hidden_dtype is not None:
+            x = x.to(hidden_dtype)
+        if x.dim() == 2:
+            x = x.expand(self.n_members, *x.shape)
+        return torch.baddbmm(b, x, w)
+
+    def tail(
+        self,
+        pre: torch.Tensor,
+        detach_params: bool = False,
+        hidden_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """The rest of the network from the first layer's pre-activation (K, B, hidden)."""
+        h = torch.relu(pre)
+        n = len(self.layers)
+        for i in range(1, n):
+            last = i == n - 1
+            if last and hidden_dtype is not None:
+                h = h.float()
+            w, b = self.layers[i].params(detach_params, None if last else hidden_dtype)  # type: ignore[operator]
+            h = torch.baddbmm(b, h, w)
+            if not last:
+                h = torch.relu(h)
+        return h
+
+    def forward(
+        self, x: torch.Tensor, detach_params: bool = False, hidden_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        return self.tail(
+            self.first_layer(x, detach_params, hidden_dtype), detach_params, hidden_dtype
+        )
+
+
+class ContinuousCritic(nn.Module):
+    """K critics Q_k(s, a) for continuous actions, as one ensemble MLP on ``[s, a]``."""
+
+    def __init__(self, n_critics: int, obs_dim: int, act_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.net = EnsembleMLP(n_critics, obs_dim + act_dim, hidden, 1)
+
+    def forward(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        detach_params: bool = False,
+        hidden_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Q values: obs (B, D) with actions (B, A) -> (K, B), or (B, M, A) -> (K, B, M).
+
+        The first layer is split as ``W_s s + W_a a``: with M actions per state the
+        observation part is computed once per state.
+        """
+        w, b = self.net.layers[0].params(detach_params, hidden_dtype)  # type: ignore[operator]
+        if hidden_dtype is not None:
+            obs, actions = obs.to(hidden_dtype), actions.to(hidden_dtype)
+        k, batch = self.net.n_members, obs.shape[0]
+        obs_part = torch.baddbmm(b, obs.expand(k, *obs.shape), w[:, : self.obs_dim])  # (K, B, H)
+        if actions.dim() == 2:
+            pre = torch.baddbmm(obs_part, actions.expand(k, *actions.shape), w[:, self.obs_dim :])
+            return self.net.tail(pre, detach_params, hidden_dtype).squeeze(-1)
+        m = actions.shape[1]
+        flat = actions.reshape(1, batch * m, -1).expand(k, -1, -1)
+        act_part = torch.bmm(flat, w[:, self.obs_dim :]).view(k, batch, m, -1)
+        pre = (act_part + obs_part.unsqueeze(2)).view(k, batch * m, -1)
+        return self.net.tail(pre, detach_params, hidden_dtype).view(k, batch, m)
+
+
+class DiscreteCritic(nn.Module):
+    """K critics Q_k(s, .) with one output per discrete action: (B, D) -> (K, B, n)."""
+
+    def __init__(self, n_critics: int, obs_dim: int, n_actions: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.net = EnsembleMLP(n_critics, obs_dim, hidden, n_actions)
+
+    def forward(
+        self,
+        obs: torch.Tensor,
+        detach_params: bool = False,
+        hidden_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        return self.net(obs, detach_params, hidden_dtype)
+
+    def q_of(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q_k(s, a) at the given actions (B,) int64: (K, B)."""
+        return gather_actions(self(obs), actions)
+
+
+def gather_actions(q_all: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Pick ``q_all[k, b, actions[b]]``: (K, B, n), (B,) -> (K, B)."""
+    index = actions.view(1, -1, 1).expand(q_all.shape[0], -1, 1)
+    return q_all.gather(-1, index).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    """State value V(s): (B, D) -> (B,)."""
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, 1)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- actors
+class GaussianActor(nn.Module):
+    """Diagonal Gaussian policy in unit action space, tanh-squashed when actions are bounded.
+
+    One head outputs the mean and the state-dependent log-std (clamped to
+    [LOG_STD_MIN, LOG_STD_MAX]). BC, IQL and CQL share this architecture so that any of
+    them can start from another's actor.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], squash: bool) -> None:
+        super().__init__()
+        self.act_dim = act_dim
+        self.squash = squash
+        self.net = mlp(obs_dim, hidden, 2 * act_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) -> mean (B, A) and log-std (B, A) of the pre-squash Gaussian."""
+        mean, log_std = self.net(obs).split(self.act_dim, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mode's action in unit space: ``tanh(mean)`` (or ``mean`` when unbounded)."""
+        mean, _ = self(obs)
+        return torch.tanh(mean) if self.squash else mean
+
+    def log_prob(
+        self, mean: torch.Tensor, log_std: torch.Tensor, unit_actions: torch.Tensor
+    ) -> torch.Tensor:
+        """log pi(a|s) of given unit-space actions (B, A) -> (B,)."""
+        if not self.squash:
+            return gaussian_log_prob(unit_actions, mean, log_std)
+        return tanh_gaussian_log_prob(clipped_atanh(unit_actions, ACTION_EPS), mean, log_std)
+
+    def sample(
+        self, mean: torch.Tensor, log_std: torch.Tensor, n: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised samples and their log-probs.
+
+        ``n=None``: (B, A) and (B,); else ``n`` samples per state: (B, n, A) and (B, n).
+        """
+        if n is not None:
+            mean, log_std = mean.unsqueeze(1), log_std.unsqueeze(1)
+            noise = torch.randn(
+                mean.shape[0], n, self.act_dim, device=mean.device, dtype=mean.dtype
+            )
+        else:
+            noise = torch.randn_like(mean)
+        pre = mean + noise * log_std.exp()
+        if not self.squash:
+            return pre, gaussian_log_prob(pre, mean, log_std)
+        return torch.tanh(pre), tanh_gaussian_log_prob(pre, mean, log_std)
+
+
+class CategoricalActor(nn.Module):
+    """Categorical policy over n discrete actions: (B, D) -> logits (B, n)."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, n_actions)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+# ----------------------------------------------------------------------------- targets
+@torch.no_grad()
+def soft_update_(
+    target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], tau: float
+) -> None:
+    """Polyak averaging ``target <- (1 - tau) * target + tau * source``, in one foreach op."""
+    torch._foreach_lerp_(list(target), list(source), tau)
