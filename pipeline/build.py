@@ -58,7 +58,7 @@ from pipeline.parse import (
     infer_shapes,
     parse_line,
 )
-from pipeline.sources import Chunk, SourceFile, file_sha256, iter_chunks, read_lines, resolve_sources
+from pipeline.sources import Chunk, SourceFile, file_sha256, iter_chunks, prefetch, read_lines, resolve_sources
 from pipeline.writer import (
     ColumnSink,
     combine_digests,
@@ -206,7 +206,7 @@ def _fixed(a: np.ndarray) -> pa.Array:
 
 
 def _steps_to_batch(s: ParsedSteps, m: np.ndarray, file_idx: int) -> pa.RecordBatch:
-    cols: dict[str, pa.Array] = {
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {
         "ep": s.episode_id.filter(pl.Series(m)).to_arrow(compat_level=pl.CompatLevel.oldest()),
         "t": pa.array(s.t[m]),
         "obs": _fixed(s.obs[m]),
@@ -222,7 +222,8 @@ def _steps_to_batch(s: ParsedSteps, m: np.ndarray, file_idx: int) -> pa.RecordBa
     if s.fobs is not None and s.fobs_present is not None:
         cols["fobs"] = _fixed(s.fobs[m])
         cols["fobs_present"] = pa.array(s.fobs_present[m])
-    return pa.RecordBatch.from_pydict(cols)
+    arrays = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols.values()]
+    return pa.RecordBatch.from_arrays(arrays, names=list(cols))
 
 
 def _to_np(col: pa.ChunkedArray) -> np.ndarray:
@@ -236,18 +237,18 @@ def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
     names = set(t.column_names)
     steps = ParsedSteps(
         episode_id=pl.Series("_ep", t.column("ep").combine_chunks()).cast(pl.Utf8),
-        t=_to_np(t.column("t")).astype(np.int64),
-        obs=_to_np(t.column("obs")).astype(np.float32),
+        t=_to_np(t.column("t")).astype(np.int64, copy=False),
+        obs=_to_np(t.column("obs")).astype(np.float32, copy=False),
         act=_to_np(t.column("act")),
-        rew=_to_np(t.column("rew")).astype(np.float64),
-        term=_to_np(t.column("term")).astype(bool),
-        trunc=_to_np(t.column("trunc")).astype(bool),
+        rew=_to_np(t.column("rew")).astype(np.float64, copy=False),
+        term=_to_np(t.column("term")).astype(bool, copy=False),
+        trunc=_to_np(t.column("trunc")).astype(bool, copy=False),
         end=np.asarray(t.column("end").to_pylist(), dtype=object) if "end" in names else None,
-        fobs=_to_np(t.column("fobs")).astype(np.float32) if "fobs" in names else None,
-        fobs_present=_to_np(t.column("fobs_present")).astype(bool) if "fobs_present" in names else None,
-        line=_to_np(t.column("line")).astype(np.int64),
+        fobs=_to_np(t.column("fobs")).astype(np.float32, copy=False) if "fobs" in names else None,
+        fobs_present=_to_np(t.column("fobs_present")).astype(bool, copy=False) if "fobs_present" in names else None,
+        line=_to_np(t.column("line")).astype(np.int64, copy=False),
     )
-    return steps, _to_np(t.column("file")).astype(np.int64)
+    return steps, _to_np(t.column("file")).astype(np.int64, copy=False)
 
 
 def _subset(s: ParsedSteps, m: np.ndarray) -> ParsedSteps:
@@ -389,11 +390,15 @@ def _clean_stale(out: Path, name: str) -> None:
 
 
 def _nonblank(chunk: Chunk) -> np.ndarray:
+    """Indices of the chunk's lines that hold something besides whitespace."""
     buf = np.frombuffer(chunk.data, dtype=np.uint8)
-    ws = (buf == 32) | (buf == 9) | (buf == 13) | (buf == 10)
-    cs = np.cumsum(~ws, dtype=np.int64)
-    before = np.where(chunk.starts > 0, cs[np.maximum(chunk.starts - 1, 0)], 0)
-    return np.flatnonzero(cs[chunk.ends] - before > 0)
+    starts, ends = chunk.starts, chunk.ends
+    first = buf[np.minimum(starts, len(buf) - 1)] if len(buf) else np.zeros(0, np.uint8)
+    ws_first = (ends == starts) | (first == 32) | (first == 9) | (first == 13)
+    keep = ~ws_first
+    for i in np.flatnonzero(ws_first):  # rare: lines that start with whitespace
+        keep[i] = bool(chunk.data[starts[i] : ends[i]].strip())
+    return np.flatnonzero(keep)
 
 
 def _first_records(src: SourceFile, limit: int = 200) -> list[Any]:
@@ -413,10 +418,12 @@ def _first_records(src: SourceFile, limit: int = 200) -> list[Any]:
 def _versions() -> dict[str, str]:
     import platform
 
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"builder": __version__, "python": platform.python_version()}
-    for mod in ("numpy", "pyarrow", "polars", "orjson", "zarr"):
-        with contextlib.suppress(Exception):
-            out[mod] = __import__(mod).__version__
+    for dist in ("numpy", "pyarrow", "polars", "orjson", "zarr"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
     return out
 
 
@@ -505,7 +512,7 @@ def _build_into(
     try:
         for src in sources:
             read = 0
-            for chunk in iter_chunks(src, chunk_bytes):
+            for chunk in prefetch(iter_chunks(src, chunk_bytes)):
                 nb = _nonblank(chunk)
                 src.blank_lines += chunk.n_lines - len(nb)
                 src.records += len(nb)
@@ -532,8 +539,9 @@ def _build_into(
         if buckets is not None:
             buckets.close()
             runs = []
+            single = buckets.n == 1  # one bucket is already in global first-appearance order
             for r, (steps, file_idx) in enumerate(buckets.read()):
-                run = ColumnSink(work / f"run-{r}", lay.obs_dim, discrete, lay.act_dim or 0)
+                run = sink if single else ColumnSink(work / f"run-{r}", lay.obs_dim, discrete, lay.act_dim or 0, track=False)
                 steps, file_idx = _drop_rejected(steps, file_idx, rejected_eps, quarantine)
                 tr = build_transitions(
                     steps, file_idx, sorted_by_line=False, terminated_reasons=term_reasons, truncated_reasons=trunc_reasons, gamma=spec.store.discount
@@ -543,11 +551,11 @@ def _build_into(
                     for row in rej.rows:
                         quarantine.defer(int(file_idx[row]), int(steps.line[row]), rej.reason, f"episode {rej.episode_id}: {rej.detail}", rej.episode_id)
                 run.append(tr, names)
-                for e, k in zip(run.episodes, (tr.ep_file << 40) + tr.ep_line):
-                    e["_key"] = int(k)
+                del steps, tr
+                if single:
+                    continue
                 run.close()
                 runs.append(run)
-                del steps, tr
             _merge_runs(runs, sink, names)
             for run in runs:
                 shutil.rmtree(run.directory, ignore_errors=True)

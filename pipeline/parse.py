@@ -485,16 +485,28 @@ class ChunkParser:
         return pl.read_ndjson(io.BytesIO(data), schema=self.schema)
 
     def _explode(self, df: pl.DataFrame, lines: np.ndarray) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
-        """episode_per_line: one row per step, with the line of its episode; also returns
-        the per-line mask of empty/missing step lists."""
-        assert self._steps_expr is not None
-        df = df.with_columns(self._steps_expr.alias("_steps"), pl.Series(LINE, lines))
-        n_steps = df.select(pl.col("_steps").list.len().fill_null(0)).to_series().to_numpy()
+        """episode_per_line: one row per step (the step struct as column ``_s``), with the
+        line and episode-level fields of its episode; also the mask of lines whose steps
+        list is empty or missing. (A Series explode plus a gather: DataFrame.explode of a
+        list of structs is far slower.)"""
+        assert self._steps_expr is not None and self.spec.source.steps_key is not None
+        n_steps = df.select(self._steps_expr.list.len().fill_null(0)).to_series().to_numpy()
         empty = n_steps == 0
-        df = df.filter(pl.Series(~empty))
-        df = df.with_columns(pl.int_ranges(0, pl.col("_steps").list.len()).alias(T))
-        df = df.explode(["_steps", T]).rename({"_steps": "_s"})
-        return df, empty, n_steps
+        if empty.any():
+            df = df.filter(pl.Series(~empty))
+            lines = lines[~empty]
+            n_steps = n_steps[~empty]
+        exploded = df.select(self._steps_expr.alias("_s")).to_series().explode()
+        rows = np.repeat(np.arange(len(lines)), n_steps)
+        starts = np.concatenate([[0], np.cumsum(n_steps)[:-1]]).astype(np.int64)
+        top = self.spec.source.steps_key.split(".")[0]
+        rest = df.drop(top) if "." not in self.spec.source.steps_key else df
+        out = rest.gather(rows).with_columns(
+            exploded,
+            pl.Series(LINE, lines[rows]),
+            pl.Series(T, np.arange(len(rows), dtype=np.int64) - np.repeat(starts, n_steps)),
+        )
+        return out, empty, n_steps
 
     def parse(self, chunk_data: bytes, lines: np.ndarray, raws: Callable[[int], bytes]) -> tuple[ParsedSteps, list[Rejected]]:
         """Parse the non-blank lines in ``chunk_data`` (``lines`` are their numbers).

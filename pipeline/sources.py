@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -186,3 +186,48 @@ def read_lines(src: SourceFile, wanted: set[int]) -> dict[int, bytes]:
             if i >= last:
                 break
     return out
+
+
+def prefetch(items: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
+    """Run ``items`` (reading, decompressing, hashing, splitting lines: all release the
+    GIL) in a background thread, ``depth`` chunks ahead of the consumer."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("done", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", e))
+
+    t = threading.Thread(target=run, name="chunk-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except Exception:  # noqa: BLE001
+                pass
+            t.join(timeout=0.05)

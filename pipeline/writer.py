@@ -56,23 +56,25 @@ class RunningStats:
     def update(self, x: np.ndarray) -> None:
         if len(x) == 0:
             return
-        x = np.asarray(x, dtype=np.float64)
         if x.ndim == 1:
             x = x[:, None]
         nb = len(x)
-        mb = x.mean(axis=0)
-        m2b = ((x - mb) ** 2).sum(axis=0)
+        lo, hi = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
+        xd = x.astype(np.float64)
+        mb = xd.mean(axis=0)
+        np.subtract(xd, mb, out=xd)
+        np.square(xd, out=xd)
+        m2b = xd.sum(axis=0)
         if self.mean is None or self.m2 is None or self.lo is None or self.hi is None:
-            self.n, self.mean, self.m2 = nb, mb, m2b
-            self.lo, self.hi = x.min(axis=0), x.max(axis=0)
+            self.n, self.mean, self.m2, self.lo, self.hi = nb, mb, m2b, lo, hi
             return
         n = self.n + nb
         delta = mb - self.mean
         self.mean = self.mean + delta * nb / n
         self.m2 = self.m2 + m2b + delta**2 * self.n * nb / n
         self.n = n
-        self.lo = np.minimum(self.lo, x.min(axis=0))
-        self.hi = np.maximum(self.hi, x.max(axis=0))
+        self.lo = np.minimum(self.lo, lo)
+        self.hi = np.maximum(self.hi, hi)
 
     def to_dict(self, scalar: bool = False) -> dict[str, Any]:
         if self.mean is None or self.m2 is None or self.lo is None or self.hi is None:
@@ -115,6 +117,7 @@ class ColumnSink:
     reward_stats: RunningStats = field(default_factory=RunningStats)
     rtg_stats: RunningStats = field(default_factory=RunningStats)
     string_bytes: int = 0
+    track: bool = True  # statistics and content digests (off for intermediate runs)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -154,19 +157,22 @@ class ColumnSink:
         }
         for c in self.columns:
             arr = np.ascontiguousarray(values[c.name], dtype=c.dtype)
-            self._files[c.name].write(arr.tobytes())
-            self._hash[c.name].update(arr)
+            self._files[c.name].write(arr)  # type: ignore[arg-type]
+            if self.track:
+                self._hash[c.name].update(arr)
         self._files["episode_id.utf8"].write(blob)
-        self._hash["episode_id"].update_bytes(blob)
-        self.obs_stats.update(tr.observation)
-        if not self.discrete:
-            self.act_stats.update(tr.action)
-        self.reward_stats.update(tr.reward)
-        self.rtg_stats.update(tr.return_to_go)
+        if self.track:
+            self._hash["episode_id"].update_bytes(blob)
+            self.obs_stats.update(tr.observation)
+            if not self.discrete:
+                self.act_stats.update(tr.action)
+            self.reward_stats.update(tr.reward)
+            self.rtg_stats.update(tr.return_to_go)
         starts = self.rows + np.concatenate([[0], np.cumsum(tr.ep_length)[:-1]]).astype(np.int64)
         for i, eid in enumerate(tr.ep_id.to_list()):
             self.episodes.append(
                 {
+                    "_key": int((int(tr.ep_file[i]) << 40) + int(tr.ep_line[i])),
                     "episode_id": eid,
                     "start": int(starts[i]),
                     "length": int(tr.ep_length[i]),
@@ -197,7 +203,7 @@ class ColumnSink:
 
     def episodes_table(self) -> pa.Table:
         e = self.episodes
-        return pa.table(
+        return pa.Table.from_pydict(
             {
                 "episode_id": pa.array([x["episode_id"] for x in e], pa.string()),
                 "start": pa.array([x["start"] for x in e], pa.int64()),
@@ -224,7 +230,8 @@ class _ColumnHash:
         self.h2 = hashlib.sha256() if c.width < 0 else None
 
     def update(self, arr: np.ndarray) -> None:
-        self.h.update(np.ascontiguousarray(arr).view(np.uint8).tobytes() if arr.size else b"")
+        if arr.size:
+            self.h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
     def update_bytes(self, b: bytes) -> None:
         assert self.h2 is not None
