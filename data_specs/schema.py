@@ -52,9 +52,7 @@ def _mapping(value: Any, ctx: _Ctx, allowed: set[str], required: set[str] = froz
         raise ctx.fail(f"must be a mapping (key: value), got {type(value).__name__}")
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise ctx.fail(
-            f"unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}"
-        )
+        raise ctx.fail(f"unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}")
     for key in sorted(required):
         if key not in value:
             raise ctx.fail(f"missing required key {key!r}")
@@ -257,9 +255,7 @@ def _parse_obs_key(value: Any, ctx: _Ctx) -> ObsKey:
         return ObsKey(_path(value, ctx))
     if isinstance(value, Mapping) and len(value) == 1:
         ((name, size),) = value.items()
-        return ObsKey(
-            _path(name, ctx), _int(size, ctx.child(name), 1, "the length of this list")
-        )
+        return ObsKey(_path(name, ctx), _int(size, ctx.child(name), 1, "the length of this list"))
     raise ctx.fail(
         f"must be a key name (a scalar) or `{{name: N}}` (a list of N numbers), got {value!r}"
     )
@@ -302,9 +298,7 @@ def _bounds(value: Any, size: int, ctx: _Ctx) -> tuple[float, ...]:
 
 
 def _parse_action(value: Any, ctx: _Ctx) -> ActionSpec:
-    d = _mapping(
-        value, ctx, {"path", "type", "n", "shape", "low", "high", "composite"}, {"type"}
-    )
+    d = _mapping(value, ctx, {"path", "type", "n", "shape", "low", "high", "composite"}, {"type"})
     kind = d["type"]
     if kind == "discrete":
         if "shape" in d or "low" in d or "high" in d:
@@ -331,12 +325,18 @@ def _parse_action(value: Any, ctx: _Ctx) -> ActionSpec:
             raise ctx.child("shape").fail("must be a one-element list such as [6]")
         size = _int(shape[0], ctx.child("shape").child(0), 1, "the action dimension")
         low = _bounds(d["low"], size, ctx.child("low")) if "low" in d else (float("-inf"),) * size
-        high = _bounds(d["high"], size, ctx.child("high")) if "high" in d else (float("inf"),) * size
+        high = (
+            _bounds(d["high"], size, ctx.child("high")) if "high" in d else (float("inf"),) * size
+        )
         for i, (lo, hi) in enumerate(zip(low, high)):
             if not lo < hi:
                 raise ctx.fail(f"dimension {i}: low ({lo}) must be below high ({hi})")
         return ActionSpec(
-            type="continuous", path=_path(d["path"], ctx.child("path")), size=size, low=low, high=high
+            type="continuous",
+            path=_path(d["path"], ctx.child("path")),
+            size=size,
+            low=low,
+            high=high,
         )
     raise ctx.child("type").fail(f"must be `discrete` or `continuous`, got {kind!r}")
 
@@ -411,8 +411,12 @@ def _parse_fields(value: Any, ctx: _Ctx) -> FieldsSpec:
         observation=_parse_observation(d["observation"], ctx.child("observation")),
         action=_parse_action(d["action"], ctx.child("action")),
         reward=_parse_field(d["reward"], ctx.child("reward")),
-        terminated=_parse_field(d["terminated"], ctx.child("terminated")) if "terminated" in d else None,
-        truncated=_parse_field(d["truncated"], ctx.child("truncated")) if "truncated" in d else None,
+        terminated=_parse_field(d["terminated"], ctx.child("terminated"))
+        if "terminated" in d
+        else None,
+        truncated=_parse_field(d["truncated"], ctx.child("truncated"))
+        if "truncated" in d
+        else None,
         end=end,
         final_observation=(
             _parse_field(d["final_observation"], ctx.child("final_observation"))
@@ -423,9 +427,7 @@ def _parse_fields(value: Any, ctx: _Ctx) -> FieldsSpec:
 
 
 def _parse_source(value: Any, ctx: _Ctx) -> SourceSpec:
-    d = _mapping(
-        value, ctx, {"paths", "layout", "episode_key", "step_key", "steps_key"}, {"paths"}
-    )
+    d = _mapping(value, ctx, {"paths", "layout", "episode_key", "step_key", "steps_key"}, {"paths"})
     layout = d.get("layout", "step_per_line")
     if layout not in ("step_per_line", "episode_per_line"):
         raise ctx.child("layout").fail(
@@ -438,7 +440,9 @@ def _parse_source(value: Any, ctx: _Ctx) -> SourceSpec:
             raise ctx.fail("`steps_key` is for layout episode_per_line; use `step_key` here")
         if "step_key" not in d:
             raise ctx.fail("layout step_per_line needs `step_key` (the field that orders steps)")
-        return SourceSpec(paths, layout, episode_key, step_key=_path(d["step_key"], ctx.child("step_key")))
+        return SourceSpec(
+            paths, layout, episode_key, step_key=_path(d["step_key"], ctx.child("step_key"))
+        )
     if "step_key" in d:
         raise ctx.fail("`step_key` is for layout step_per_line; use `steps_key` here")
     steps_key = _path(d.get("steps_key", "steps"), ctx.child("steps_key"))
@@ -465,7 +469,9 @@ def _parse_env(value: Any, ctx: _Ctx) -> EnvSpec:
     return EnvSpec(
         id=_str(d["id"], ctx.child("id"), "a gymnasium id such as Pendulum-v1"),
         kwargs=tuple(sorted(kwargs.items())),
-        max_episode_steps=None if mes is None else _int(mes, ctx.child("max_episode_steps"), 1, "steps"),
+        max_episode_steps=None
+        if mes is None
+        else _int(mes, ctx.child("max_episode_steps"), 1, "steps"),
     )
 
 
@@ -487,7 +493,16 @@ def _parse_refs(value: Any, ctx: _Ctx) -> ReferenceReturns:
 
 def parse_transition_spec(raw: Any, origin: str = "<spec>") -> TransitionSpec:
     ctx = _Ctx(origin)
-    allowed = {"name", "kind", "source", "fields", "store", "env", "reference_returns", "description"}
+    allowed = {
+        "name",
+        "kind",
+        "source",
+        "fields",
+        "store",
+        "env",
+        "reference_returns",
+        "description",
+    }
     d = _mapping(raw, ctx, allowed, {"name", "source", "fields"})
     name = _str(d["name"], ctx.child("name"), "a store name")
     if "/" in name or name.startswith("."):

@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,15 @@ from pipeline.parse import (
     infer_shapes,
     parse_line,
 )
-from pipeline.sources import Chunk, SourceFile, file_sha256, iter_chunks, prefetch, read_lines, resolve_sources
+from pipeline.sources import (
+    Chunk,
+    SourceFile,
+    file_sha256,
+    iter_chunks,
+    prefetch,
+    read_lines,
+    resolve_sources,
+)
 from pipeline.writer import (
     ColumnSink,
     combine_digests,
@@ -95,7 +103,15 @@ class _Quarantine:
     def __post_init__(self) -> None:
         self._fh = self.path.open("wb")
 
-    def record(self, src: SourceFile, line: int, reason: str, detail: str, raw: bytes, episode_id: str | None) -> None:
+    def record(
+        self,
+        src: SourceFile,
+        line: int,
+        reason: str,
+        detail: str,
+        raw: bytes,
+        episode_id: str | None,
+    ) -> None:
         self._fh.write(_quarantine_line(src, line, reason, detail, raw, episode_id))
         self._count(src, reason)
 
@@ -104,7 +120,9 @@ class _Quarantine:
         src.quarantined += 1
         self.count += 1
 
-    def defer(self, file_idx: int, line: int, reason: str, detail: str, episode_id: str | None) -> None:
+    def defer(
+        self, file_idx: int, line: int, reason: str, detail: str, episode_id: str | None
+    ) -> None:
         self.deferred.append((file_idx, line, reason, detail, episode_id))
         self._count(self.sources[file_idx], reason)
 
@@ -129,7 +147,10 @@ class _Quarantine:
         def later() -> Iterator[tuple[tuple[int, int], bytes]]:
             for fi, ln, reason, detail, ep in deferred:
                 src = self.sources[fi]
-                yield (fi, ln), _quarantine_line(src, ln, reason, detail, raw.get((fi, ln), b""), ep)
+                yield (
+                    (fi, ln),
+                    _quarantine_line(src, ln, reason, detail, raw.get((fi, ln), b""), ep),
+                )
 
         with final.open("wb") as out:
             for _, line in heapq.merge(immediate(), later(), key=lambda x: x[0]):
@@ -137,8 +158,16 @@ class _Quarantine:
         self.path.unlink()
 
 
-def _quarantine_line(src: SourceFile, line: int, reason: str, detail: str, raw: bytes, episode_id: str | None) -> bytes:
-    rec: dict[str, Any] = {"file": src.display, "line": line, "reason": reason, "detail": detail, "episode_id": episode_id}
+def _quarantine_line(
+    src: SourceFile, line: int, reason: str, detail: str, raw: bytes, episode_id: str | None
+) -> bytes:
+    rec: dict[str, Any] = {
+        "file": src.display,
+        "line": line,
+        "reason": reason,
+        "detail": detail,
+        "episode_id": episode_id,
+    }
     try:
         rec["raw"] = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -176,7 +205,11 @@ class _Buckets:
     def add(self, steps: ParsedSteps, file_idx: int) -> None:
         if len(steps) == 0:
             return
-        bucket = (steps.episode_id.hash(seed=0) % self.n).to_numpy() if self.n > 1 else np.zeros(len(steps), np.int64)
+        bucket = (
+            (steps.episode_id.hash(seed=0) % self.n).to_numpy()
+            if self.n > 1
+            else np.zeros(len(steps), np.int64)
+        )
         for b in np.unique(bucket):
             m = bucket == b
             batch = _steps_to_batch(steps, m, file_idx)
@@ -202,7 +235,9 @@ class _Buckets:
 
 
 def _fixed(a: np.ndarray) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).reshape(-1)), a.shape[1])
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(a).reshape(-1)), a.shape[1]
+    )
 
 
 def _steps_to_batch(s: ParsedSteps, m: np.ndarray, file_idx: int) -> pa.RecordBatch:
@@ -245,7 +280,9 @@ def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
         trunc=_to_np(t.column("trunc")).astype(bool, copy=False),
         end=np.asarray(t.column("end").to_pylist(), dtype=object) if "end" in names else None,
         fobs=_to_np(t.column("fobs")).astype(np.float32, copy=False) if "fobs" in names else None,
-        fobs_present=_to_np(t.column("fobs_present")).astype(bool, copy=False) if "fobs_present" in names else None,
+        fobs_present=_to_np(t.column("fobs_present")).astype(bool, copy=False)
+        if "fobs_present" in names
+        else None,
         line=_to_np(t.column("line")).astype(np.int64, copy=False),
     )
     return steps, _to_np(t.column("file")).astype(np.int64, copy=False)
@@ -303,7 +340,9 @@ def _merge_runs(runs: list[ColumnSink], sink: ColumnSink, names: list[str]) -> N
                 blocks[name].append(runs[r].read_column(c, start, stop))
             base[r] = offset - start
             offset += stop - start
-        gather = np.concatenate([np.arange(eps[i][2], eps[i][2] + eps[i][3]) + base[eps[i][1]] for i in window])
+        gather = np.concatenate(
+            [np.arange(eps[i][2], eps[i][2] + eps[i][3]) + base[eps[i][1]] for i in window]
+        )
         data = {name: np.concatenate(b)[gather] for name, b in blocks.items() if b}
         lengths = np.array([eps[i][3] for i in window], dtype=np.int64)
         ids = pl.Series([ep_rows[i]["episode_id"] for i in window], dtype=pl.Utf8)
@@ -323,7 +362,9 @@ def _merge_runs(runs: list[ColumnSink], sink: ColumnSink, names: list[str]) -> N
             ep_terminated=np.array([ep_rows[i]["terminated"] for i in window], dtype=bool),
             ep_truncated=np.array([ep_rows[i]["truncated"] for i in window], dtype=bool),
             ep_file=np.array([ep_rows[i]["_key"] >> 40 for i in window], dtype=np.int64),
-            ep_line=np.array([ep_rows[i]["_key"] & ((1 << 40) - 1) for i in window], dtype=np.int64),
+            ep_line=np.array(
+                [ep_rows[i]["_key"] & ((1 << 40) - 1) for i in window], dtype=np.int64
+            ),
         )
         sink.append(tr, names)
         window, rows = [], 0
@@ -347,12 +388,17 @@ def _build_key(spec: TransitionSpec, sources: list[SourceFile]) -> str:
     return h.hexdigest()
 
 
-def _up_to_date(target: Path, spec: TransitionSpec, sources: list[SourceFile]) -> dict[str, Any] | None:
+def _up_to_date(
+    target: Path, spec: TransitionSpec, sources: list[SourceFile]
+) -> dict[str, Any] | None:
     try:
         manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("spec_sha256") != spec.sha256():
+    if (
+        manifest.get("format_version") != FORMAT_VERSION
+        or manifest.get("spec_sha256") != spec.sha256()
+    ):
         return None
     old = {s["path"]: s for s in manifest.get("sources", [])}
     if set(old) != {s.display for s in sources}:
@@ -401,6 +447,15 @@ def _nonblank(chunk: Chunk) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
+def _line_getter(chunk: Chunk, nb: np.ndarray) -> Callable[[int], bytes]:
+    """The raw bytes of the i-th non-blank line of the chunk."""
+
+    def get(i: int) -> bytes:
+        return chunk.line(int(nb[i]))
+
+    return get
+
+
 def _first_records(src: SourceFile, limit: int = 200) -> list[Any]:
     out: list[Any] = []
     for chunk in iter_chunks(src, 1 << 20):
@@ -417,7 +472,6 @@ def _first_records(src: SourceFile, limit: int = 200) -> list[Any]:
 
 def _versions() -> dict[str, str]:
     import platform
-
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"builder": __version__, "python": platform.python_version()}
@@ -430,7 +484,9 @@ def _versions() -> dict[str, str]:
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not enabled, leave=False)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc="build", disable=not enabled, leave=False
+    )
 
 
 def build(
@@ -447,9 +503,10 @@ def build(
     t0 = time.perf_counter()
     kind = spec_kind(spec_path)
     if kind == "segments":
-        from pipeline import segments
-
-        return segments.build_segments(spec_path, out_dir, force=force, max_bad_fraction=max_bad_fraction)  # type: ignore[no-any-return]
+        raise BuildError(
+            f"{spec_path}: kind: segments (QA documents) is not supported by this version; "
+            "only kind: transitions"
+        )
     spec = load_spec(spec_path)
     sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
     out = Path(out_dir)
@@ -463,7 +520,17 @@ def build(
     staging = out / f".{spec.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        manifest = _build_into(spec, spec_path, sources, staging, max_bad_fraction, chunk_bytes, progress, bucket_bytes, out)
+        manifest = _build_into(
+            spec,
+            spec_path,
+            sources,
+            staging,
+            max_bad_fraction,
+            chunk_bytes,
+            progress,
+            bucket_bytes,
+            out,
+        )
         _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -517,22 +584,37 @@ def _build_into(
                 src.blank_lines += chunk.n_lines - len(nb)
                 src.records += len(nb)
                 lines = chunk.first_line + nb
-                steps, rejected = parser.parse(chunk.data, lines, lambda i, c=chunk, nb=nb: c.line(int(nb[i])))  # type: ignore[misc]
+                steps, rejected = parser.parse(chunk.data, lines, _line_getter(chunk, nb))
                 steps_read += len(steps)
                 for r in rejected:
                     r.episode_id = _episode_id_of(r.raw, spec.source.episode_key)
                 if per_line:
-                    _per_line_chunk(steps, rejected, src, chunk, nb, sink, names, seen_eps, spec, term_reasons, trunc_reasons, counts)
+                    _per_line_chunk(
+                        steps,
+                        rejected,
+                        src,
+                        chunk,
+                        nb,
+                        sink,
+                        names,
+                        seen_eps,
+                        spec,
+                        term_reasons,
+                        trunc_reasons,
+                        counts,
+                    )
                     for r in sorted(rejected, key=lambda r: r.line):
                         quarantine.record(src, r.line, r.reason, r.detail, r.raw, r.episode_id)
                 else:
                     for r in rejected:
                         quarantine.record(src, r.line, r.reason, r.detail, r.raw, r.episode_id)
                         if r.episode_id is not None:
-                            rejected_eps.setdefault(r.episode_id, f"{src.display}:{r.line}: {r.reason}: {r.detail}")
+                            rejected_eps.setdefault(
+                                r.episode_id, f"{src.display}:{r.line}: {r.reason}: {r.detail}"
+                            )
                     assert buckets is not None
                     buckets.add(steps, src.index)
-                if not src.path.suffix in (".gz", ".zst"):
+                if src.path.suffix not in (".gz", ".zst"):
                     bar.update(len(chunk.data))
                     read += len(chunk.data)
             bar.update(max(0, src.size - read))
@@ -540,16 +622,33 @@ def _build_into(
             buckets.close()
             runs = []
             single = buckets.n == 1  # one bucket is already in global first-appearance order
-            for r, (steps, file_idx) in enumerate(buckets.read()):
-                run = sink if single else ColumnSink(work / f"run-{r}", lay.obs_dim, discrete, lay.act_dim or 0, track=False)
+            for run_no, (steps, file_idx) in enumerate(buckets.read()):
+                run = (
+                    sink
+                    if single
+                    else ColumnSink(
+                        work / f"run-{run_no}", lay.obs_dim, discrete, lay.act_dim or 0, track=False
+                    )
+                )
                 steps, file_idx = _drop_rejected(steps, file_idx, rejected_eps, quarantine)
                 tr = build_transitions(
-                    steps, file_idx, sorted_by_line=False, terminated_reasons=term_reasons, truncated_reasons=trunc_reasons, gamma=spec.store.discount
+                    steps,
+                    file_idx,
+                    sorted_by_line=False,
+                    terminated_reasons=term_reasons,
+                    truncated_reasons=trunc_reasons,
+                    gamma=spec.store.discount,
                 )
                 counts.update(tr.counts)
                 for rej in tr.rejected:
                     for row in rej.rows:
-                        quarantine.defer(int(file_idx[row]), int(steps.line[row]), rej.reason, f"episode {rej.episode_id}: {rej.detail}", rej.episode_id)
+                        quarantine.defer(
+                            int(file_idx[row]),
+                            int(steps.line[row]),
+                            rej.reason,
+                            f"episode {rej.episode_id}: {rej.detail}",
+                            rej.episode_id,
+                        )
                 run.append(tr, names)
                 del steps, tr
                 if single:
@@ -578,8 +677,8 @@ def _build_into(
             f"({quarantine.count} quarantined: {dict(quarantine.reasons)}); nothing to store"
         )
     episodes = sink.episodes_table()
-    for e in sink.episodes:
-        e.pop("_key", None)
+    for ep_row in sink.episodes:
+        ep_row.pop("_key", None)
     if spec.store.format == "arrow":
         write_arrow_transitions(sink, staging / TRANSITIONS_ARROW)
         write_arrow_table(episodes, staging / EPISODES_ARROW)
@@ -588,9 +687,24 @@ def _build_into(
         write_zarr(sink, episodes, staging / ZARR_GROUP)
         data_files = [QUARANTINE]
     shutil.rmtree(work, ignore_errors=True)
-    content = combine_digests(sink.column_digests(), episodes_digest(episodes), file_digest(staging / QUARANTINE))
+    content = combine_digests(
+        sink.column_digests(), episodes_digest(episodes), file_digest(staging / QUARANTINE)
+    )
     shutil.copyfile(spec_path, staging / SPEC_COPY)
-    manifest = _manifest(spec, raw_spec_sha, spec_path, sources, sink, episodes, quarantine, counts, content, data_files, staging, steps_read)
+    manifest = _manifest(
+        spec,
+        raw_spec_sha,
+        spec_path,
+        sources,
+        sink,
+        episodes,
+        quarantine,
+        counts,
+        content,
+        data_files,
+        staging,
+        steps_read,
+    )
     manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
     tmp = staging / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -651,16 +765,31 @@ def _per_line_chunk(
         for ln in dup_lines:
             raw = chunk.line(line_pos[ln])
             eid = _episode_id_of(raw, spec.source.episode_key)
-            rejected.append(Rejected(ln, DUPLICATE_EPISODE, f"episode id {eid!r} was already used by an earlier line", raw, eid))
+            rejected.append(
+                Rejected(
+                    ln,
+                    DUPLICATE_EPISODE,
+                    f"episode id {eid!r} was already used by an earlier line",
+                    raw,
+                    eid,
+                )
+            )
         steps = _subset(steps, ~np.isin(steps.line, dup_lines))
     file_idx = np.full(len(steps), src.index, dtype=np.int64)
     tr = build_transitions(
-        steps, file_idx, sorted_by_line=True, terminated_reasons=term_reasons, truncated_reasons=trunc_reasons, gamma=spec.store.discount
+        steps,
+        file_idx,
+        sorted_by_line=True,
+        terminated_reasons=term_reasons,
+        truncated_reasons=trunc_reasons,
+        gamma=spec.store.discount,
     )
     counts.update(tr.counts)
     for rej in tr.rejected:
         ln = int(steps.line[rej.rows[0]])
-        rejected.append(Rejected(ln, rej.reason, rej.detail, chunk.line(line_pos[ln]), rej.episode_id))
+        rejected.append(
+            Rejected(ln, rej.reason, rej.detail, chunk.line(line_pos[ln]), rej.episode_id)
+        )
     sink.append(tr, names)
 
 
@@ -714,7 +843,12 @@ def _manifest(
     if a.type == "discrete":
         action_space: dict[str, Any] = {"type": "discrete", "n": a.n}
     else:
-        action_space = {"type": "continuous", "dim": a.size, "low": list(a.low or ()), "high": list(a.high or ())}
+        action_space = {
+            "type": "continuous",
+            "dim": a.size,
+            "low": list(a.low or ()),
+            "high": list(a.high or ()),
+        }
     ep_term = episodes.column("terminated").to_numpy(zero_copy_only=False)
     records = sum(s.records for s in sources)
     return {
@@ -730,9 +864,14 @@ def _manifest(
         "build_key": _build_key(spec_with_sha(spec, raw_spec_sha), sources),
         "sources": [
             {
-                "path": s.display, "sha256": s.sha256, "bytes": s.size, "mtime_ns": s.mtime_ns,
-                "records": s.records, "records_kept": s.records - s.quarantined,
-                "records_quarantined": s.quarantined, "blank_lines": s.blank_lines,
+                "path": s.display,
+                "sha256": s.sha256,
+                "bytes": s.size,
+                "mtime_ns": s.mtime_ns,
+                "records": s.records,
+                "records_kept": s.records - s.quarantined,
+                "records_quarantined": s.quarantined,
+                "blank_lines": s.blank_lines,
             }
             for s in sources
         ],  # fmt: skip
@@ -753,7 +892,10 @@ def _manifest(
         "statistics": _stats_dict(sink, episodes),
         "content_hash": content,
         "column_digests": sink.column_digests(),
-        "data_files": {f: {"sha256": file_digest(staging / f), "bytes": (staging / f).stat().st_size} for f in data_files},
+        "data_files": {
+            f: {"sha256": file_digest(staging / f), "bytes": (staging / f).stat().st_size}
+            for f in data_files
+        },
         "versions": _versions(),
     }
 
@@ -801,7 +943,9 @@ def summary_lines(result: BuildResult) -> list[str]:
     m = result.manifest
     c = m["counts"]
     if result.status == "up to date":
-        return [f"{result.path}: up to date ({c['episodes']} episodes, {c['transitions']} transitions); --force rebuilds"]
+        return [
+            f"{result.path}: up to date ({c['episodes']} episodes, {c['transitions']} transitions); --force rebuilds"
+        ]
     lines = [
         f"{result.path}: built in {result.seconds:.2f}s",
         f"  records   {c['records']:>10}  = kept {c['records_kept']} + quarantined {c['records_quarantined']}",
@@ -815,19 +959,41 @@ def summary_lines(result: BuildResult) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.build", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.build", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     p.add_argument("spec", help="a spec YAML in data_specs/")
-    p.add_argument("--out", default="stores", help="directory that receives the store OUT/NAME (default: stores)")
+    p.add_argument(
+        "--out",
+        default="stores",
+        help="directory that receives the store OUT/NAME (default: stores)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if the store is up to date")
-    p.add_argument("--max-bad-fraction", type=float, default=None, help="fail if more than this fraction of records is quarantined")
-    p.add_argument("--chunk-mb", type=int, default=16, help="input read per chunk, MiB (memory ~ a few times this)")
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=None,
+        help="fail if more than this fraction of records is quarantined",
+    )
+    p.add_argument(
+        "--chunk-mb",
+        type=int,
+        default=16,
+        help="input read per chunk, MiB (memory ~ a few times this)",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary")
     args = p.parse_args(argv)
     if args.max_bad_fraction is not None and not 0.0 <= args.max_bad_fraction <= 1.0:
         print("error: --max-bad-fraction must be between 0 and 1", file=sys.stderr)
         return 2
     try:
-        result = build(args.spec, args.out, force=args.force, max_bad_fraction=args.max_bad_fraction, chunk_bytes=args.chunk_mb << 20)
+        result = build(
+            args.spec,
+            args.out,
+            force=args.force,
+            max_bad_fraction=args.max_bad_fraction,
+            chunk_bytes=args.chunk_mb << 20,
+        )
     except (SpecError, BuildError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -73,7 +73,9 @@ def discounted_returns(rewards: np.ndarray, starts: np.ndarray, gamma: float) ->
     return m[bid, col] + np.power(gamma, exponent) * nxt[bid]
 
 
-def discounted_returns_reference(rewards: np.ndarray, starts: np.ndarray, gamma: float) -> np.ndarray:
+def discounted_returns_reference(
+    rewards: np.ndarray, starts: np.ndarray, gamma: float
+) -> np.ndarray:
     """The plain loop, for tests."""
     out = np.zeros(len(rewards))
     acc = 0.0
@@ -183,20 +185,41 @@ def build_transitions(
         for i in np.flatnonzero(same & (dt == 0)):
             reasons.setdefault(int(seg[i]), (DUPLICATE_STEP, f"step {t[i]} appears more than once"))
         for i in np.flatnonzero(same & (dt != 0) & (dt != 1)):
-            reasons.setdefault(int(seg[i]), (STEP_GAP, f"steps jump from {t[i - 1]} to {t[i]}: records are missing"))
+            reasons.setdefault(
+                int(seg[i]),
+                (STEP_GAP, f"steps jump from {t[i - 1]} to {t[i]}: records are missing"),
+            )
     early = (term | trunc) & ~is_last
     for i in np.flatnonzero(early):
-        reasons.setdefault(int(seg[i]), (END_BEFORE_LAST_STEP, f"step {t[i]} is marked terminated/truncated but the episode goes on"))
+        reasons.setdefault(
+            int(seg[i]),
+            (
+                END_BEFORE_LAST_STEP,
+                f"step {t[i]} is marked terminated/truncated but the episode goes on",
+            ),
+        )
     fobs_present = steps.fobs_present[order] if steps.fobs_present is not None else None
     end = steps.end[order] if steps.end is not None else None
     if not sorted_by_line:
         if fobs_present is not None:
             for i in np.flatnonzero(fobs_present & ~is_last):
-                reasons.setdefault(int(seg[i]), (END_BEFORE_LAST_STEP, f"step {t[i]} has a final observation but the episode goes on"))
+                reasons.setdefault(
+                    int(seg[i]),
+                    (
+                        END_BEFORE_LAST_STEP,
+                        f"step {t[i]} has a final observation but the episode goes on",
+                    ),
+                )
         if end is not None:
             has_end = np.fromiter((x is not None for x in end), dtype=bool, count=n)
             for i in np.flatnonzero(has_end & ~is_last):
-                reasons.setdefault(int(seg[i]), (END_BEFORE_LAST_STEP, f"step {t[i]} has an end reason but the episode goes on"))
+                reasons.setdefault(
+                    int(seg[i]),
+                    (
+                        END_BEFORE_LAST_STEP,
+                        f"step {t[i]} has an end reason but the episode goes on",
+                    ),
+                )
 
     # ---- how each episode ended
     if end is not None:
@@ -214,16 +237,19 @@ def build_transitions(
     for s in np.flatnonzero(drop_last & (length == 1)):
         reasons.setdefault(
             int(s),
-            (UNBOOTSTRAPPABLE, "a one-step episode cut off with no final observation: no transition can be built"),
+            (
+                UNBOOTSTRAPPABLE,
+                "a one-step episode cut off with no final observation: no transition can be built",
+            ),
         )
 
     ok_ep = np.ones(e, dtype=bool)
     rejected: list[EpisodeRejection] = []
     if reasons:
         ok_ep[list(reasons)] = False
-        for s, (reason, detail) in sorted(reasons.items()):
-            rows = order[first[s] : last[s] + 1]
-            rejected.append(EpisodeRejection(rows, reason, detail, str(ep_ids[int(first[s])])))
+        for si, (reason, detail) in sorted(reasons.items()):
+            rows = order[first[si] : last[si] + 1]
+            rejected.append(EpisodeRejection(rows, reason, detail, str(ep_ids[int(first[si])])))
     counts["episodes_both_flags_as_terminated"] += int((both & ok_ep).sum())
     counts["episodes_without_end_flag_as_truncated"] += int((neither & ok_ep).sum())
     counts["truncated_last_steps_dropped"] += int((drop_last & ok_ep).sum())

@@ -90,16 +90,23 @@ def describe(path: str | Path) -> str:
     else:
         lines.append(f"action       continuous[{a['dim']}], low {a['low']}, high {a['high']}")
     r = m["statistics"]["reward"]
-    lines.append(f"reward       mean {r['mean']:.4g}  std {r['std']:.4g}  min {r['min']:.4g}  max {r['max']:.4g}")
+    lines.append(
+        f"reward       mean {r['mean']:.4g}  std {r['std']:.4g}  min {r['min']:.4g}  max {r['max']:.4g}"
+    )
     refs: dict[str, Any] | None = m["spec"].get("reference_returns")
     e = store.episodes
-    lines.append("episode return" + (f"  (reference: random {refs['random']}, expert {refs['expert']})" if refs else ""))
+    lines.append(
+        "episode return"
+        + (f"  (reference: random {refs['random']}, expert {refs['expert']})" if refs else "")
+    )
     lines += _hist(e.returns)
     lines.append("episode length")
     lines += _hist(e.length.astype(np.float64))
     lines.append("sources")
     for s in m["sources"]:
-        lines.append(f"  {s['path']}  {s['records']} records, {s['records_quarantined']} quarantined, sha256 {str(s['sha256'])[:12]}")
+        lines.append(
+            f"  {s['path']}  {s['records']} records, {s['records_quarantined']} quarantined, sha256 {str(s['sha256'])[:12]}"
+        )
     q = _quarantine_summary(p)
     lines.append("quarantine" + ("" if q else "   none"))
     lines += q

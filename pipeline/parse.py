@@ -239,7 +239,10 @@ def _check_obs(o: ObservationSpec, value: Any, where: str, dim: int) -> None:
         if value is _MISSING or value is None:
             raise RecordError(MISSING_FIELD, f"{where}: missing")
         if not isinstance(value, dict):
-            raise RecordError(WRONG_TYPE, f"{where}: expected an object with keys {[k.path for k in o.keys]}, got {_short(value)}")
+            raise RecordError(
+                WRONG_TYPE,
+                f"{where}: expected an object with keys {[k.path for k in o.keys]}, got {_short(value)}",
+            )
         for k in o.keys:
             v = _get(value, k.path)
             if k.size is None:
@@ -267,7 +270,12 @@ class Validator:
         lay = self.layout
         if not isinstance(s, dict):
             raise RecordError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {_short(s)}")
-        _check_obs(f.observation, _get(s, f.observation.path), f"{where}{f.observation.path} (fields.observation)", lay.obs_dim)
+        _check_obs(
+            f.observation,
+            _get(s, f.observation.path),
+            f"{where}{f.observation.path} (fields.observation)",
+            lay.obs_dim,
+        )
         a = f.action
         if a.composite is not None:
             c = a.composite
@@ -275,30 +283,50 @@ class Validator:
             val = _get(s, c.value)
             for name, v in ((c.select, sel), (c.value, val)):
                 if v is _MISSING or v is None:
-                    raise RecordError(MISSING_FIELD, f"{where}{name} (fields.action.composite): missing")
+                    raise RecordError(
+                        MISSING_FIELD, f"{where}{name} (fields.action.composite): missing"
+                    )
                 if not isinstance(v, int) or isinstance(v, bool):
-                    raise RecordError(WRONG_TYPE, f"{where}{name} (fields.action.composite): expected an integer, got {_short(v)}")
+                    raise RecordError(
+                        WRONG_TYPE,
+                        f"{where}{name} (fields.action.composite): expected an integer, got {_short(v)}",
+                    )
             cases = dict(c.cases)
             if sel not in cases:
-                raise RecordError(ACTION_OUT_OF_RANGE, f"{where}{c.select}={sel} is not one of the declared cases {sorted(cases)} (fields.action.composite.cases)")
+                raise RecordError(
+                    ACTION_OUT_OF_RANGE,
+                    f"{where}{c.select}={sel} is not one of the declared cases {sorted(cases)} (fields.action.composite.cases)",
+                )
             case = cases[sel]
             if not 0 <= val < case.n:
-                raise RecordError(ACTION_OUT_OF_RANGE, f"{where}{c.value}={val} out of range 0..{case.n - 1} for {c.select}={sel} (fields.action.composite.cases)")
+                raise RecordError(
+                    ACTION_OUT_OF_RANGE,
+                    f"{where}{c.value}={val} out of range 0..{case.n - 1} for {c.select}={sel} (fields.action.composite.cases)",
+                )
         elif a.type == "discrete":
             assert a.path is not None and a.n is not None
             v = _get(s, a.path)
             if v is _MISSING or v is None:
                 raise RecordError(MISSING_FIELD, f"{where}{a.path} (fields.action): missing")
             if not isinstance(v, int) or isinstance(v, bool):
-                raise RecordError(WRONG_TYPE, f"{where}{a.path} (fields.action): expected an integer action, got {_short(v)}")
+                raise RecordError(
+                    WRONG_TYPE,
+                    f"{where}{a.path} (fields.action): expected an integer action, got {_short(v)}",
+                )
             if not 0 <= v < a.n:
-                raise RecordError(ACTION_OUT_OF_RANGE, f"{where}{a.path}={v} out of range 0..{a.n - 1} (fields.action.n)")
+                raise RecordError(
+                    ACTION_OUT_OF_RANGE,
+                    f"{where}{a.path}={v} out of range 0..{a.n - 1} (fields.action.n)",
+                )
         else:
             assert a.path is not None and a.low is not None and a.high is not None
             vals = _numbers(_get(s, a.path), a.size, f"{where}{a.path} (fields.action)")
             for i, (v, lo, hi) in enumerate(zip(vals, a.low, a.high)):
                 if not lo <= v <= hi:
-                    raise RecordError(ACTION_OUT_OF_RANGE, f"{where}{a.path}[{i}]={v} outside [{lo}, {hi}] (fields.action.low/high)")
+                    raise RecordError(
+                        ACTION_OUT_OF_RANGE,
+                        f"{where}{a.path}[{i}]={v} outside [{lo}, {hi}] (fields.action.low/high)",
+                    )
         _number(_get(s, f.reward.path), f"{where}{f.reward.path} (fields.reward)")
         for name, fp in (("terminated", f.terminated), ("truncated", f.truncated)):
             if fp is None:
@@ -307,7 +335,10 @@ class Validator:
             if v is _MISSING or v is None:
                 raise RecordError(MISSING_FIELD, f"{where}{fp.path} (fields.{name}): missing")
             if not isinstance(v, bool):
-                raise RecordError(WRONG_TYPE, f"{where}{fp.path} (fields.{name}): expected true/false, got {_short(v)}")
+                raise RecordError(
+                    WRONG_TYPE,
+                    f"{where}{fp.path} (fields.{name}): expected true/false, got {_short(v)}",
+                )
 
     def check_episode_fields(self, obj: dict[str, Any], where: str) -> None:
         f = self.spec.fields
@@ -315,13 +346,24 @@ class Validator:
             v = _get(obj, f.end.path)
             if v is not _MISSING and v is not None:
                 if not isinstance(v, str):
-                    raise RecordError(WRONG_TYPE, f"{where}{f.end.path} (fields.end): expected a string, got {_short(v)}")
+                    raise RecordError(
+                        WRONG_TYPE,
+                        f"{where}{f.end.path} (fields.end): expected a string, got {_short(v)}",
+                    )
                 if v not in self._end_ok:
-                    raise RecordError(UNKNOWN_END_REASON, f"{where}{f.end.path}={v!r} is neither terminated {list(f.end.terminated)} nor truncated {list(f.end.truncated)} (fields.end)")
+                    raise RecordError(
+                        UNKNOWN_END_REASON,
+                        f"{where}{f.end.path}={v!r} is neither terminated {list(f.end.terminated)} nor truncated {list(f.end.truncated)} (fields.end)",
+                    )
         if f.final_observation is not None:
             v = _get(obj, f.final_observation.path)
             if v is not _MISSING and v is not None:
-                _check_obs(f.observation, v, f"{where}{f.final_observation.path} (fields.final_observation)", self.layout.obs_dim)
+                _check_obs(
+                    f.observation,
+                    v,
+                    f"{where}{f.final_observation.path} (fields.final_observation)",
+                    self.layout.obs_dim,
+                )
 
     def check(self, obj: Any) -> None:
         src = self.spec.source
@@ -331,14 +373,20 @@ class Validator:
         if ep is _MISSING or ep is None:
             raise RecordError(MISSING_FIELD, f"{src.episode_key} (source.episode_key): missing")
         if isinstance(ep, dict):
-            raise RecordError(WRONG_TYPE, f"{src.episode_key} (source.episode_key): expected a string or integer id, got an object")
+            raise RecordError(
+                WRONG_TYPE,
+                f"{src.episode_key} (source.episode_key): expected a string or integer id, got an object",
+            )
         if src.layout == "step_per_line":
             assert src.step_key is not None
             t = _get(obj, src.step_key)
             if t is _MISSING or t is None:
                 raise RecordError(MISSING_FIELD, f"{src.step_key} (source.step_key): missing")
             if not isinstance(t, int) or isinstance(t, bool) or not -(2**63) <= t < 2**63:
-                raise RecordError(WRONG_TYPE, f"{src.step_key} (source.step_key): expected an integer step index, got {_short(t)}")
+                raise RecordError(
+                    WRONG_TYPE,
+                    f"{src.step_key} (source.step_key): expected an integer step index, got {_short(t)}",
+                )
             self.check_step(obj, "")
             self.check_episode_fields(obj, "")
             return
@@ -347,9 +395,14 @@ class Validator:
         if steps is _MISSING or steps is None:
             raise RecordError(MISSING_FIELD, f"{src.steps_key} (source.steps_key): missing")
         if not isinstance(steps, list):
-            raise RecordError(WRONG_TYPE, f"{src.steps_key} (source.steps_key): expected a list of steps, got {_short(steps)}")
+            raise RecordError(
+                WRONG_TYPE,
+                f"{src.steps_key} (source.steps_key): expected a list of steps, got {_short(steps)}",
+            )
         if not steps:
-            raise RecordError(EMPTY_EPISODE, f"{src.steps_key} (source.steps_key): the episode has no steps")
+            raise RecordError(
+                EMPTY_EPISODE, f"{src.steps_key} (source.steps_key): the episode has no steps"
+            )
         for i, s in enumerate(steps):
             self.check_step(s, f"step {i}: ")
         self.check_episode_fields(obj, "")
@@ -472,7 +525,10 @@ class ChunkParser:
         a = f.action
         self._act_exprs: dict[str, pl.Expr] = {}
         if a.composite is not None:
-            self._act_exprs = {"sel": _field(sp + a.composite.select), "val": _field(sp + a.composite.value)}
+            self._act_exprs = {
+                "sel": _field(sp + a.composite.select),
+                "val": _field(sp + a.composite.value),
+            }
         else:
             assert a.path is not None
             self._act_exprs = {"act": _field(sp + a.path)}
@@ -484,7 +540,9 @@ class ChunkParser:
     def _read(self, data: bytes) -> pl.DataFrame:
         return pl.read_ndjson(io.BytesIO(data), schema=self.schema)
 
-    def _explode(self, df: pl.DataFrame, lines: np.ndarray) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    def _explode(
+        self, df: pl.DataFrame, lines: np.ndarray
+    ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
         """episode_per_line: one row per step (the step struct as column ``_s``), with the
         line and episode-level fields of its episode; also the mask of lines whose steps
         list is empty or missing. (A Series explode plus a gather: DataFrame.explode of a
@@ -508,7 +566,9 @@ class ChunkParser:
         )
         return out, empty, n_steps
 
-    def parse(self, chunk_data: bytes, lines: np.ndarray, raws: Callable[[int], bytes]) -> tuple[ParsedSteps, list[Rejected]]:
+    def parse(
+        self, chunk_data: bytes, lines: np.ndarray, raws: Callable[[int], bytes]
+    ) -> tuple[ParsedSteps, list[Rejected]]:
         """Parse the non-blank lines in ``chunk_data`` (``lines`` are their numbers).
 
         ``raws(i)`` returns the raw bytes of the i-th non-blank line (for reasons).
@@ -532,7 +592,7 @@ class ChunkParser:
             rejected.extend(more)
         steps, bad_lines = self._vector_checks(df, lines[keep_idx])
         if bad_lines:
-            pos = {int(lines[i]): i for i in keep_idx}
+            pos: dict[int, int] = {int(lines[i]): int(i) for i in keep_idx}
             for ln in sorted(bad_lines):
                 raw = raws(pos[ln])
                 err = check_line(self.validator, raw)
@@ -542,7 +602,9 @@ class ChunkParser:
         rejected.sort(key=lambda r: r.line)
         return steps, rejected
 
-    def _read_bisect(self, idx: np.ndarray, lines: np.ndarray, raws: Callable[[int], bytes]) -> tuple[pl.DataFrame, np.ndarray, list[Rejected]]:
+    def _read_bisect(
+        self, idx: np.ndarray, lines: np.ndarray, raws: Callable[[int], bytes]
+    ) -> tuple[pl.DataFrame, np.ndarray, list[Rejected]]:
         """Read the given lines with polars; isolate any line polars still rejects."""
         if len(idx) == 0:
             return self._read(b""), idx, []
@@ -554,17 +616,34 @@ class ChunkParser:
         except Exception as e:  # noqa: BLE001
             if len(idx) == 1:
                 i = int(idx[0])
-                return self._read(b""), idx[:0], [Rejected(int(lines[i]), FAST_CHECK, f"unreadable record: {str(e).splitlines()[0][:200]}", raws(i))]
+                return (
+                    self._read(b""),
+                    idx[:0],
+                    [
+                        Rejected(
+                            int(lines[i]),
+                            FAST_CHECK,
+                            f"unreadable record: {str(e).splitlines()[0][:200]}",
+                            raws(i),
+                        )
+                    ],
+                )
         if len(idx) == 1:
             i = int(idx[0])
-            return self._read(b""), idx[:0], [Rejected(int(lines[i]), FAST_CHECK, "unreadable record", raws(i))]
+            return (
+                self._read(b""),
+                idx[:0],
+                [Rejected(int(lines[i]), FAST_CHECK, "unreadable record", raws(i))],
+            )
         mid = len(idx) // 2
         a, ia, ra = self._read_bisect(idx[:mid], lines, raws)
         b, ib, rb = self._read_bisect(idx[mid:], lines, raws)
         return pl.concat([a, b]), np.concatenate([ia, ib]), ra + rb
 
     # ------------------------------------------------------------ checks
-    def _vector_checks(self, df: pl.DataFrame, lines: np.ndarray) -> tuple[ParsedSteps, dict[int, str]]:
+    def _vector_checks(
+        self, df: pl.DataFrame, lines: np.ndarray
+    ) -> tuple[ParsedSteps, dict[int, str]]:
         """Checks on typed columns; returns the steps of good lines and {line: what failed}."""
         spec = self.spec
         f = spec.fields
@@ -607,7 +686,9 @@ class ChunkParser:
         for ln in rb_lines:
             bad.setdefault(int(ln), "a field is missing or has the wrong length")
         obs = _obs_matrix(safe, self._obs_parts, lay.obs_dim)
-        rew = safe.select(_field(self._sp + f.reward.path)).to_series().to_numpy().astype(np.float64)
+        rew = (
+            safe.select(_field(self._sp + f.reward.path)).to_series().to_numpy().astype(np.float64)
+        )
         finite = _finite_rows(obs) & np.isfinite(rew)
         act_ok: np.ndarray
         if a.composite is not None:
@@ -632,7 +713,7 @@ class ChunkParser:
             lo = np.asarray(a.low)
             hi = np.asarray(a.high)
             with np.errstate(invalid="ignore"):
-                act_ok = ((act64 >= lo) & (act64 <= hi)).all(axis=1)
+                act_ok = np.asarray(((act64 >= lo) & (act64 <= hi)).all(axis=1))
             act = act64.astype(np.float32)
         fobs = None
         fobs_present = None
@@ -705,10 +786,14 @@ def infer_shapes(spec: TransitionSpec, first_records: list[Any]) -> TransitionSp
         value = _get(step, o.path)
         if isinstance(value, list) and value and all(_is_num(v) for v in value):
             new_obs = dataclasses.replace(o, size=len(value))
-            return dataclasses.replace(spec, fields=dataclasses.replace(spec.fields, observation=new_obs))
+            return dataclasses.replace(
+                spec, fields=dataclasses.replace(spec.fields, observation=new_obs)
+            )
         if _is_num(value):
             new_obs = dataclasses.replace(o, scalar=True)
-            return dataclasses.replace(spec, fields=dataclasses.replace(spec.fields, observation=new_obs))
+            return dataclasses.replace(
+                spec, fields=dataclasses.replace(spec.fields, observation=new_obs)
+            )
     raise ValueError(
         f"{spec.origin}: fields.observation: cannot infer the observation length from the "
         "data (no readable record has a list of numbers there); give `shape: [N]`"

@@ -7,6 +7,7 @@ The raw (possibly compressed) bytes are hashed while they are read: one pass per
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -47,7 +48,9 @@ def _display(p: Path) -> str:
         return str(p.resolve())
 
 
-def resolve_sources(patterns: tuple[str, ...] | list[str], origin: str = "spec") -> list[SourceFile]:
+def resolve_sources(
+    patterns: tuple[str, ...] | list[str], origin: str = "spec"
+) -> list[SourceFile]:
     """Expand globs (sorted, de-duplicated); a pattern that matches nothing is an error."""
     seen: dict[Path, None] = {}
     for pat in patterns:
@@ -77,7 +80,7 @@ class _HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, b: Any) -> int:
         data = self._raw.read(len(b))
         n = len(data)
         b[:n] = data
@@ -89,14 +92,14 @@ class _HashingReader(io.RawIOBase):
             pass
 
 
-def _open_decoded(path: Path, raw: BinaryIO) -> BinaryIO:
+def _open_decoded(path: Path, raw: Any) -> Any:
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if name.endswith(".zst") or name.endswith(".zstd"):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     return raw
 
 
@@ -139,8 +142,8 @@ def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]
     Raises :class:`BuildError` if a compressed file is corrupt (its name and the error).
     """
     with src.path.open("rb") as fh:
-        hashing = _HashingReader(fh)  # type: ignore[arg-type]
-        reader = _open_decoded(src.path, io.BufferedReader(hashing, 1 << 20))  # type: ignore[arg-type]
+        hashing = _HashingReader(fh)
+        reader = _open_decoded(src.path, io.BufferedReader(hashing, 1 << 20))
         line_no = 1
         carry = b""
         try:
@@ -159,10 +162,14 @@ def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]
                 yield Chunk(data, line_no, starts, ends)
                 line_no += len(starts)
         except (OSError, EOFError) as e:
-            raise BuildError(f"{src.display}: cannot decompress ({e}); the file is corrupt or truncated") from None
+            raise BuildError(
+                f"{src.display}: cannot decompress ({e}); the file is corrupt or truncated"
+            ) from None
         except Exception as e:  # zstandard raises its own ZstdError
             if type(e).__name__ == "ZstdError":
-                raise BuildError(f"{src.display}: cannot decompress ({e}); the file is corrupt or truncated") from None
+                raise BuildError(
+                    f"{src.display}: cannot decompress ({e}); the file is corrupt or truncated"
+                ) from None
             raise
         if carry:
             data = carry + b"\n"
@@ -179,8 +186,9 @@ def read_lines(src: SourceFile, wanted: set[int]) -> dict[int, bytes]:
         return out
     last = max(wanted)
     with src.path.open("rb") as fh:
-        reader = _open_decoded(src.path, fh)  # type: ignore[arg-type]
-        for i, line in enumerate(io.BufferedReader(reader, 1 << 20) if reader is not fh else fh, start=1):  # type: ignore[arg-type]
+        reader = _open_decoded(src.path, fh)
+        stream: Any = io.BufferedReader(reader, 1 << 20) if reader is not fh else fh
+        for i, line in enumerate(stream, start=1):
             if i in wanted:
                 out[i] = line.rstrip(b"\n")
             if i >= last:
@@ -226,8 +234,6 @@ def prefetch(items: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
     finally:
         stop.set()
         while t.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 q.get_nowait()
-            except Exception:  # noqa: BLE001
-                pass
             t.join(timeout=0.05)

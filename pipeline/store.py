@@ -71,7 +71,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise StoreError(f"{path}: not a store (no {MANIFEST}); build one with `python -m pipeline.build SPEC`") from None
+        raise StoreError(
+            f"{path}: not a store (no {MANIFEST}); build one with `python -m pipeline.build SPEC`"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{p}: manifest is not valid JSON ({e}); rebuild with --force") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -90,9 +92,13 @@ def _read_ipc(path: Path) -> pa.Table:
         source = pa.memory_map(str(path), "r")
         return pa.ipc.open_stream(source).read_all()
     except FileNotFoundError:
-        raise StoreError(f"{path}: missing; the store is incomplete, rebuild with --force") from None
+        raise StoreError(
+            f"{path}: missing; the store is incomplete, rebuild with --force"
+        ) from None
     except (pa.ArrowInvalid, OSError) as e:
-        raise StoreError(f"{path}: unreadable Arrow IPC stream ({e}); rebuild with --force") from None
+        raise StoreError(
+            f"{path}: unreadable Arrow IPC stream ({e}); rebuild with --force"
+        ) from None
 
 
 def _flat(col: pa.ChunkedArray) -> pa.Array:
@@ -147,9 +153,9 @@ class TransitionStore:
         except Exception as e:  # zarr raises several types for a missing/broken group
             raise StoreError(f"{self.path / ZARR_GROUP}: unreadable zarr group ({e})") from None
         for group, out in (("transitions", self._columns), ("episodes", self._episodes)):
-            g = root[group]
-            for name in g.array_keys():  # type: ignore[union-attr]
-                out[name] = np.asarray(g[name][...])  # type: ignore[index]
+            g: Any = root[group]
+            for name in g.array_keys():
+                out[name] = np.asarray(g[name][...])
 
     # ------------------------------------------------------------------ columns
     def column(self, name: str) -> np.ndarray:
@@ -256,7 +262,9 @@ class TransitionStore:
         """100 * (R - random) / (expert - random), from the spec's reference returns."""
         ref = self.reference_returns
         if not ref:
-            raise StoreError(f"{self.path}: the spec has no reference_returns; add them to normalize")
+            raise StoreError(
+                f"{self.path}: the spec has no reference_returns; add them to normalize"
+            )
         return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
 
     @cached_property

@@ -33,7 +33,9 @@ def _column_infos(store: TransitionStore) -> list[ColumnInfo]:
         ColumnInfo("episode_id", np.dtype(np.int32), -1),
         ColumnInfo("step", np.dtype(np.int32), 0),
         ColumnInfo("observation", np.dtype(np.float32), d),
-        ColumnInfo("action", np.dtype(np.int64) if disc else np.dtype(np.float32), 0 if disc else a),
+        ColumnInfo(
+            "action", np.dtype(np.int64) if disc else np.dtype(np.float32), 0 if disc else a
+        ),
         ColumnInfo("reward", np.dtype(np.float32), 0),
         ColumnInfo("next_observation", np.dtype(np.float32), d),
         ColumnInfo("terminated", np.dtype(np.uint8), 0),
@@ -117,9 +119,16 @@ def check_invariants(store: TransitionStore) -> list[str]:
     obs, nxt = store.observations, store.next_observations
     inner = ~is_last[:-1]
     if not np.array_equal(nxt[:-1][inner], obs[1:][inner]):
-        problems.append("next_observation differs from the next row's observation inside an episode")
+        problems.append(
+            "next_observation differs from the next row's observation inside an episode"
+        )
     r = store.rewards.astype(np.float64)
-    for name, arr in (("observation", obs), ("next_observation", nxt), ("reward", r), ("return_to_go", store.return_to_go)):
+    for name, arr in (
+        ("observation", obs),
+        ("next_observation", nxt),
+        ("reward", r),
+        ("return_to_go", store.return_to_go),
+    ):
         if not np.isfinite(arr).all():
             problems.append(f"{name}: non-finite values")
     a = store.actions
@@ -137,7 +146,9 @@ def check_invariants(store: TransitionStore) -> list[str]:
     if bad.any():
         problems.append(f"return_to_go: inconsistent with rewards at {int(bad.sum())} row(s)")
     sums = np.add.reduceat(r, start)
-    if not np.allclose(sums, e.returns, rtol=1e-5, atol=1e-4 * max(1.0, float(np.abs(e.returns).max()))):
+    if not np.allclose(
+        sums, e.returns, rtol=1e-5, atol=1e-4 * max(1.0, float(np.abs(e.returns).max()))
+    ):
         problems.append("episodes: return differs from the sum of the episode's rewards")
     return problems
 
@@ -154,9 +165,13 @@ def verify(path: str | Path) -> list[str]:
             continue
         size = f.stat().st_size
         if size != info["bytes"]:
-            problems.append(f"{f}: {size} bytes, manifest says {info['bytes']} (truncated or replaced)")
+            problems.append(
+                f"{f}: {size} bytes, manifest says {info['bytes']} (truncated or replaced)"
+            )
         elif file_digest(f) != info["sha256"]:
-            problems.append(f"{f}: sha256 differs from the manifest (the file was changed or corrupted)")
+            problems.append(
+                f"{f}: sha256 differs from the manifest (the file was changed or corrupted)"
+            )
     if problems:
         return problems
     store = TransitionStore(p)
@@ -170,13 +185,17 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"{p}: column {name}: content differs from the manifest's digest")
     content = combine_digests(digests, episodes, file_digest(p / QUARANTINE))
     if content != manifest["content_hash"]:
-        problems.append(f"{p}: content hash {content[:12]} != manifest {manifest['content_hash'][:12]}")
+        problems.append(
+            f"{p}: content hash {content[:12]} != manifest {manifest['content_hash'][:12]}"
+        )
     problems += [f"{p}: {msg}" for msg in check_invariants(store)]
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.verify", description="Check a store against its manifest.")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.verify", description="Check a store against its manifest."
+    )
     ap.add_argument("store", help="a store directory (holding manifest.json)")
     args = ap.parse_args(argv)
     try:
@@ -190,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     m = read_manifest(args.store)
     c = m["counts"]
-    print(f"OK {args.store}: {c['transitions']} transitions, {c['episodes']} episodes, content {m['content_hash'][:16]} ({MANIFEST} verified)")
+    print(
+        f"OK {args.store}: {c['transitions']} transitions, {c['episodes']} episodes, content {m['content_hash'][:16]} ({MANIFEST} verified)"
+    )
     return 0
 
 

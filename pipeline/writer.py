@@ -85,7 +85,13 @@ class RunningStats:
             v = [float(x) for x in a]
             return v[0] if scalar else v
 
-        return {"count": self.n, "mean": out(self.mean), "std": out(std), "min": out(self.lo), "max": out(self.hi)}
+        return {
+            "count": self.n,
+            "mean": out(self.mean),
+            "std": out(std),
+            "min": out(self.lo),
+            "max": out(self.hi),
+        }
 
 
 def _str_parts(s: pl.Series) -> tuple[np.ndarray, bytes]:
@@ -94,7 +100,9 @@ def _str_parts(s: pl.Series) -> tuple[np.ndarray, bytes]:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     arr = arr.cast(pa.large_string())
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
     data = arr.buffers()[2]
     start, stop = int(offsets[0]), int(offsets[-1])
     blob = data.to_pybytes()[start:stop] if data is not None else b""
@@ -126,7 +134,11 @@ class ColumnSink:
             ColumnInfo("episode_id", np.dtype(np.int32), -1),
             ColumnInfo("step", np.dtype(np.int32), 0),
             ColumnInfo("observation", np.dtype(np.float32), d),
-            ColumnInfo("action", np.dtype(np.int64) if self.discrete else np.dtype(np.float32), 0 if self.discrete else a),
+            ColumnInfo(
+                "action",
+                np.dtype(np.int64) if self.discrete else np.dtype(np.float32),
+                0 if self.discrete else a,
+            ),
             ColumnInfo("reward", np.dtype(np.float32), 0),
             ColumnInfo("next_observation", np.dtype(np.float32), d),
             ColumnInfo("terminated", np.dtype(np.uint8), 0),
@@ -157,7 +169,7 @@ class ColumnSink:
         }
         for c in self.columns:
             arr = np.ascontiguousarray(values[c.name], dtype=c.dtype)
-            self._files[c.name].write(arr)  # type: ignore[arg-type]
+            self._files[c.name].write(arr.reshape(-1).data.cast("B"))
             if self.track:
                 self._hash[c.name].update(arr)
         self._files["episode_id.utf8"].write(blob)
@@ -231,7 +243,7 @@ class _ColumnHash:
 
     def update(self, arr: np.ndarray) -> None:
         if arr.size:
-            self.h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            self.h.update(np.ascontiguousarray(arr).reshape(-1).data.cast("B"))
 
     def update_bytes(self, b: bytes) -> None:
         assert self.h2 is not None
@@ -296,14 +308,20 @@ def _zero_array(typ: pa.DataType, n: int, string_bytes: int = 0) -> pa.Array:
     if pa.types.is_string(typ):
         offsets = np.zeros(n + 1, dtype=np.int32)
         offsets[-1] = string_bytes  # the writer sizes the data buffer from the last offset
-        return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(np.zeros(max(string_bytes, 1), np.uint8)))
+        return pa.StringArray.from_buffers(
+            n, pa.py_buffer(offsets), pa.py_buffer(np.zeros(max(string_bytes, 1), np.uint8))
+        )
     if pa.types.is_boolean(typ):
-        return pa.BooleanArray.from_buffers(typ, n, [None, pa.py_buffer(np.zeros((n + 7) // 8 or 1, np.uint8))])
+        return pa.BooleanArray.from_buffers(
+            typ, n, [None, pa.py_buffer(np.zeros((n + 7) // 8 or 1, np.uint8))]
+        )
     if pa.types.is_fixed_size_list(typ):
         inner = _zero_array(typ.value_type, n * typ.list_size)
         return pa.FixedSizeListArray.from_arrays(inner, typ.list_size)
     width = typ.bit_width // 8
-    return pa.Array.from_buffers(typ, n, [None, pa.py_buffer(np.zeros(max(n * width, 1), np.uint8))])
+    return pa.Array.from_buffers(
+        typ, n, [None, pa.py_buffer(np.zeros(max(n * width, 1), np.uint8))]
+    )
 
 
 def _data_buffer(arr: pa.Array) -> pa.Buffer:
@@ -332,7 +350,10 @@ def write_arrow_transitions(sink: ColumnSink, path: Path) -> None:
         arr = table.column(name).chunk(0)
         if name == "episode_id":
             bufs = arr.buffers()
-            places[name] = [(bufs[1].address - base, bufs[1].size), (bufs[2].address - base, bufs[2].size)]
+            places[name] = [
+                (bufs[1].address - base, bufs[1].size),
+                (bufs[2].address - base, bufs[2].size),
+            ]
         else:
             b = _data_buffer(arr)
             places[name] = [(b.address - base, b.size)]
@@ -352,7 +373,9 @@ def write_arrow_transitions(sink: ColumnSink, path: Path) -> None:
                 off, _ = places[c.name][0]
                 row_bytes = c.dtype.itemsize * max(c.width, 1)
                 for start, stop in _ranges(n, COPY_ROWS):
-                    os.pwrite(fd, sink.read_column(c, start, stop).tobytes(), off + start * row_bytes)
+                    os.pwrite(
+                        fd, sink.read_column(c, start, stop).tobytes(), off + start * row_bytes
+                    )
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -405,7 +428,8 @@ def write_zarr(sink: ColumnSink, episodes: pa.Table, path: Path) -> None:
                     blob = f.read(int(lengths.sum()))
                     cut = np.concatenate([[0], np.cumsum(lengths)])
                     arr[start:stop] = np.array(
-                        [blob[cut[i] : cut[i + 1]].decode("utf-8") for i in range(len(lengths))], dtype=object
+                        [blob[cut[i] : cut[i + 1]].decode("utf-8") for i in range(len(lengths))],
+                        dtype=object,
                     )
                     carry += len(blob)
             continue
@@ -420,9 +444,13 @@ def write_zarr(sink: ColumnSink, episodes: pa.Table, path: Path) -> None:
         col = episodes.column(name)
         if pa.types.is_string(col.type):
             values: np.ndarray = np.array(col.to_pylist(), dtype=object)
-            a = eg.create_array(name, shape=(len(values),), chunks=(max(len(values), 1),), dtype=str)
+            a = eg.create_array(
+                name, shape=(len(values),), chunks=(max(len(values), 1),), dtype=str
+            )
         else:
             values = col.to_numpy()
-            a = eg.create_array(name, shape=values.shape, chunks=(max(len(values), 1),), dtype=values.dtype)
+            a = eg.create_array(
+                name, shape=values.shape, chunks=(max(len(values), 1),), dtype=values.dtype
+            )
         if len(values):
             a[:] = values

@@ -52,7 +52,10 @@ def write_episode_per_line(path: Path, n_steps: int) -> None:
                  "terminal": bool(term and t == EP_LEN - 1), "timeout": bool(not term and t == EP_LEN - 1)}
                 for t in range(EP_LEN)
             ]  # fmt: skip
-            f.write(orjson.dumps({"episode": eid, "steps": steps, "last_obs": obs[EP_LEN].tolist()}) + b"\n")
+            f.write(
+                orjson.dumps({"episode": eid, "steps": steps, "last_obs": obs[EP_LEN].tolist()})
+                + b"\n"
+            )
 
 
 def write_step_per_line(path: Path, n_steps: int) -> None:
@@ -164,7 +167,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--steps", type=int, default=1_000_000)
     ap.add_argument("--big-steps", type=int, default=4_000_000)
-    ap.add_argument("--loop-steps", type=int, default=200_000, help="prefix timed for the json.loads loop")
+    ap.add_argument(
+        "--loop-steps", type=int, default=200_000, help="prefix timed for the json.loads loop"
+    )
     ap.add_argument("--quick", action="store_true", help="100k / 300k steps, for a smoke run")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
@@ -177,7 +182,9 @@ def main() -> None:
         for layout in ("episode_per_line", "step_per_line"):
             data = work / f"{layout}-{args.steps}.jsonl"
             if not data.exists():
-                (write_episode_per_line if layout == "episode_per_line" else write_step_per_line)(data, args.steps)
+                (write_episode_per_line if layout == "episode_per_line" else write_step_per_line)(
+                    data, args.steps
+                )
             steps = (args.steps // EP_LEN) * EP_LEN
             size = data.stat().st_size
             t_read = time_read(data)
@@ -189,7 +196,9 @@ def main() -> None:
             rows.append((layout, steps, size, t_read, t_orjson, loop_rate, t_build, rss))
             data_big = work / f"{layout}-{args.big_steps}.jsonl"
             if not data_big.exists():
-                (write_episode_per_line if layout == "episode_per_line" else write_step_per_line)(data_big, args.big_steps)
+                (write_episode_per_line if layout == "episode_per_line" else write_step_per_line)(
+                    data_big, args.big_steps
+                )
             spec_big = write_spec(work, f"bench-big-{layout}", data_big, layout)
             t_big, rss_big = run_build(spec_big, work / "stores")
             rows[-1] = rows[-1] + (t_big, rss_big, (args.big_steps // EP_LEN) * EP_LEN)
@@ -200,22 +209,54 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
-    print(f"pipeline.build benchmark ({os.cpu_count()} cores; obs {OBS}, action {ACT}, episodes of {EP_LEN})")
+    print(
+        f"pipeline.build benchmark ({os.cpu_count()} cores; obs {OBS}, action {ACT}, episodes of {EP_LEN})"
+    )
     hdr = f"{'layout':<18}{'what':<34}{'steps/s':>12}{'vs build':>10}"
     print(hdr)
     print("-" * len(hdr))
     verdicts = []
-    for layout, steps, size, t_read, t_orjson, loop_rate, t_build, rss, t_big, rss_big, big_steps in rows:
+    for (
+        layout,
+        steps,
+        size,
+        t_read,
+        t_orjson,
+        loop_rate,
+        t_build,
+        rss,
+        t_big,
+        rss_big,
+        big_steps,
+    ) in rows:
         build_rate = steps / t_build
-        print(f"{layout:<18}{f'read bytes ({size / 2**20:.0f} MiB)':<34}{steps / t_read:>12,.0f}{t_build / t_read:>9.2f}x")
-        print(f"{'':<18}{'orjson.loads every line':<34}{steps / t_orjson:>12,.0f}{t_build / t_orjson:>9.2f}x")
-        print(f"{'':<18}{'json.loads + per-step dict loop':<34}{loop_rate:>12,.0f}{loop_rate / build_rate:>9.2f}x")
+        print(
+            f"{layout:<18}{f'read bytes ({size / 2**20:.0f} MiB)':<34}{steps / t_read:>12,.0f}{t_build / t_read:>9.2f}x"
+        )
+        print(
+            f"{'':<18}{'orjson.loads every line':<34}{steps / t_orjson:>12,.0f}{t_build / t_orjson:>9.2f}x"
+        )
+        print(
+            f"{'':<18}{'json.loads + per-step dict loop':<34}{loop_rate:>12,.0f}{loop_rate / build_rate:>9.2f}x"
+        )
         print(f"{'':<18}{f'pipeline.build ({steps:,} steps)':<34}{build_rate:>12,.0f}{1.0:>9.2f}x")
         print(f"{'':<18}{f'pipeline.build ({big_steps:,} steps)':<34}{big_steps / t_big:>12,.0f}")
-        print(f"{'':<18}peak RSS: {rss:,.0f} MiB at {steps:,} steps, {rss_big:,.0f} MiB at {big_steps:,} ({rss_big / rss:.2f}x)")
+        print(
+            f"{'':<18}peak RSS: {rss:,.0f} MiB at {steps:,} steps, {rss_big:,.0f} MiB at {big_steps:,} ({rss_big / rss:.2f}x)"
+        )
         verdicts += [
-            (f"{layout}: build / json.loads loop >= 5x", build_rate / loop_rate, 5.0, build_rate / loop_rate >= 5.0),
-            (f"{layout}: build time / orjson parse <= 2x", t_build / t_orjson, 2.0, t_build / t_orjson <= 2.0),
+            (
+                f"{layout}: build / json.loads loop >= 5x",
+                build_rate / loop_rate,
+                5.0,
+                build_rate / loop_rate >= 5.0,
+            ),
+            (
+                f"{layout}: build time / orjson parse <= 2x",
+                t_build / t_orjson,
+                2.0,
+                t_build / t_orjson <= 2.0,
+            ),
             (f"{layout}: peak RSS big / small <= 1.5x", rss_big / rss, 1.5, rss_big / rss <= 1.5),
             (f"{layout}: peak RSS big < 1024 MiB", rss_big, 1024, rss_big < 1024),
         ]
