@@ -1,0 +1,564 @@
+"""The training configuration: one dataclass for ``python -m trainer.train``, checked on load.
+
+A config is a YAML mapping (``configs/*.yaml``) plus ``key=value`` overrides on the command
+line; every key can be overridden by its dotted path (``stages.1.steps=1000``, ``seed=3``,
+``eval.episodes=5``), the value read as a YAML scalar (``null``, ``true``, ``3e-4``, ``[1, 2]``).
+Every error names the key and the fix, e.g.::
+
+    configs/x.yaml: stages.1.init: 'bcc' is not an earlier stage; earlier stages are: bc
+
+A stage mapping holds the loop's own keys (``algo``, ``steps``, ``name``, ``init``,
+``batch_size``, ``lr_schedule``, ``grad_clip``); every other key is a hyper-parameter of the
+algorithm (checked by the algorithm when the run starts, before any training step).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with `3e-4` and `1e3` read as floats (plain PyYAML reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML the way configs and overrides are read."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key and the fix."""
+
+
+NATIVE_ALGOS = ("bc", "iql", "cql")
+D3RLPY_PREFIX = "d3rlpy."
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _need_int(name: str, v: Any, minimum: int, what: str) -> None:
+    if not _is_int(v) or v < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum} ({what}), got {v!r}")
+
+
+def _need_number(name: str, v: Any, what: str) -> None:
+    if not _is_number(v):
+        raise ConfigError(f"{name}: must be a number ({what}), got {v!r}")
+
+
+def _need_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
+    if v not in choices:
+        raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {v!r}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class LRSchedule:
+    """How every optimizer's learning rate moves over a stage (a factor on the algorithm's LRs)."""
+
+    # constant | linear | cosine: the shape after warm-up; linear and cosine decay from the
+    # full LR to `final_fraction` of it at the stage's last step.
+    kind: str = "constant"
+    # Steps of linear warm-up from 0 to the full LR at the start of the stage (0: none).
+    warmup_steps: int = 0
+    # linear / cosine: the LR at the last step as a fraction of the initial LR, in [0, 1].
+    final_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        _need_choice("kind", self.kind, ("constant", "linear", "cosine"))
+        _need_int("warmup_steps", self.warmup_steps, 0, "steps of linear warm-up")
+        _need_number("final_fraction", self.final_fraction, "a fraction of the initial LR")
+        if not 0.0 <= self.final_fraction <= 1.0:
+            raise ConfigError(f"final_fraction: must be in [0, 1], got {self.final_fraction}")
+
+    @property
+    def is_constant(self) -> bool:
+        return self.kind == "constant" and self.warmup_steps == 0
+
+
+@dataclass
+class StageConfig:
+    """One training stage: an algorithm trained for a number of gradient steps."""
+
+    # bc | iql | cql (native), or d3rlpy.NAME for any d3rlpy algorithm (d3rlpy.IQL, d3rlpy.CQL,
+    # d3rlpy.DiscreteCQL, d3rlpy.BC, ...), built from its NAMEConfig class.
+    algo: str
+    # Gradient steps in this stage (early stopping may end it sooner).
+    steps: int
+    # The stage's name in metrics, checkpoints and `init`; default: the algo, made unique.
+    name: str = ""
+    # The name of an earlier stage whose final actor weights this stage's actor starts from.
+    init: str | None = None
+    # Transitions per gradient step.
+    batch_size: int = 256
+    # Learning-rate schedule (a string is shorthand for {kind: ...}).
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    # Clip the global gradient norm of every update to this value (null: no clipping); passed
+    # to the algorithm as `grad_clip`.
+    grad_clip: float | None = None
+    # The algorithm's hyper-parameters: every other key of the stage mapping.
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.algo, str) or not self.algo:
+            raise ConfigError(
+                f"algo: must be a name (bc, iql, cql or d3rlpy.NAME), got {self.algo!r}"
+            )
+        if self.algo not in NATIVE_ALGOS and not self.algo.startswith(D3RLPY_PREFIX):
+            raise ConfigError(
+                f"algo: unknown algorithm {self.algo!r}{_suggest(self.algo, list(NATIVE_ALGOS))}; "
+                "use bc, iql, cql or d3rlpy.NAME (e.g. d3rlpy.IQL)"
+            )
+        _need_int("steps", self.steps, 1, "gradient steps in this stage")
+        if not isinstance(self.name, str) or (self.name and not _NAME_RE.match(self.name)):
+            raise ConfigError(
+                f"name: {self.name!r} is used in file names: letters, digits, '.', '_' and '-' only"
+            )
+        if self.init is not None and not isinstance(self.init, str):
+            raise ConfigError(f"init: must be the name of an earlier stage, got {self.init!r}")
+        _need_int("batch_size", self.batch_size, 1, "transitions per gradient step")
+        if self.grad_clip is not None:
+            _need_number("grad_clip", self.grad_clip, "the max gradient norm, or null")
+            if self.grad_clip <= 0:
+                raise ConfigError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
+            self.grad_clip = float(self.grad_clip)
+
+    @property
+    def is_d3rlpy(self) -> bool:
+        return self.algo.startswith(D3RLPY_PREFIX)
+
+    def algo_config(self) -> dict[str, Any]:
+        """The mapping handed to the algorithm: its hyper-parameters plus ``grad_clip``."""
+        return {**self.params, "grad_clip": self.grad_clip}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat YAML form (hyper-parameters beside the loop's keys)."""
+        d: dict[str, Any] = {
+            "algo": self.algo,
+            "name": self.name,
+            "steps": self.steps,
+            "init": self.init,
+            "batch_size": self.batch_size,
+            "lr_schedule": asdict(self.lr_schedule),
+            "grad_clip": self.grad_clip,
+        }
+        d.update(self.params)
+        return d
+
+
+@dataclass
+class EvalConfig:
+    """When and how a policy is evaluated during training."""
+
+    # Stage steps between evaluations; every stage is also evaluated at its last step
+    # (0: only then).
+    every: int = 5000
+    # Online episodes in the store's gymnasium env per evaluation (0: no online evaluation).
+    episodes: int = 10
+    # Episode i of every evaluation is reset with seed `seed + i`: all evaluations and all runs
+    # see the same starting states.
+    seed: int = 10_000
+    # Act with the policy's deterministic action (mean / argmax) rather than sampling.
+    deterministic: bool = True
+    # Override the env's time limit (null: the store spec's, else the env's own).
+    max_episode_steps: int | None = None
+    # Validation transitions used for offline metrics (algo.evaluate); null: all of them,
+    # 0: none.
+    val_transitions: int | None = 20_000
+    # Transitions per forward pass in the offline validation.
+    val_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _need_int("every", self.every, 0, "stage steps between evaluations; 0 = only at the end")
+        _need_int("episodes", self.episodes, 0, "online evaluation episodes; 0 = none")
+        _need_int("seed", self.seed, 0, "the first evaluation episode's seed")
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"deterministic: must be true or false, got {self.deterministic!r}")
+        if self.max_episode_steps is not None:
+            _need_int("max_episode_steps", self.max_episode_steps, 1, "or null")
+        if self.val_transitions is not None:
+            _need_int("val_transitions", self.val_transitions, 0, "or null for all")
+        _need_int("val_batch_size", self.val_batch_size, 1, "transitions per forward pass")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop a stage when its evaluation metric stops improving; also picks the best checkpoint."""
+
+    # Evaluations without improvement before the stage stops (null: never stop early).
+    patience: int | None = None
+    # The metric that decides "best" and early stopping: a key of an evaluation row such as
+    # eval/normalized_score or val/loss; `auto`: eval/normalized_score when the store has
+    # reference returns, else eval/return_mean when it has an env, else none (no best
+    # checkpoint, no early stopping).
+    metric: str = "auto"
+    # max: larger is better; min: smaller is better (`auto` metrics are maximised).
+    mode: str = "max"
+    # An evaluation improves only if it beats the best by more than this.
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.patience is not None:
+            _need_int("patience", self.patience, 1, "evaluations without improvement, or null")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(f"metric: must be a metric name or `auto`, got {self.metric!r}")
+        _need_choice("mode", self.mode, ("max", "min"))
+        _need_number("min_delta", self.min_delta, "the smallest improvement that counts")
+        if self.min_delta < 0:
+            raise ConfigError(f"min_delta: must be >= 0, got {self.min_delta}")
+
+
+@dataclass
+class CheckpointConfig:
+    """How often the run is saved for exact resume."""
+
+    # Stage steps between checkpoints (each stage's end is always saved).
+    every: int = 5000
+    # Periodic checkpoints kept (the best and each stage's final one are kept apart).
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _need_int("every", self.every, 1, "stage steps between checkpoints")
+        _need_int("keep_last", self.keep_last, 1, "periodic checkpoints to keep")
+
+
+@dataclass
+class RewardConfig:
+    """Reward scaling, applied by the sampler: r' = scale * r + shift (after normalisation)."""
+
+    # Multiply rewards by this.
+    scale: float = 1.0
+    # Add this to every reward (after scaling), e.g. -1 for sparse-reward mazes.
+    shift: float = 0.0
+    # none, or return_range: also multiply by max_episode_length / (max_return - min_return)
+    # over the training episodes (IQL's normalisation).
+    normalize: str = "none"
+
+    def __post_init__(self) -> None:
+        _need_number("scale", self.scale, "a reward multiplier")
+        _need_number("shift", self.shift, "a reward offset")
+        if self.scale == 0:
+            raise ConfigError("scale: must not be 0 (every reward would be the same)")
+        _need_choice("normalize", self.normalize, ("none", "return_range"))
+        self.scale, self.shift = float(self.scale), float(self.shift)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``python -m trainer.train`` needs; saved resolved as ``RUN/config.yaml``."""
+
+    # A built transition store (python -m pipeline.build SPEC).
+    store: str
+    # The run directory (config.yaml, metrics.jsonl, checkpoints/, curves.png, summary.json).
+    out: str
+    # Seeds the split, the samplers, the networks and every RNG.
+    seed: int = 0
+    # auto (cuda when available, else cpu), cpu, cuda or cuda:N.
+    device: str = "auto"
+    # Trained in order; later stages may start from earlier ones (`init`).
+    stages: list[StageConfig] = field(default_factory=list)
+    # Evaluation schedule and settings.
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Early stopping and best-checkpoint metric.
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Checkpoint schedule.
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Reward scaling applied by the sampler.
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # Fraction of episodes held out for offline validation metrics, split by episode from the
+    # seed; in [0, 1).
+    val_fraction: float = 0.05
+    # Steps between training-metric rows in metrics.jsonl / TensorBoard (the only host syncs).
+    log_every: int = 100
+    # Also write TensorBoard event files under RUN/tensorboard.
+    tensorboard: bool = True
+    # auto: a progress bar only when stderr is a terminal; true / false to force it.
+    progress: str | bool = "auto"
+    # torch CPU threads (null: torch's default).
+    num_threads: int | None = None
+    # A checkpoint of another run: the first stage's actor starts from its weights
+    # (also --init-from on the command line).
+    init_from: str | None = None
+    # The store's content hash; the resolved config.yaml records it, and a run whose store
+    # no longer has this hash stops with an error (null: not checked).
+    store_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("store", "out"):
+            v = getattr(self, key)
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"{key}: must be a path, got {v!r}")
+        _need_int("seed", self.seed, 0, "the run's seed")
+        if not isinstance(self.device, str) or not re.match(
+            r"^(auto|cpu|cuda(:\d+)?)$", self.device
+        ):
+            raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.stages:
+            raise ConfigError(
+                "stages: must list at least one stage, e.g. [{algo: bc, steps: 5000}]"
+            )
+        _need_number("val_fraction", self.val_fraction, "the fraction of episodes held out")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        _need_int("log_every", self.log_every, 1, "steps between training-metric rows")
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"tensorboard: must be true or false, got {self.tensorboard!r}")
+        if self.progress not in ("auto", True, False):
+            raise ConfigError(f"progress: must be auto, true or false, got {self.progress!r}")
+        if self.num_threads is not None:
+            _need_int("num_threads", self.num_threads, 1, "or null")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ConfigError(
+                f"init_from: must be a checkpoint path or null, got {self.init_from!r}"
+            )
+        if self.store_hash is not None and not isinstance(self.store_hash, str):
+            raise ConfigError(
+                f"store_hash: must be a content hash string or null, got {self.store_hash!r}"
+            )
+        self._name_stages()
+
+    def _name_stages(self) -> None:
+        seen: dict[str, int] = {}
+        for i, st in enumerate(self.stages):
+            if not st.name:
+                base = st.algo
+                st.name = base if base not in seen else f"{base}-{i}"
+            if st.name in seen:
+                raise ConfigError(
+                    f"stages.{i}.name: {st.name!r} is already stage {seen[st.name]}; give each stage a unique name"
+                )
+            if st.init is not None and st.init not in seen:
+                earlier = ", ".join(seen) or "none"
+                raise ConfigError(
+                    f"stages.{i}.init: {st.init!r} is not an earlier stage; earlier stages are: {earlier}"
+                )
+            seen[st.name] = i
+
+    def stage_index(self, name: str) -> int:
+        for i, st in enumerate(self.stages):
+            if st.name == name:
+                return i
+        raise KeyError(name)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: {self.device!r} but no CUDA device is available; use device=cpu"
+            )
+        return self.device
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (valid as a config file itself)."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "stages":
+                d["stages"] = [s.to_dict() for s in v]
+            elif hasattr(v, "__dataclass_fields__"):
+                d[f.name] = asdict(v)
+            else:
+                d[f.name] = v
+        return d
+
+
+# --------------------------------------------------------------------------- parsing
+
+_STAGE_KEYS = {"algo", "steps", "name", "init", "batch_size", "lr_schedule", "grad_clip"}
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """``cls(**raw)`` with unknown keys and failed checks reported at ``where``."""
+    prefix = f"{where}." if where else ""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where or 'config'}: must be a mapping (key: value), got {type(raw).__name__}"
+        )
+    allowed = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(
+                f"{prefix}{key}: unknown key{_suggest(str(key), allowed)}; allowed keys: {', '.join(allowed)}"
+            )
+    try:
+        return cls(**raw)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    except TypeError as e:  # a required key is missing
+        missing = re.findall(r"'(\w+)'", str(e))
+        what = missing[0] if missing else str(e)
+        raise ConfigError(f"{prefix}{what}: missing required key") from None
+
+
+def _stage(raw: Any, where: str) -> StageConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: must be a mapping such as {{algo: bc, steps: 5000}}, got {raw!r}"
+        )
+    loop = {k: v for k, v in raw.items() if k in _STAGE_KEYS}
+    params = {str(k): v for k, v in raw.items() if k not in _STAGE_KEYS}
+    if "params" in params and isinstance(params["params"], dict):  # nested form is accepted too
+        nested = params.pop("params")
+        params = {**nested, **params}
+    sched = loop.get("lr_schedule")
+    if isinstance(sched, str) or sched is None:
+        sched = {"kind": sched or "constant"}
+    loop["lr_schedule"] = _build(LRSchedule, sched, f"{where}.lr_schedule")
+    for key in ("algo", "steps"):
+        if key not in loop:
+            raise ConfigError(f"{where}.{key}: missing required key")
+    try:
+        return StageConfig(**loop, params=params)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e}") from None
+
+
+def config_from_dict(raw: Any) -> TrainConfig:
+    """Check a parsed YAML mapping and turn it into a :class:`TrainConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"must be a mapping of keys (store, out, stages, ...), got {type(raw).__name__}"
+        )
+    raw = dict(raw)
+    stages = raw.get("stages")
+    if stages is not None and not isinstance(stages, list):
+        raise ConfigError("stages: must be a list of stages, e.g. [{algo: bc, steps: 5000}]")
+    sections = {
+        "eval": EvalConfig,
+        "early_stopping": EarlyStoppingConfig,
+        "checkpoint": CheckpointConfig,
+        "reward": RewardConfig,
+    }
+    for key, cls in sections.items():
+        if key in raw:
+            raw[key] = _build(cls, raw[key], key)
+    if stages is not None:
+        raw["stages"] = [_stage(s, f"stages.{i}") for i, s in enumerate(stages)]
+    return _build(TrainConfig, raw, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.0.c=value`` -> (["a", "b", "0", "c"], YAML-parsed value)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"override {text!r}: expected key=value, e.g. seed=3 or stages.1.steps=1000"
+        )
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: empty part in the dotted key {key!r}")
+    try:
+        parsed = yaml_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({first})") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``dotted.key=value`` in ``raw`` (in place, and returned).
+
+    Missing mappings on the way are created; list items are addressed by index and must
+    exist (``stages.2.steps`` needs a third stage).
+    """
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit():
+                    raise ConfigError(
+                        f"override {text!r}: {'.'.join(parts[:depth])} is a list; use an index, not {part!r}"
+                    )
+                idx = int(part)
+                if idx >= len(node):
+                    raise ConfigError(
+                        f"override {text!r}: {'.'.join(parts[:depth])} has {len(node)} entries "
+                        f"(indices 0-{len(node) - 1})"
+                    )
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    elif isinstance(node[part], str) and here.endswith("lr_schedule"):
+                        node[part] = {"kind": node[part]}
+                    node = node[part]
+            else:
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[:depth])} is {node!r}, not a mapping or list"
+                )
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply ``key=value`` overrides and check the result."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    try:
+        raw = yaml_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: must be a mapping of keys (store, out, stages, ...)")
+    try:
+        apply_overrides(raw, overrides or [])
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
