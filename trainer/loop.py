@@ -1,0 +1,772 @@
+"""The training loop: stages of gradient steps, evaluation, checkpoints, resume.
+
+One run trains its stages in order (e.g. BC, then IQL starting from the BC actor). Per
+stage, every step is: one batch from the sampler, one ``algo.update``, one LR-scheduler
+step. Training metrics stay on the device, collected as 0-dim tensors, and reach the host
+once every ``log_every`` steps (one sync); evaluation runs every ``eval.every`` stage steps
+and at each stage's end; checkpoints every ``checkpoint.every`` stage steps and at each
+stage's end.
+
+Exact resume: a checkpoint holds the step, the stage, the algorithm, its optimizers and
+LR schedulers, the sampler's counter, every RNG, the early-stopping and best-checkpoint
+state and the length of ``metrics.jsonl``; a run resumed from it repeats the steps after it
+with the same batches and the same random numbers, so it ends with the same weights as a run
+never interrupted. Each stage starts from generators reseeded from ``(seed, stage)`` and
+evaluation runs in a fork of the generators, so neither the stage boundaries nor the
+evaluation schedule move the training streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pipeline.format import StoreError
+from pipeline.store import ActionSpace, TransitionStore, open_store
+from trainer.batch import TransitionBatch
+from trainer.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointDir,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+)
+from trainer.config import (
+    ConfigError,
+    LRSchedule,
+    StageConfig,
+    TrainConfig,
+    dump_yaml,
+    yaml_load,
+)
+from trainer.evaluation import Evaluator
+from trainer.logging import MetricsWriter, Progress, plot_curves, read_metrics
+from trainer.samplers import (
+    DeviceTransitions,
+    TransitionArrays,
+    TransitionSampler,
+    make_reward_scaling,
+    split_episodes,
+    step_seed,
+    validation_batches,
+)
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+# Keys that must not change when a run is resumed (they change what is trained).
+_RESUME_FIXED = ("store", "seed", "stages", "reward", "val_fraction", "store_hash")
+
+
+class RunError(Exception):
+    """A run that cannot start or go on; the message says why and how to fix it."""
+
+
+class Algorithm(Protocol):
+    """What the loop needs of an algorithm (see ``trainer.algos.base``)."""
+
+    name: str
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+    def update(self, batch: TransitionBatch) -> dict[str, Any]: ...
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray: ...
+    def evaluate(self, batch: TransitionBatch) -> dict[str, float]: ...
+    def init_from(self, state: dict[str, Any]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+class LRFactor:
+    """The LR multiplier at a stage step: warm-up, then constant / linear / cosine decay.
+
+    A plain object (not a closure) so ``LambdaLR.state_dict`` saves it as data.
+    """
+
+    def __init__(self, schedule: LRSchedule, total_steps: int) -> None:
+        self.kind = schedule.kind
+        self.warmup = schedule.warmup_steps
+        self.final = schedule.final_fraction
+        self.total = total_steps
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        span = max(self.total - self.warmup - 1, 1)
+        progress = min(max(step - self.warmup, 0) / span, 1.0)
+        if self.kind == "linear":
+            return 1.0 - (1.0 - self.final) * progress
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_schedulers(
+    algo: Algorithm, schedule: LRSchedule, total_steps: int
+) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+    """One LambdaLR per optimizer of the algorithm (none for a constant schedule)."""
+    if schedule.is_constant:
+        return {}
+    return {
+        name: torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(schedule, total_steps))
+        for name, opt in algo.optimizers.items()
+    }
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+def algo_context(store: TransitionStore, device: torch.device) -> Any:
+    from trainer.algos.base import AlgoContext
+
+    return AlgoContext(
+        obs_dim=store.obs_dim,
+        action_space=store.action_space,
+        obs_mean=store.obs_mean,
+        obs_std=store.obs_std,
+        discount=store.discount,
+        device=device,
+    )
+
+
+def build_algorithm(stage: StageConfig, ctx: Any, data: RunData) -> Algorithm:
+    """The stage's algorithm: native (trainer.algos) or d3rlpy's (trainer.d3rlpy_adapter)."""
+    try:
+        if stage.is_d3rlpy:
+            from trainer.d3rlpy_adapter import make_d3rlpy_algorithm
+
+            return make_d3rlpy_algorithm(
+                stage.algo,
+                ctx,
+                stage.algo_config(),
+                dataset=data.d3rlpy_dataset,
+                batch_size=stage.batch_size,
+            )
+        from trainer.algos import make_algorithm
+
+        return make_algorithm(stage.algo, ctx, stage.algo_config())
+    except (TypeError, ValueError, KeyError) as e:
+        msg = str(e).strip("'\"") or type(e).__name__
+        raise ConfigError(
+            f"stages.{data.cfg.stage_index(stage.name)} ({stage.algo}): {msg}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- run data
+
+
+@dataclass
+class RunData:
+    """The store, its split and the device-resident transitions of a run."""
+
+    cfg: TrainConfig
+    store: TransitionStore
+    device: torch.device
+    arrays: TransitionArrays
+    train_episodes: np.ndarray
+    val_episodes: np.ndarray
+    train: DeviceTransitions
+    val: DeviceTransitions | None
+    _d3rlpy_dataset: Any = None
+
+    @property
+    def d3rlpy_dataset(self) -> Any:
+        """The training episodes as a d3rlpy MDPDataset (built on first use)."""
+        if self._d3rlpy_dataset is None:
+            from trainer.d3rlpy_adapter import to_mdp_dataset
+
+            self._d3rlpy_dataset = to_mdp_dataset(
+                self.arrays, self.store.action_space, episodes=self.train_episodes
+            )
+        return self._d3rlpy_dataset
+
+
+def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
+    try:
+        store = open_store(cfg.store)
+    except StoreError as e:
+        raise RunError(f"store: {e}") from None
+    if cfg.store_hash is not None and cfg.store_hash != store.content_hash:
+        raise RunError(
+            f"store: {cfg.store} has content hash {store.content_hash}, the config expects "
+            f"{cfg.store_hash}; the store was rebuilt from other data (drop store_hash to accept it)"
+        )
+    arrays = TransitionArrays.from_store(store)
+    train_eps, val_eps = split_episodes(arrays.n_episodes, cfg.val_fraction, cfg.seed)
+    try:
+        scaling = make_reward_scaling(
+            arrays,
+            train_eps,
+            scale=cfg.reward.scale,
+            shift=cfg.reward.shift,
+            normalize=cfg.reward.normalize,
+        )
+    except ValueError as e:
+        raise ConfigError(f"reward: {e}") from None
+    kw = {"device": device, "rewards": scaling, "discount": store.discount}
+    whole = len(val_eps) == 0
+    train = DeviceTransitions(arrays, None if whole else train_eps, **kw)  # type: ignore[arg-type]
+    val = None if whole else DeviceTransitions(arrays, val_eps, **kw)  # type: ignore[arg-type]
+    return RunData(cfg, store, device, arrays, train_eps, val_eps, train, val)
+
+
+def make_evaluator(cfg: TrainConfig, data: RunData) -> Evaluator:
+    store = data.store
+    refs = store.reference_returns
+    env = store.env if cfg.eval.episodes > 0 else None
+    val_limit = cfg.eval.val_transitions
+    batches = (
+        validation_batches(data.val, val_limit, cfg.eval.val_batch_size)
+        if data.val is not None and val_limit != 0
+        else []
+    )
+    return Evaluator(
+        env_spec=env,
+        episodes=cfg.eval.episodes,
+        seed=cfg.eval.seed,
+        deterministic=cfg.eval.deterministic,
+        max_episode_steps=cfg.eval.max_episode_steps,
+        normalize=(lambda r: float(store.normalized_score(r))) if refs else None,
+        score_span=(float(refs["expert"]) - float(refs["random"])) if refs else None,
+        obs_dim=store.obs_dim,
+        val_batches=batches,
+    )
+
+
+def resolve_metric(cfg: TrainConfig, store: TransitionStore) -> tuple[str | None, str]:
+    """The metric (and mode) for best checkpoints and early stopping."""
+    es = cfg.early_stopping
+    if es.metric != "auto":
+        return es.metric, es.mode
+    online = store.env is not None and cfg.eval.episodes > 0
+    if online and store.reference_returns:
+        return "eval/normalized_score", "max"
+    if online:
+        return "eval/return_mean", "max"
+    return None, "max"
+
+
+# --------------------------------------------------------------------------- loop state
+
+
+@dataclass
+class StageProgress:
+    """Per-stage bookkeeping that a checkpoint carries."""
+
+    name: str
+    algo: str
+    steps: int
+    steps_done: int = 0
+    start_step: int = 0  # global step at the stage's start
+    wall_time_s: float = 0.0
+    train_time_s: float = 0.0
+    stopped_early: bool = False
+    done: bool = False
+    final_eval: dict[str, Any] | None = None
+    best_eval: dict[str, Any] | None = None
+    best_value: float | None = None
+    evals_since_best: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageProgress:
+        return cls(**d)
+
+    def summary(self, metric: str | None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "algo": self.algo,
+            "steps": self.steps_done,
+            "planned_steps": self.steps,
+            "stopped_early": self.stopped_early,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "train_time_s": round(self.train_time_s, 3),
+            "steps_per_s": round(self.steps_done / self.train_time_s, 2)
+            if self.train_time_s > 0
+            else None,
+            "best_metric": metric,
+            "final_eval": self.final_eval,
+            "best_eval": self.best_eval,
+        }
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # global gradient steps done
+    stage_index: int = 0
+    stages: list[StageProgress] = field(default_factory=list)
+
+
+def _mean_metrics(buf: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over the buffered steps: one stack and one host transfer for all tensors."""
+    if not buf:
+        return {}
+    keys = list(buf[0])
+    tensor_keys = [k for k in keys if isinstance(buf[0][k], torch.Tensor)]
+    out: dict[str, float] = {}
+    if tensor_keys:
+        means = torch.stack(
+            [
+                torch.stack([m[k].detach().float().reshape(()) for m in buf]).mean()
+                for k in tensor_keys
+            ]
+        )
+        out.update(zip(tensor_keys, means.tolist()))
+    for k in keys:
+        if k not in out:
+            out[k] = float(np.mean([float(m[k]) for m in buf]))
+    return out
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving a checkpoint."""
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Runs one training config in its run directory (``cfg.out``)."""
+
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
+    ) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.overwrite = overwrite
+        self.run_dir = Path(cfg.out)
+        self.ckpts = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_dir(self) -> dict[str, Any] | None:
+        """Check the run directory; returns the checkpoint to resume from, if any."""
+        cfg_path = self.run_dir / CONFIG_FILE
+        has_run = self.ckpts.latest() is not None or (self.run_dir / "metrics.jsonl").exists()
+        if self.resume:
+            if cfg_path.exists():
+                self._check_same_config(cfg_path)
+            latest = self.ckpts.latest()
+            if latest is None:
+                self._log(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
+                return None
+            ckpt = load_checkpoint(latest)
+            self._log(f"resuming {self.run_dir} from {latest.name} (step {ckpt['step']})")
+            return ckpt
+        if has_run and not self.overwrite:
+            raise RunError(
+                f"out: {self.run_dir} already holds a run; pass --resume to continue it, "
+                "--overwrite to start it again, or choose another out=..."
+            )
+        if self.overwrite:
+            self.ckpts.clear()
+        return None
+
+    def _check_same_config(self, cfg_path: Path) -> None:
+        import yaml
+
+        try:
+            saved = yaml_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RunError(
+                f"{cfg_path}: unreadable ({e}); cannot check the resumed config"
+            ) from None
+        now = self.cfg.to_dict()
+        for key in _RESUME_FIXED:
+            if key == "store_hash" and saved.get(key) is not None and now.get(key) is None:
+                continue  # the resolved hash is filled in below and checked against the store
+            if key in saved and saved[key] != now.get(key):
+                raise RunError(
+                    f"--resume: `{key}` differs from {cfg_path} ({saved[key]!r} there, {now.get(key)!r} "
+                    "now); resume with the run's own config or start a new run (another out=)"
+                )
+
+    def _write_config(self, data: RunData) -> None:
+        resolved = self.cfg.to_dict()
+        resolved["store_hash"] = data.store.content_hash
+        resolved["device"] = str(data.device) if self.cfg.device == "auto" else self.cfg.device
+        header = (
+            "# Resolved training config, written by trainer.train; run it again with\n"
+            f"#   python -m trainer.train {self.run_dir / CONFIG_FILE} out=NEW_DIR\n"
+        )
+        (self.run_dir / CONFIG_FILE).write_text(header + dump_yaml(resolved), encoding="utf-8")
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        device = torch.device(cfg.resolved_device())
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self._prepare_dir()
+        data = load_run_data(cfg, device)
+        if ckpt is not None and ckpt["meta"]["store_hash"] != data.store.content_hash:
+            raise RunError(
+                f"--resume: the checkpoint was trained on store content {ckpt['meta']['store_hash']}, "
+                f"{cfg.store} now holds {data.store.content_hash}; start a new run"
+            )
+        self._write_config(data)
+        self.data = data
+        self.ctx = algo_context(data.store, device)
+        self.evaluator = make_evaluator(cfg, data)
+        self.metric, self.mode = resolve_metric(cfg, data.store)
+
+        # Build every stage's algorithm once: a bad hyper-parameter fails now, not hours in.
+        for st in cfg.stages:
+            build_algorithm(st, self.ctx, data)
+        init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
+
+        state = LoopState(stages=[StageProgress(s.name, s.algo, s.steps) for s in cfg.stages])
+        if ckpt is not None:
+            state.step = int(ckpt["step"])
+            state.stage_index = int(ckpt["stage_index"])
+            state.stages = [StageProgress.from_dict(d) for d in ckpt["loop"]["stages"]]
+        writer = MetricsWriter(
+            self.run_dir,
+            resume_offset=int(ckpt["loop"]["metrics_offset"]) if ckpt is not None else None,
+            tensorboard=cfg.tensorboard,
+            purge_step=state.step if ckpt is not None else None,
+        )
+        total = sum(s.steps for s in cfg.stages)
+        progress = Progress(total, state.step, cfg.progress)
+        self.writer, self.progress, self.state = writer, progress, state
+        self._final_states: dict[str, dict[str, Any]] = {}
+        try:
+            with _StopFlag() as stop:
+                self._stop = stop
+                for i in range(state.stage_index, len(cfg.stages)):
+                    sp = state.stages[i]
+                    if sp.done:
+                        continue
+                    resume_ckpt = (
+                        ckpt if ckpt is not None and int(ckpt["stage_index"]) == i else None
+                    )
+                    self._run_stage(i, resume_ckpt, init_state if i == 0 else None)
+                    ckpt = None
+        finally:
+            progress.close()
+            writer.close()
+        return self._finish()
+
+    def _init_from_state(self, path: str) -> dict[str, Any]:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            raise RunError(f"--init-from: {e}") from None
+        meta = ckpt["meta"]
+        store = self.data.store
+        if meta["obs_dim"] != store.obs_dim or meta["action_space"] != _space_dict(
+            store.action_space
+        ):
+            raise RunError(
+                f"--init-from: {path} was trained on obs_dim {meta['obs_dim']} / actions "
+                f"{meta['action_space']}, this store has {store.obs_dim} / {_space_dict(store.action_space)}"
+            )
+        return dict(ckpt["algo_state"])
+
+    # ------------------------------------------------------------------ one stage
+    def _run_stage(
+        self, index: int, ckpt: dict[str, Any] | None, init_state: dict[str, Any] | None
+    ) -> None:
+        cfg, data, state = self.cfg, self.data, self.state
+        stage = cfg.stages[index]
+        sp = state.stages[index]
+        state.stage_index = index
+        if ckpt is None:
+            seed_everything(step_seed(cfg.seed, index, stream=0x57A6E))
+        algo = build_algorithm(stage, self.ctx, data)
+        schedulers = make_schedulers(algo, stage.lr_schedule, stage.steps)
+        sampler = TransitionSampler(data.train, stage.batch_size, cfg.seed, stream=index)
+        if ckpt is not None:
+            algo.load_state_dict(ckpt["algo_state"])
+            for name, opt in algo.optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][name])
+            for name, sch in schedulers.items():
+                sch.load_state_dict(ckpt["schedulers"][name])
+            sampler.load_state_dict(ckpt["sampler"])
+            set_rng_state(ckpt["rng"])
+        else:
+            sp.start_step = state.step
+            source = None
+            if stage.init is not None:
+                source = self._stage_final_state(stage.init)
+            elif init_state is not None:
+                source = init_state
+            if source is not None:
+                algo.init_from(source)
+            self.writer.write(
+                {"step": state.step, "stage": stage.name, "algo": stage.algo, "kind": "stage_start"}
+            )
+
+        every_eval = cfg.eval.every
+        every_ckpt = cfg.checkpoint.every
+        log_every = cfg.log_every
+        # Metrics of the steps since the last row (0-dim tensors; restored on resume).
+        buf: list[dict[str, Any]] = []
+        if ckpt is not None:
+            buf = [
+                {k: v.to(data.device) if isinstance(v, torch.Tensor) else v for k, v in m.items()}
+                for m in ckpt["loop"]["pending_metrics"]
+            ]
+        lr_opt = next(iter(algo.optimizers.values()), None)
+        wall0 = sp.wall_time_s
+        t_stage = t_row = time.perf_counter()
+        row_steps, row_pause = 0, 0.0  # steps and seconds of eval / checkpoints since the last row
+        stop_now = False
+
+        def elapsed() -> float:
+            return wall0 + time.perf_counter() - t_stage
+
+        while sp.steps_done < stage.steps:
+            batch = sampler.sample()
+            buf.append(algo.update(batch))
+            for sch in schedulers.values():
+                sch.step()
+            sp.steps_done += 1
+            state.step += 1
+            row_steps += 1
+            s = sp.steps_done
+            last = s == stage.steps
+            if s % log_every == 0 or last:
+                row_metrics = _mean_metrics(buf)  # the only host sync of the hot loop
+                buf.clear()
+                now = time.perf_counter()
+                dt = max(now - t_row - row_pause, 1e-9)
+                sp.train_time_s += dt
+                row: dict[str, Any] = {
+                    "step": state.step,
+                    "stage": stage.name,
+                    "algo": stage.algo,
+                    "kind": "train",
+                    **row_metrics,
+                }
+                if lr_opt is not None:
+                    row["lr"] = float(lr_opt.param_groups[0]["lr"])
+                row["steps_per_s"] = round(row_steps / dt, 2)
+                row["time"] = round(elapsed(), 3)
+                self.writer.write(row)
+                self.progress.update(state.step, row_metrics, stage.name)
+                t_row, row_steps, row_pause = now, 0, 0.0
+            if (every_eval and s % every_eval == 0) or last:
+                t0 = time.perf_counter()
+                stop_now = self._evaluate(algo, stage, sp, index)
+                row_pause += time.perf_counter() - t0
+            if self._stop.signum is not None:
+                sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
+                sp.wall_time_s = elapsed()
+                self._save_step(algo, schedulers, sampler, index, buf)
+                raise Interrupted(
+                    f"stopped by signal {self._stop.signum} at step {state.step}; "
+                    f"continue with --resume (out={self.run_dir})"
+                )
+            if stop_now or last:
+                break
+            if s % every_ckpt == 0:
+                t0 = time.perf_counter()
+                sp.wall_time_s = elapsed()
+                self._save_step(algo, schedulers, sampler, index, buf)
+                row_pause += time.perf_counter() - t0
+        if row_steps:  # an early stop between two rows
+            sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
+        sp.stopped_early = stop_now and sp.steps_done < stage.steps
+        sp.done = True
+        sp.wall_time_s = elapsed()
+        if sp.stopped_early:
+            self._log(
+                f"{stage.name}: early stop at stage step {sp.steps_done} "
+                f"({self.metric} did not improve for {cfg.early_stopping.patience} evaluations)"
+            )
+        self._final_states[stage.name] = algo.state_dict()
+        ckpt_obj = self._checkpoint(algo, schedulers, sampler, index, [])
+        save_atomic(ckpt_obj, self.ckpts.final_path(stage.name))
+        self.ckpts.save_step(ckpt_obj, state.step)
+
+    def _stage_final_state(self, name: str) -> dict[str, Any]:
+        if name in self._final_states:
+            return self._final_states[name]
+        path = self.ckpts.final_path(name)
+        try:
+            return dict(load_checkpoint(path)["algo_state"])
+        except CheckpointError as e:
+            raise RunError(f"init: stage {name!r} has no final checkpoint ({e})") from None
+
+    def _evaluate(self, algo: Algorithm, stage: StageConfig, sp: StageProgress, index: int) -> bool:
+        """Evaluate, log, track the best checkpoint; True when early stopping says stop."""
+        metrics = self.evaluator(algo)
+        if not metrics:
+            return False
+        row = {
+            "step": self.state.step,
+            "stage": stage.name,
+            "algo": stage.algo,
+            "kind": "eval",
+            **metrics,
+        }
+        self.writer.write(row)
+        self.progress.update(self.state.step, metrics, stage.name)
+        record = {"step": self.state.step, "stage_step": sp.steps_done, **metrics}
+        sp.final_eval = record
+        if self.metric is None:
+            return False
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            if self.metric.startswith(("eval/", "val/")) and value is None:
+                raise RunError(
+                    f"early_stopping.metric: {self.metric!r} is not among the evaluation metrics "
+                    f"({', '.join(sorted(metrics))})"
+                )
+            return False
+        delta = self.cfg.early_stopping.min_delta
+        better = sp.best_value is None or (
+            value > sp.best_value + delta if self.mode == "max" else value < sp.best_value - delta
+        )
+        if better:
+            sp.best_value = float(value)
+            sp.best_eval = record
+            sp.evals_since_best = 0
+            save_atomic(
+                self._checkpoint(algo, None, None, index, []), self.ckpts.best_path(stage.name)
+            )
+        else:
+            sp.evals_since_best += 1
+        patience = self.cfg.early_stopping.patience
+        return patience is not None and sp.evals_since_best >= patience
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(
+        self,
+        algo: Algorithm,
+        schedulers: dict[str, Any] | None,
+        sampler: TransitionSampler | None,
+        index: int,
+        pending: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        st = self.state
+        store = self.data.store
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "step": st.step,
+            "stage_index": index,
+            "stage_name": self.cfg.stages[index].name,
+            "algo": self.cfg.stages[index].algo,
+            "algo_state": algo.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in algo.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+            "sampler": sampler.state_dict() if sampler is not None else None,
+            "rng": rng_state(),
+            "loop": {
+                "stages": [s.to_dict() for s in st.stages],
+                "metrics_offset": self.writer.offset(),
+                "pending_metrics": [
+                    {
+                        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else float(v))
+                        for k, v in m.items()
+                    }
+                    for m in pending
+                ],
+            },
+            "meta": {
+                "store_hash": store.content_hash,
+                "obs_dim": store.obs_dim,
+                "action_space": _space_dict(store.action_space),
+                "config": self.cfg.to_dict(),
+            },
+        }
+
+    def _save_step(
+        self,
+        algo: Algorithm,
+        schedulers: dict[str, Any],
+        sampler: TransitionSampler,
+        index: int,
+        pending: list[dict[str, Any]],
+    ) -> None:
+        self.ckpts.save_step(
+            self._checkpoint(algo, schedulers, sampler, index, pending), self.state.step
+        )
+
+    # ------------------------------------------------------------------ end
+    def _finish(self) -> dict[str, Any]:
+        st = self.state
+        store = self.data.store
+        refs = store.reference_returns
+        reference: dict[str, Any] | None = None
+        if refs:
+            reference = dict(refs)
+            if refs.get("behaviour") is not None:
+                reference["behaviour_normalized_score"] = float(
+                    store.normalized_score(refs["behaviour"])
+                )
+        summary = {
+            "run": str(self.run_dir),
+            "store": self.cfg.store,
+            "store_hash": store.content_hash,
+            "seed": self.cfg.seed,
+            "device": str(self.data.device),
+            "total_steps": st.step,
+            "wall_time_s": round(sum(s.wall_time_s for s in st.stages), 3),
+            "metric": self.metric,
+            "reference_returns": reference,
+            "split": {
+                "train_episodes": int(len(self.data.train_episodes)),
+                "val_episodes": int(len(self.data.val_episodes)),
+                "train_transitions": self.data.train.n_transitions,
+            },
+            "stages": [s.summary(self.metric) for s in st.stages],
+        }
+        (self.run_dir / SUMMARY_FILE).write_text(
+            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+        )
+        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        title = f"{self.run_dir.name}: " + " -> ".join(s.name for s in self.cfg.stages)
+        plot_curves(rows, self.run_dir / CURVES_FILE, title=title)
+        return summary
+
+
+def _space_dict(space: ActionSpace) -> dict[str, Any]:
+    if space.discrete:
+        return {"type": "discrete", "n": space.n}
+    return {"type": "continuous", "dim": space.dim}

@@ -1,0 +1,137 @@
+"""``python -m trainer.train CONFIG [key=value ...] [--resume] [--init-from CKPT]``.
+
+Trains the stages of a config on a built store and leaves a run directory::
+
+    RUN/config.yaml      the resolved config (with the store's content hash)
+    RUN/metrics.jsonl    one JSON object per line: train rows and eval rows
+    RUN/tensorboard/     the same metrics as TensorBoard events
+    RUN/checkpoints/     step-*.pt (last k), best-<stage>.pt, final-<stage>.pt
+    RUN/curves.png       learning curves
+    RUN/summary.json     per stage: final and best evaluation, steps, wall time, steps/s
+
+Examples::
+
+    python -m trainer.train configs/pendulum-bc-iql.yaml
+    python -m trainer.train configs/pendulum-bc-iql.yaml seed=3 out=runs/p-s3 stages.1.steps=1000
+    python -m trainer.train configs/pendulum-bc-iql.yaml --resume          # after a crash / kill
+    python -m trainer.train configs/x.yaml --init-from runs/bc/checkpoints/final-bc.pt
+
+A user error (missing store, unknown key, bad override, unusable checkpoint) exits with
+code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from trainer.config import ConfigError, load_config
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USER_ERROR, f"trainer.train: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m trainer.train",
+        description="Train BC / IQL / CQL (native or d3rlpy) on a transition store.",
+    )
+    p.add_argument("config", help="a training config (YAML), e.g. configs/pendulum-bc-iql.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override any dotted key: seed=3 out=runs/x stages.1.steps=1000 eval.episodes=5",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in `out` from its latest checkpoint"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start again in an `out` that already holds a run"
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="a checkpoint of another run: the first stage's actor starts from its weights",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("trainer.train: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.format import StoreError
+    from trainer.checkpoint import CheckpointError
+    from trainer.evaluation import EvalError
+
+    user_errors: tuple[type[BaseException], ...] = (
+        ConfigError,
+        StoreError,
+        CheckpointError,
+        EvalError,
+    )
+    try:
+        overrides = list(args.overrides)
+        if args.init_from:
+            overrides.append(f"init_from={json.dumps(args.init_from)}")
+        cfg = load_config(args.config, overrides)
+        if args.resume and args.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pick one")
+
+        from trainer.loop import Interrupted, RunError, Trainer
+
+        try:
+            summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).run()
+        except Interrupted as e:
+            print(f"trainer.train: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except RunError as e:
+            raise ConfigError(str(e)) from None
+    except user_errors as e:
+        print(f"trainer.train: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    _print_summary(summary)
+    return 0
+
+
+def _fmt(ev: dict[str, Any] | None, key: str | None) -> str:
+    if not ev:
+        return "-"
+    for k in (key, "eval/normalized_score", "eval/return_mean"):
+        if k and isinstance(ev.get(k), int | float):
+            return f"{k.split('/')[-1]} {ev[k]:.2f} @ {ev['step']}"
+    vals = [f"{k} {v:.4g}" for k, v in ev.items() if k.startswith("val/") and isinstance(v, float)]
+    return ", ".join(vals[:2]) or "-"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print(f"run {summary['run']}: {summary['total_steps']} steps in {summary['wall_time_s']:.1f}s")
+    for st in summary["stages"]:
+        sps = st["steps_per_s"]
+        print(
+            f"  {st['name']:<12} {st['steps']:>7} steps  "
+            f"{(f'{sps:.0f}' if sps else '-'):>6} steps/s  "
+            f"final {_fmt(st['final_eval'], summary['metric'])}  "
+            f"best {_fmt(st['best_eval'], summary['metric'])}"
+            + ("  (early stop)" if st["stopped_early"] else "")
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
