@@ -79,6 +79,7 @@ from pipeline.writer import (
 
 DUPLICATE_EPISODE = "duplicate_episode"
 BUCKET_TARGET_BYTES = 96 << 20  # parsed step rows per spill bucket (memory per bucket ~3x)
+IN_MEMORY_INPUT_BYTES = 640 << 20  # step_per_line inputs up to this size are not spilled
 
 
 @dataclass
@@ -193,11 +194,15 @@ def _episode_id_of(raw: bytes, key: str) -> str | None:
 
 
 class _Buckets:
-    """step_per_line: spill parsed steps into hash buckets of episode ids on disk."""
+    """step_per_line: hold parsed steps grouped by a hash of the episode id, so that each
+    bucket holds whole episodes. Small inputs stay in memory; larger ones are spilled to
+    Arrow files on disk, one per bucket, so memory holds one bucket at a time."""
 
-    def __init__(self, directory: Path, n: int) -> None:
+    def __init__(self, directory: Path, n: int, in_memory: bool) -> None:
         self.directory = directory
         self.n = n
+        self.in_memory = in_memory
+        self._mem: dict[int, list[tuple[ParsedSteps, np.ndarray]]] = {}
         self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
         self._files: dict[int, Any] = {}
         directory.mkdir(parents=True, exist_ok=True)
@@ -205,14 +210,19 @@ class _Buckets:
     def add(self, steps: ParsedSteps, file_idx: int) -> None:
         if len(steps) == 0:
             return
-        bucket = (
-            (steps.episode_id.hash(seed=0) % self.n).to_numpy()
-            if self.n > 1
-            else np.zeros(len(steps), np.int64)
-        )
-        for b in np.unique(bucket):
-            m = bucket == b
-            batch = _steps_to_batch(steps, m, file_idx)
+        if self.n > 1:
+            bucket = (steps.episode_id.hash(seed=0) % self.n).to_numpy()
+            parts = [(int(b), bucket == b) for b in np.unique(bucket)]
+        else:
+            parts = [(0, np.ones(len(steps), dtype=bool))]
+        for b, m in parts:
+            sub = steps if len(parts) == 1 else steps.subset(m)
+            if self.in_memory:
+                self._mem.setdefault(b, []).append(
+                    (sub, np.full(len(sub), file_idx, dtype=np.int64))
+                )
+                continue
+            batch = _steps_to_batch(sub, file_idx)
             if b not in self._writers:
                 f = pa.OSFile(str(self.directory / f"bucket-{b}.arrow"), "wb")
                 self._files[b] = f
@@ -226,6 +236,14 @@ class _Buckets:
             f.close()
 
     def read(self) -> Iterator[tuple[ParsedSteps, np.ndarray]]:
+        if self.in_memory:
+            for b in sorted(self._mem):
+                parts = self._mem.pop(b)
+                yield (
+                    ParsedSteps.concat([p for p, _ in parts]),
+                    np.concatenate([f for _, f in parts]),
+                )
+            return
         for b in sorted(self._writers):
             path = self.directory / f"bucket-{b}.arrow"
             with pa.OSFile(str(path), "rb") as f:
@@ -235,30 +253,32 @@ class _Buckets:
 
 
 def _fixed(a: np.ndarray) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(a).reshape(-1)), a.shape[1]
-    )
+    flat = pa.array(np.ascontiguousarray(a).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, a.shape[1])
 
 
-def _steps_to_batch(s: ParsedSteps, m: np.ndarray, file_idx: int) -> pa.RecordBatch:
-    cols: dict[str, pa.Array | pa.ChunkedArray] = {
-        "ep": s.episode_id.filter(pl.Series(m)).to_arrow(compat_level=pl.CompatLevel.oldest()),
-        "t": pa.array(s.t[m]),
-        "obs": _fixed(s.obs[m]),
-        "act": _fixed(s.act[m]) if s.act.ndim == 2 else pa.array(s.act[m]),
-        "rew": pa.array(s.rew[m]),
-        "term": pa.array(s.term[m]),
-        "trunc": pa.array(s.trunc[m]),
-        "line": pa.array(s.line[m]),
-        "file": pa.array(np.full(int(m.sum()), file_idx, dtype=np.int32)),
+def _steps_to_batch(s: ParsedSteps, file_idx: int) -> pa.RecordBatch:
+    cols: dict[str, pa.Array] = {
+        "ep": s.episode_id.to_arrow(compat_level=pl.CompatLevel.oldest()),
+        "t": pa.array(s.t),
+        "obs": _fixed(s.obs),
+        "act": _fixed(s.act) if s.act.ndim == 2 else pa.array(s.act),
+        "rew": pa.array(s.rew),
+        "term": pa.array(s.term),
+        "trunc": pa.array(s.trunc),
+        "line": pa.array(s.line),
+        "file": pa.array(np.full(len(s), file_idx, dtype=np.int32)),
     }
     if s.end is not None:
-        cols["end"] = pa.array(list(s.end[m]), pa.string())
+        cols["end"] = pa.array(list(s.end), pa.string())
     if s.fobs is not None and s.fobs_present is not None:
-        cols["fobs"] = _fixed(s.fobs[m])
-        cols["fobs_present"] = pa.array(s.fobs_present[m])
-    arrays = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols.values()]
-    return pa.RecordBatch.from_arrays(arrays, names=list(cols))
+        # sparse: a list per row, empty where the row has no final observation
+        d = s.obs.shape[1]
+        offsets = np.concatenate([[0], np.cumsum(s.fobs_present.astype(np.int32) * d)])
+        cols["fobs"] = pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)), pa.array(s.fobs.reshape(-1))
+        )
+    return pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
 
 
 def _to_np(col: pa.ChunkedArray) -> np.ndarray:
@@ -270,38 +290,27 @@ def _to_np(col: pa.ChunkedArray) -> np.ndarray:
 
 def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
     names = set(t.column_names)
+    obs = _to_np(t.column("obs")).astype(np.float32, copy=False)
+    fobs = fobs_present = None
+    if "fobs" in names:
+        arr = t.column("fobs").combine_chunks()
+        fobs_present = np.diff(arr.offsets.to_numpy()) > 0
+        fobs = arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        fobs = fobs.reshape(-1, obs.shape[1])
     steps = ParsedSteps(
         episode_id=pl.Series("_ep", t.column("ep").combine_chunks()).cast(pl.Utf8),
         t=_to_np(t.column("t")).astype(np.int64, copy=False),
-        obs=_to_np(t.column("obs")).astype(np.float32, copy=False),
+        obs=obs,
         act=_to_np(t.column("act")),
         rew=_to_np(t.column("rew")).astype(np.float64, copy=False),
         term=_to_np(t.column("term")).astype(bool, copy=False),
         trunc=_to_np(t.column("trunc")).astype(bool, copy=False),
         end=np.asarray(t.column("end").to_pylist(), dtype=object) if "end" in names else None,
-        fobs=_to_np(t.column("fobs")).astype(np.float32, copy=False) if "fobs" in names else None,
-        fobs_present=_to_np(t.column("fobs_present")).astype(bool, copy=False)
-        if "fobs_present" in names
-        else None,
+        fobs=fobs,
+        fobs_present=fobs_present,
         line=_to_np(t.column("line")).astype(np.int64, copy=False),
     )
     return steps, _to_np(t.column("file")).astype(np.int64, copy=False)
-
-
-def _subset(s: ParsedSteps, m: np.ndarray) -> ParsedSteps:
-    return ParsedSteps(
-        episode_id=s.episode_id.filter(pl.Series(m)),
-        t=s.t[m],
-        obs=s.obs[m],
-        act=s.act[m],
-        rew=s.rew[m],
-        term=s.term[m],
-        trunc=s.trunc[m],
-        end=None if s.end is None else s.end[m],
-        fobs=None if s.fobs is None else s.fobs[m],
-        fobs_present=None if s.fobs_present is None else s.fobs_present[m],
-        line=s.line[m],
-    )
 
 
 # --------------------------------------------------------------------------- merge
@@ -447,6 +456,19 @@ def _nonblank(chunk: Chunk) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
+def _parsed(
+    parser: ChunkParser, src: SourceFile, chunk_bytes: int
+) -> Iterator[tuple[Chunk, np.ndarray, ParsedSteps, list[Rejected]]]:
+    """Parse the chunks of one file (run one chunk ahead of the consumer, in a thread)."""
+    key = parser.spec.source.episode_key
+    for chunk in prefetch(iter_chunks(src, chunk_bytes)):
+        nb = _nonblank(chunk)
+        steps, rejected = parser.parse(chunk.data, chunk.first_line + nb, _line_getter(chunk, nb))
+        for r in rejected:
+            r.episode_id = _episode_id_of(r.raw, key)
+        yield chunk, nb, steps, rejected
+
+
 def _line_getter(chunk: Chunk, nb: np.ndarray) -> Callable[[int], bytes]:
     """The raw bytes of the i-th non-blank line of the chunk."""
 
@@ -498,6 +520,7 @@ def build(
     chunk_bytes: int = 16 << 20,
     progress: bool | None = None,
     bucket_bytes: int = BUCKET_TARGET_BYTES,
+    in_memory_bytes: int = IN_MEMORY_INPUT_BYTES,
 ) -> BuildResult:
     """Build (or find up to date) the store for ``spec_path`` under ``out_dir/NAME``."""
     t0 = time.perf_counter()
@@ -529,6 +552,7 @@ def build(
             chunk_bytes,
             progress,
             bucket_bytes,
+            in_memory_bytes,
             out,
         )
         _publish(staging, target)
@@ -547,6 +571,7 @@ def _build_into(
     chunk_bytes: int,
     progress: bool | None,
     bucket_bytes: int,
+    in_memory_bytes: int,
     out: Path,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -570,7 +595,10 @@ def _build_into(
     trunc_reasons = end.truncated if end else ()
     est = sum(s.size * (5 if s.path.suffix in (".gz", ".zst") else 1) for s in sources)
     n_buckets = max(1, min(256, int(np.ceil(est * 0.35 / bucket_bytes))))
-    buckets = None if per_line else _Buckets(work / "buckets", n_buckets)
+    in_memory = est <= in_memory_bytes
+    if in_memory:
+        n_buckets = 1
+    buckets = None if per_line else _Buckets(work / "buckets", n_buckets, in_memory)
     rejected_eps: dict[str, str] = {}
     seen_eps: set[str] = set()
     show = sys.stderr.isatty() if progress is None else progress
@@ -579,15 +607,10 @@ def _build_into(
     try:
         for src in sources:
             read = 0
-            for chunk in prefetch(iter_chunks(src, chunk_bytes)):
-                nb = _nonblank(chunk)
+            for chunk, nb, steps, rejected in prefetch(_parsed(parser, src, chunk_bytes), 1):
                 src.blank_lines += chunk.n_lines - len(nb)
                 src.records += len(nb)
-                lines = chunk.first_line + nb
-                steps, rejected = parser.parse(chunk.data, lines, _line_getter(chunk, nb))
                 steps_read += len(steps)
-                for r in rejected:
-                    r.episode_id = _episode_id_of(r.raw, spec.source.episode_key)
                 if per_line:
                     _per_line_chunk(
                         steps,
@@ -729,7 +752,7 @@ def _drop_rejected(
             int(file_idx[i]), int(steps.line[i]), EPISODE_REJECTED,
             f"episode {ep} was rejected by another record ({rejected_eps[ep]})", ep,
         )  # fmt: skip
-    return _subset(steps, ~bad), file_idx[~bad]
+    return steps.subset(~bad), file_idx[~bad]
 
 
 def _per_line_chunk(
@@ -774,7 +797,7 @@ def _per_line_chunk(
                     eid,
                 )
             )
-        steps = _subset(steps, ~np.isin(steps.line, dup_lines))
+        steps = steps.subset(~np.isin(steps.line, dup_lines))
     file_idx = np.full(len(steps), src.index, dtype=np.int64)
     tr = build_transitions(
         steps,

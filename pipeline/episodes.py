@@ -258,16 +258,19 @@ def build_transitions(
     # ---- rows to keep: good episodes, minus unbootstrappable last steps
     keep = ok_ep[seg] if n else np.zeros(0, dtype=bool)
     keep &= ~(is_last & drop_last[seg]) if n else keep
-    obs = steps.obs[order]
-    nxt = np.empty_like(obs)
+    # next_observation by index: the next row of the episode, the row itself at a
+    # terminal without final observation, or the final observation (patched below)
+    nxt_src = np.empty(n, dtype=np.int64)
     if n:
-        nxt[:-1] = obs[1:]
-        nxt[last] = obs[last]
-        if steps.fobs is not None and fobs_present is not None:
-            fob = steps.fobs[order]
-            m = is_last & fobs_present
-            nxt[m] = fob[m]
+        nxt_src[:-1] = order[1:]
+        nxt_src[last] = order[last]
     idx = order[keep]
+    observation = steps.obs[idx]
+    next_observation = steps.obs[nxt_src[keep]]
+    if n and steps.fobs is not None and steps.fobs_present is not None and fobs_present is not None:
+        frow = np.cumsum(steps.fobs_present) - 1  # input row -> its row in steps.fobs
+        m = (is_last & fobs_present)[keep]
+        next_observation[m] = steps.fobs[frow[idx[m]]]
     kseg = seg[keep]
     # new last rows of kept episodes
     klen = np.bincount(kseg, minlength=e) if n else np.zeros(e, dtype=np.int64)
@@ -292,10 +295,10 @@ def build_transitions(
     return Transitions(
         episode_id=ep_ids.filter(pl.Series(keep)) if n else ep_ids,
         step=step_out,
-        observation=obs[keep],
+        observation=observation,
         action=steps.act[idx],
         reward=rew64.astype(np.float32),
-        next_observation=nxt[keep],
+        next_observation=next_observation,
         terminated=term_out,
         truncated=trunc_out,
         return_to_go=rtg.astype(np.float32),

@@ -497,12 +497,52 @@ class ParsedSteps:
     term: np.ndarray  # (n,) bool
     trunc: np.ndarray  # (n,) bool
     end: np.ndarray | None  # (n,) object (str or None), when the spec has `end`
-    fobs: np.ndarray | None  # (n, obs_dim) float32 (NaN where absent), when the spec has it
-    fobs_present: np.ndarray | None  # (n,) bool
+    fobs: np.ndarray | None  # (p, obs_dim) float32: final observations of the p rows that have one
+    fobs_present: np.ndarray | None  # (n,) bool: which rows have one (row order = fobs order)
     line: np.ndarray  # (n,) int64 1-based source line
 
     def __len__(self) -> int:
         return len(self.t)
+
+    def subset(self, m: np.ndarray) -> ParsedSteps:
+        """The rows where ``m`` is true."""
+        fp = self.fobs_present
+        return ParsedSteps(
+            episode_id=self.episode_id.filter(pl.Series(m)),
+            t=self.t[m],
+            obs=self.obs[m],
+            act=self.act[m],
+            rew=self.rew[m],
+            term=self.term[m],
+            trunc=self.trunc[m],
+            end=None if self.end is None else self.end[m],
+            fobs=None if self.fobs is None or fp is None else self.fobs[m[fp]],
+            fobs_present=None if fp is None else fp[m],
+            line=self.line[m],
+        )
+
+    @staticmethod
+    def concat(parts: list[ParsedSteps]) -> ParsedSteps:
+        p0 = parts[0]
+        return ParsedSteps(
+            episode_id=pl.concat([p.episode_id for p in parts]),
+            t=np.concatenate([p.t for p in parts]),
+            obs=np.concatenate([p.obs for p in parts]),
+            act=np.concatenate([p.act for p in parts]),
+            rew=np.concatenate([p.rew for p in parts]),
+            term=np.concatenate([p.term for p in parts]),
+            trunc=np.concatenate([p.trunc for p in parts]),
+            end=None
+            if p0.end is None
+            else np.concatenate([p.end for p in parts if p.end is not None]),
+            fobs=None
+            if p0.fobs is None
+            else np.concatenate([p.fobs for p in parts if p.fobs is not None]),
+            fobs_present=None
+            if p0.fobs_present is None
+            else np.concatenate([p.fobs_present for p in parts if p.fobs_present is not None]),
+            line=np.concatenate([p.line for p in parts]),
+        )
 
 
 class ChunkParser:
@@ -719,11 +759,11 @@ class ChunkParser:
         fobs_present = None
         if self._fobs_parts is not None and fobs_present_expr is not None:
             fobs_present = safe.select(fobs_present_expr).to_series().to_numpy().astype(bool)
-            fobs64 = np.full((safe.height, lay.obs_dim), np.nan)
+            fobs64 = np.zeros((0, lay.obs_dim))
             if fobs_present.any():
                 present = safe.filter(pl.Series(fobs_present))
-                fobs64[fobs_present] = _obs_matrix(present, self._fobs_parts, lay.obs_dim)
-                finite &= ~fobs_present | _finite_rows(np.where(fobs_present[:, None], fobs64, 0.0))
+                fobs64 = _obs_matrix(present, self._fobs_parts, lay.obs_dim)
+                finite[fobs_present] &= _finite_rows(fobs64)
             fobs = fobs64.astype(np.float32)
         good = finite & act_ok
         safe_lines = safe.get_column(LINE).to_numpy()
@@ -760,7 +800,7 @@ class ChunkParser:
             term=term,
             trunc=trunc,
             end=end,
-            fobs=None if fobs is None else fobs[keep],
+            fobs=None if fobs is None or fobs_present is None else fobs[keep[fobs_present]],
             fobs_present=None if fobs_present is None else fobs_present[keep],
             line=sub.get_column(LINE).to_numpy().astype(np.int64),
         )

@@ -16,11 +16,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
 from pipeline.format import BuildError
+
+T = TypeVar("T")
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson", ".gz", ".zst")
 
@@ -196,9 +198,11 @@ def read_lines(src: SourceFile, wanted: set[int]) -> dict[int, bytes]:
     return out
 
 
-def prefetch(items: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
-    """Run ``items`` (reading, decompressing, hashing, splitting lines: all release the
-    GIL) in a background thread, ``depth`` chunks ahead of the consumer."""
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Run ``items`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Reading, decompressing, hashing and polars parsing release the GIL, so the stages
+    of the build overlap on several cores."""
     import queue
     import threading
 
