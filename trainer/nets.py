@@ -2,9 +2,8 @@
 
 The twin (or K-member) critics are ONE module whose weights are shaped
 ``(K, in, out)``: a forward pass is one ``baddbmm`` per layer for the whole ensemble,
-not K small matmuls. Continuous critics split the first layer into an observation part
-and an action part, so that Q at M sampled actions per state (CQL) computes the
-observation part once per state.
+not K small matmuls. Their hidden layers can run in bfloat16 (``hidden_dtype``) with
+float32 master weights, for the large sampled-action batches of CQL's penalty.
 
 Continuous actions live in a "unit" space inside the algorithms: for finite bounds,
 ``a_unit = (a - center) / half_range`` lies in [-1, 1] and actors are tanh-squashed
@@ -158,7 +157,7 @@ class EnsembleMLP(nn.Module):
         hidden_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """The rest of the network from the first layer's pre-activation (K, B, hidden)."""
-        h = torch.relu(pre)
+        h = pre.relu_()  # in place: no layer's backward needs its pre-activation
         n = len(self.layers)
         for i in range(1, n):
             last = i == n - 1
@@ -167,7 +166,7 @@ class EnsembleMLP(nn.Module):
             w, b = self.layers[i].params(detach_params, None if last else hidden_dtype)  # type: ignore[operator]
             h = torch.baddbmm(b, h, w)
             if not last:
-                h = torch.relu(h)
+                h = h.relu_()
         return h
 
     def forward(
@@ -183,7 +182,6 @@ class ContinuousCritic(nn.Module):
 
     def __init__(self, n_critics: int, obs_dim: int, act_dim: int, hidden: Sequence[int]) -> None:
         super().__init__()
-        self.obs_dim = obs_dim
         self.net = EnsembleMLP(n_critics, obs_dim + act_dim, hidden, 1)
 
     def forward(
@@ -193,24 +191,13 @@ class ContinuousCritic(nn.Module):
         detach_params: bool = False,
         hidden_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Q values: obs (B, D) with actions (B, A) -> (K, B), or (B, M, A) -> (K, B, M).
-
-        The first layer is split as ``W_s s + W_a a``: with M actions per state the
-        observation part is computed once per state.
-        """
-        w, b = self.net.layers[0].params(detach_params, hidden_dtype)  # type: ignore[operator]
-        if hidden_dtype is not None:
-            obs, actions = obs.to(hidden_dtype), actions.to(hidden_dtype)
-        k, batch = self.net.n_members, obs.shape[0]
-        obs_part = torch.baddbmm(b, obs.expand(k, *obs.shape), w[:, : self.obs_dim])  # (K, B, H)
+        """Q values: obs (B, D) with actions (B, A) -> (K, B), or (B, M, A) -> (K, B, M)."""
         if actions.dim() == 2:
-            pre = torch.baddbmm(obs_part, actions.expand(k, *actions.shape), w[:, self.obs_dim :])
-            return self.net.tail(pre, detach_params, hidden_dtype).squeeze(-1)
-        m = actions.shape[1]
-        flat = actions.reshape(1, batch * m, -1).expand(k, -1, -1)
-        act_part = torch.bmm(flat, w[:, self.obs_dim :]).view(k, batch, m, -1)
-        pre = (act_part + obs_part.unsqueeze(2)).view(k, batch * m, -1)
-        return self.net.tail(pre, detach_params, hidden_dtype).view(k, batch, m)
+            x = torch.cat([obs, actions], dim=-1)
+            return self.net(x, detach_params, hidden_dtype).squeeze(-1)
+        batch, m = actions.shape[:2]
+        x = torch.cat([obs.unsqueeze(1).expand(-1, m, -1), actions], dim=-1).view(batch * m, -1)
+        return self.net(x, detach_params, hidden_dtype).view(-1, batch, m)
 
 
 class DiscreteCritic(nn.Module):

@@ -295,3 +295,33 @@ def test_continuous_cql_needs_finite_bounds() -> None:
     for name in ("bc", "iql"):
         algo = make_algorithm(name, unbounded, dict(SMALL_CRITIC) if name == "iql" else dict(SMALL))
         assert algo.act(np.zeros(OBS_DIM, np.float32)).shape == (ACT_DIM,)
+
+
+def test_bf16_penalty_matches_float32() -> None:
+    """Fast (bfloat16 hidden layers) and exact penalty agree in value and gradient."""
+    from trainer.losses import cql_logsumexp_penalty
+    from trainer.nets import ContinuousCritic
+
+    torch.manual_seed(0)
+    critic = ContinuousCritic(2, 17, 6, (256, 256))
+    last: Any = critic.net.layers[-1]
+    with torch.no_grad():  # Q around 100, as after some training
+        last.weight.mul_(30.0)
+        last.bias.fill_(100.0)
+    obs, data = torch.randn(128, 17), torch.rand(128, 6) * 2 - 1
+    sampled, log_density = torch.rand(128, 30, 6) * 2 - 1, torch.randn(128, 30)
+
+    def penalty(dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        critic.zero_grad()
+        q_sampled = critic(obs, sampled, hidden_dtype=dtype)
+        gap = cql_logsumexp_penalty(critic(obs, data), q_sampled, log_density)
+        gap.sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in critic.parameters() if p.grad is not None])
+        return q_sampled.detach(), gap.detach(), grad
+
+    q32, gap32, grad32 = penalty(None)
+    q16, gap16, grad16 = penalty(torch.bfloat16)
+    assert q16.dtype == torch.float32
+    assert float((q32 - q16).abs().mean()) < 1e-3 * float(q32.abs().mean())
+    torch.testing.assert_close(gap16, gap32, rtol=0, atol=1e-2)
+    assert float(torch.nn.functional.cosine_similarity(grad32, grad16, dim=0)) > 0.99

@@ -10,8 +10,10 @@ numpy-facing ``act``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -111,13 +113,43 @@ def check_grad_clip(value: Any) -> float | None:
     return check_positive(value, "grad_clip")
 
 
-def resolve_dtype(value: str, field: str) -> torch.dtype | None:
-    """``'float32'`` -> None (the default dtype), ``'bfloat16'`` -> torch.bfloat16."""
+def resolve_dtype(value: str, field: str, device: torch.device | None = None) -> torch.dtype | None:
+    """``'float32'`` -> None (the default dtype), ``'bfloat16'`` -> torch.bfloat16.
+
+    ``'auto'`` is bfloat16 where ``device`` has native bfloat16 matmul units, else float32.
+    """
+    if value == "auto":
+        return torch.bfloat16 if device is not None and has_fast_bf16(device) else None
     if value == "float32":
         return None
     if value == "bfloat16":
         return torch.bfloat16
-    raise ValueError(f"{field}: expected 'float32' or 'bfloat16', got {value!r}")
+    raise ValueError(f"{field}: expected 'auto', 'float32' or 'bfloat16', got {value!r}")
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively (faster than float32) on ``device``.
+
+    CUDA: compute capability 8.0 or newer. CPU: the AVX512-BF16 or AMX-BF16 instructions
+    (read from /proc/cpuinfo; other platforms answer False).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return False
 
 
 # ----------------------------------------------------------------------------- optim

@@ -10,9 +10,11 @@ Discrete: double-DQN regression with the exact penalty over all actions; the pol
 greedy in Q.
 
 The sampled-action Q values of the penalty are the bulk of a continuous step's
-arithmetic (3 x ``n_action_samples`` evaluations per state and critic);
+arithmetic (3 x ``n_action_samples`` evaluations per state and critic).
 ``penalty_dtype: bfloat16`` runs their hidden layers in bfloat16 (float32 master weights,
-float32 output layer), which is several times faster on CPUs and GPUs with bf16 units.
+float32 output layer, so Q keeps float32 resolution: errors ~1e-4 of |Q|), several times
+faster on CPUs and GPUs with bf16 units; ``auto`` (the default) picks bfloat16 where the
+device has them and float32 elsewhere. The TD loss, targets and actor stay float32.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class CQLConfig:
     cql_target_gap: float = 10.0  # Lagrangian threshold on the gap
     cql_alpha_lr: float = 3e-4  # Lagrangian multiplier's learning rate
     n_action_samples: int = 10  # continuous only: actions per proposal (random, pi(s), pi(s'))
-    penalty_dtype: str = "float32"  # continuous only: 'bfloat16' = fast mixed-precision penalty
+    penalty_dtype: str = "auto"  # continuous only: 'float32', 'bfloat16', or 'auto' (see below)
     tau: float = 0.005  # Polyak rate of the target critics
     n_critics: int | None = None  # ensemble size; None = 2 (continuous) / 1 (discrete)
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
@@ -166,7 +168,9 @@ class CQL(AlgorithmBase):
             self.target_entropy = (
                 config.target_entropy if config.target_entropy is not None else -float(self.act_dim)
             )
-            self.penalty_dtype = resolve_dtype(config.penalty_dtype, "cql.penalty_dtype")
+            self.penalty_dtype = resolve_dtype(
+                config.penalty_dtype, "cql.penalty_dtype", self.device
+            )
             self.optimizers["actor"] = make_adam(self.actor_params, config.actor_lr, self.device)
             if config.auto_temperature:
                 self.optimizers["temperature"] = make_adam(
