@@ -526,9 +526,10 @@ def build(
     t0 = time.perf_counter()
     kind = spec_kind(spec_path)
     if kind == "segments":
-        raise BuildError(
-            f"{spec_path}: kind: segments (QA documents) is not supported by this version; "
-            "only kind: transitions"
+        from pipeline import segments  # QA documents -> a segment store
+
+        return segments.build_segments(
+            spec_path, out_dir, force=force, max_bad_fraction=max_bad_fraction, progress=progress
         )
     spec = load_spec(spec_path)
     sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")

@@ -55,6 +55,10 @@ def _quarantine_summary(path: Path, examples: int = 1) -> list[str]:
 def describe(path: str | Path) -> str:
     p = Path(path)
     m = read_manifest(p)
+    if m.get("kind") == "segments":
+        from pipeline import segments
+
+        return segments.describe(p)
     if m.get("kind") != "transitions":
         return json.dumps({k: m[k] for k in ("name", "kind", "counts") if k in m}, indent=2)
     from pipeline.store import TransitionStore

@@ -157,6 +157,10 @@ def verify(path: str | Path) -> list[str]:
     """Problems found in the store (empty: it verifies). Raises StoreError if unreadable."""
     p = Path(path)
     manifest = read_manifest(p)
+    if manifest.get("kind") == "segments":
+        from pipeline import segments
+
+        return segments.verify_segments(p)
     problems: list[str] = []
     for name, info in manifest.get("data_files", {}).items():
         f = p / name
