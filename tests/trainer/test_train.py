@@ -557,3 +557,50 @@ def test_d3rlpy_stages_train_in_our_loop(
         tmp_path / "c" / "checkpoints" / "final-d3rlpy.DiscreteCQL.pt", weights_only=True
     )
     assert ck["algo_state"]["grad_step"] == 5
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_groups_runs_by_config_across_seeds(
+    tmp_path: Path, pendulum_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.compare import main as compare_main
+
+    runs = []
+    for lr, seed in ((1e-3, 0), (1e-3, 1), (3e-3, 0)):
+        out = tmp_path / f"lr{lr}-s{seed}"
+        raw = tiny_config(pendulum_store, out, seed=seed, tensorboard=False)
+        raw["stages"] = [{"algo": "bc", "steps": 10, "batch_size": 16, "lr": lr, **SMALL}]
+        raw["eval"] = {"every": 5, "episodes": 1, "val_transitions": 16}
+        Trainer(config_from_dict(raw)).run()
+        runs.append(str(out))
+    png = tmp_path / "cmp.png"
+    assert compare_main([*runs, "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| bc")]
+    assert len(table) == 2, out
+    by_lr = {("0.001" in line): line for line in table}
+    assert "| 2 |" in by_lr[True] and "| 1 |" in by_lr[False]
+    assert "stages.0.lr=" in table[0]
+    assert "behaviour (dataset average)" in out
+    finals = [
+        json.loads((Path(r) / "summary.json").read_text())["stages"][0]["final_eval"]
+        for r in runs[:2]
+    ]
+    mean = np.mean([f["eval/normalized_score"] for f in finals])
+    assert f"{mean:.1f} ±" in by_lr[True]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert compare_main([str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    from trainer.algos import CONFIGS
+    from trainer.algos.base import parse_config
+
+    cfg = load_config(path)
+    assert cfg.store.startswith("stores/") and cfg.out.startswith("runs/")
+    for stage in cfg.stages:  # every hyper-parameter is one the algorithm knows
+        parse_config(CONFIGS[stage.algo], stage.algo_config(), stage.algo)
