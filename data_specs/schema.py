@@ -555,3 +555,214 @@ def spec_kind(path: str | Path) -> str:
     if kind not in ("transitions", "segments"):
         raise SpecError(f"{path}: kind: must be `transitions` or `segments`, got {kind!r}")
     return str(kind)
+
+
+# --------------------------------------------------------------------------- segments (QA)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 of a trained tokenizer
+
+
+@dataclass(frozen=True)
+class QASourceSpec:
+    """Where the QA records are and how they are written."""
+
+    paths: tuple[str, ...]  # globs, relative to the working directory
+    format: Literal["squad", "jsonl"] = "squad"  # SQuAD v1.1/v2.0 JSON, or one record per line
+    # split name -> fnmatch pattern on the file name (e.g. {train: "train*", dev: "dev*"});
+    # empty: every example is in split "train"
+    splits: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenizerTrainSpec:
+    """A WordPiece tokenizer trained on the kept corpus (contexts + questions)."""
+
+    vocab_size: int = 8000  # target size, specials and the character alphabet included
+    min_frequency: int = 2  # a merge must be seen at least this often
+    lowercase: bool = True  # BERT-style normaliser: lowercase and strip accents
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Either ``train`` (a tokenizer made from the corpus) or ``path`` (a tokenizer.json)."""
+
+    train: TokenizerTrainSpec | None = None
+    path: str | None = None  # relative to the working directory
+    cls_token: str = "[CLS]"  # the special tokens the segments are framed with
+    sep_token: str = "[SEP]"
+    pad_token: str = "[PAD]"
+
+
+@dataclass(frozen=True)
+class SegmentsSpec:
+    """How documents are cut into windows.
+
+    Each segment holds up to ``max_tokens`` DOCUMENT tokens; segment ``k`` starts at token
+    ``k * stride``. ``stride < max_tokens`` makes consecutive segments overlap by
+    ``max_tokens - stride`` tokens; ``stride > max_tokens`` would skip tokens and is refused.
+    The question (its first ``max_question_tokens`` tokens) is put in front of every
+    segment: ``[CLS] question [SEP] segment [SEP]``, at most
+    ``max_question_tokens + max_tokens + 3`` ids.
+    """
+
+    max_tokens: int = 128  # document tokens per segment (the window)
+    stride: int = 128  # tokens between the starts of consecutive segments
+    max_question_tokens: int = 32  # longer questions keep their first tokens
+
+    @property
+    def input_width(self) -> int:
+        """The longest ``input_ids`` a segment can have."""
+        return self.max_question_tokens + self.max_tokens + 3
+
+
+@dataclass(frozen=True)
+class SegmentStoreSpec:
+    format: Literal["arrow"] = "arrow"
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """A ``kind: segments`` spec: QA documents -> a segment store."""
+
+    name: str
+    source: QASourceSpec
+    tokenizer: TokenizerSpec
+    segments: SegmentsSpec = field(default_factory=SegmentsSpec)
+    store: SegmentStoreSpec = field(default_factory=SegmentStoreSpec)
+    description: str = ""
+    kind: Literal["segments"] = "segments"
+    origin: str = field(default="<spec>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("origin")
+        return _jsonable(d)
+
+    def sha256(self) -> str:
+        return spec_hash(self.to_dict())
+
+
+def _bool(value: Any, ctx: _Ctx, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ctx.fail(f"must be true or false ({what}), got {value!r}")
+    return value
+
+
+def _parse_qa_source(value: Any, ctx: _Ctx) -> QASourceSpec:
+    d = _mapping(value, ctx, {"paths", "format", "splits"}, {"paths"})
+    paths = _str_list(d["paths"], ctx.child("paths"), "file globs")
+    fmt = d.get("format", "squad")
+    if fmt not in ("squad", "jsonl"):
+        raise ctx.child("format").fail(
+            f"must be `squad` (SQuAD v1.1/v2.0 JSON files) or `jsonl` (one "
+            f"{{id, question, context, answers}} per line), got {fmt!r}"
+        )
+    splits: list[tuple[str, str]] = []
+    raw = d.get("splits")
+    if raw is not None:
+        sctx = ctx.child("splits")
+        if not isinstance(raw, Mapping) or not raw:
+            raise sctx.fail(
+                "must map a split name to a file-name pattern, e.g. {train: 'train*', dev: 'dev*'}"
+            )
+        for k, v in raw.items():
+            name = _str(k, sctx, "a split name such as train or dev")
+            splits.append((name, _str(v, sctx.child(name), "a file-name pattern such as 'dev*'")))
+    return QASourceSpec(paths=paths, format=fmt, splits=tuple(splits))
+
+
+def _parse_tokenizer(value: Any, ctx: _Ctx) -> TokenizerSpec:
+    d = _mapping(value, ctx, {"train", "path", "cls_token", "sep_token", "pad_token"})
+    if ("train" in d) == ("path" in d):
+        raise ctx.fail(
+            "give exactly one of `train: {vocab_size: 8000}` (learn a tokenizer from the corpus) "
+            "or `path: tokenizer.json` (use a saved HF tokenizer)"
+        )
+    specials = {
+        k: _str(d[k], ctx.child(k), "a token of the tokenizer's vocabulary")
+        for k in ("cls_token", "sep_token", "pad_token")
+        if k in d
+    }
+    if "path" in d:
+        return TokenizerSpec(
+            path=_str(d["path"], ctx.child("path"), "a tokenizer.json path"),
+            cls_token=specials.get("cls_token", "[CLS]"),
+            sep_token=specials.get("sep_token", "[SEP]"),
+            pad_token=specials.get("pad_token", "[PAD]"),
+        )
+    if specials:
+        raise ctx.fail(
+            f"{sorted(specials)[0]} is for a loaded tokenizer (`path`); a trained one uses "
+            f"{', '.join(SPECIAL_TOKENS)}"
+        )
+    tctx = ctx.child("train")
+    t = _mapping(
+        d["train"] if d["train"] is not None else {},
+        tctx,
+        {"vocab_size", "min_frequency", "lowercase"},
+    )
+    vocab_size = _int(
+        t.get("vocab_size", 8000), tctx.child("vocab_size"), 16, "the vocabulary size"
+    )
+    min_frequency = _int(
+        t.get("min_frequency", 2), tctx.child("min_frequency"), 1, "how often a merge must be seen"
+    )
+    lowercase = _bool(t.get("lowercase", True), tctx.child("lowercase"), "lowercase the text")
+    return TokenizerSpec(train=TokenizerTrainSpec(vocab_size, min_frequency, lowercase))
+
+
+def _parse_segments(value: Any, ctx: _Ctx) -> SegmentsSpec:
+    d = _mapping(value, ctx, {"max_tokens", "stride", "max_question_tokens"})
+    max_tokens = _int(
+        d.get("max_tokens", 128), ctx.child("max_tokens"), 1, "document tokens per segment"
+    )
+    stride = _int(
+        d.get("stride", max_tokens), ctx.child("stride"), 1, "tokens between segment starts"
+    )
+    if stride > max_tokens:
+        raise ctx.child("stride").fail(
+            f"{stride} > max_tokens {max_tokens} would skip {stride - max_tokens} tokens between "
+            f"segments; use stride <= max_tokens (equal: no overlap, smaller: overlap)"
+        )
+    mq = _int(
+        d.get("max_question_tokens", 32),
+        ctx.child("max_question_tokens"),
+        1,
+        "question tokens kept",
+    )
+    return SegmentsSpec(max_tokens=max_tokens, stride=stride, max_question_tokens=mq)
+
+
+def parse_segment_spec(raw: Any, origin: str = "<spec>") -> SegmentSpec:
+    """Check a ``kind: segments`` spec; errors name the key and the fix."""
+    ctx = _Ctx(origin)
+    allowed = {"name", "kind", "source", "tokenizer", "segments", "store", "description"}
+    d = _mapping(raw, ctx, allowed, {"name", "kind", "source"})
+    name = _str(d["name"], ctx.child("name"), "a store name")
+    if "/" in name or name.startswith("."):
+        raise ctx.child("name").fail(f"{name!r} is used as a directory name: no '/' or leading '.'")
+    if d["kind"] != "segments":
+        raise ctx.child("kind").fail("must be `segments` here")
+    tok = d.get("tokenizer", {"train": {}})
+    st = _mapping(d.get("store", {}) or {}, ctx.child("store"), {"format"})
+    fmt = st.get("format", "arrow")
+    if fmt != "arrow":
+        raise (
+            ctx.child("store")
+            .child("format")
+            .fail(f"segment stores are written as `arrow` only, got {fmt!r}")
+        )
+    return SegmentSpec(
+        name=name,
+        source=_parse_qa_source(d["source"], ctx.child("source")),
+        tokenizer=_parse_tokenizer(tok, ctx.child("tokenizer")),
+        segments=_parse_segments(d.get("segments", {}) or {}, ctx.child("segments")),
+        store=SegmentStoreSpec(format="arrow"),
+        description=str(d.get("description", "")),
+        origin=origin,
+    )
+
+
+def load_segment_spec(path: str | Path) -> SegmentSpec:
+    """Load and check a segment spec (``kind: segments``)."""
+    return parse_segment_spec(read_yaml(path), origin=str(path))
