@@ -965,6 +965,10 @@ def _publish(staging: Path, target: Path) -> None:
 
 def summary_lines(result: BuildResult) -> list[str]:
     m = result.manifest
+    if m.get("kind") == "segments":
+        from pipeline import segments
+
+        return segments.summary_lines(result)
     c = m["counts"]
     if result.status == "up to date":
         return [

@@ -1,11 +1,492 @@
-"""QA documents -> a segment store (``kind: segments``); see docs/FORMAT.md."""
+"""QA documents -> a segment store (``kind: segments``); the layout is in docs/FORMAT.md.
+
+``python -m pipeline.build data_specs/qa-demo.yaml`` comes here. The build:
+
+1. reads every record (SQuAD JSON or JSONL, :mod:`pipeline.qa_sources`), rejecting bad ones
+   with a reason (bad JSON, empty context, an answer that is not at its ``answer_start``,
+   a missing id or question, a duplicate id, ...);
+2. trains the tokenizer on the kept corpus (distinct contexts + questions) or loads one
+   (:mod:`pipeline.qa_tokenizer`);
+3. encodes every distinct context and every question with ``encode_batch``, maps each
+   answer's character span to a token span with one ``searchsorted`` over all documents,
+   and lays out every (question, segment) row with NumPy gathers — no per-token Python;
+4. writes ``documents.arrow``, ``examples.arrow``, ``segments.arrow`` (Arrow IPC streams,
+   one record batch each), ``tokenizer.json``, ``quarantine.jsonl`` and ``manifest.json``
+   into a staging directory that is swapped into place in one rename, as for transition
+   stores (:func:`pipeline.build._publish`). The same spec and inputs again: "up to date".
+
+Segmentation, exactly: with ``W = segments.max_tokens`` and ``S = segments.stride`` (S <= W),
+segment ``k`` of a document of ``n`` tokens holds its tokens ``[k*S, min(k*S + W, n))``, for
+``k = 0 .. n_segments - 1``, ``n_segments = 1 + ceil(max(n - W, 0) / S)``. Every token is in
+at least one segment; consecutive segments overlap by ``W - S`` tokens. A row's
+``input_ids`` are ``[CLS] q_1 .. q_Q [SEP] d_1 .. d_L [SEP]``, with ``Q <=
+segments.max_question_tokens`` (a longer question keeps its first tokens), so the segment's
+first document token sits at ``context_start = Q + 2``. An answer is "in" a segment when all
+of its tokens are; then ``local_start/local_end`` (inclusive) index ``input_ids``, otherwise
+they are ``NO_ANSWER`` (-1), as they are in every row of an unanswerable question.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.format import BuildError
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from data_specs.schema import SegmentSpec, load_segment_spec
+from pipeline.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, QUARANTINE, SPEC_COPY, BuildError
+from pipeline.qa_sources import ANSWER_NOT_IN_TOKENS, EMPTY_CONTEXT, Records, Rejected, read_records
+from pipeline.qa_tokenizer import (
+    Encoded,
+    Specials,
+    decode_span,
+    encode,
+    load_tokenizer,
+    normalize_for_compare,
+    sha256_hex,
+    specials_of,
+    tokenizer_bytes,
+    train_tokenizer,
+)
+from pipeline.sources import SourceFile, file_sha256, resolve_sources
+from pipeline.writer import file_digest, write_arrow_table
+
+EXAMPLES_ARROW = "examples.arrow"
+SEGMENTS_ARROW = "segments.arrow"
+DOCUMENTS_ARROW = "documents.arrow"
+TOKENIZER_JSON = "tokenizer.json"
+DATA_FILES = (DOCUMENTS_ARROW, EXAMPLES_ARROW, SEGMENTS_ARROW, TOKENIZER_JSON, QUARANTINE)
+NO_ANSWER = -1  # local/global answer positions where there is no answer
+LAYOUT = "segments-1"  # part of the build key: a change to how rows are made rebuilds stores
+ROWS_PER_BLOCK_TOKENS = 1 << 22  # input ids assembled per NumPy block (bounds temporaries)
+
+
+# --------------------------------------------------------------------------- pure transforms
+
+
+def n_segments(n_tokens: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """Segments per document: ``1 + ceil(max(n - window, 0) / stride)``."""
+    n = np.asarray(n_tokens, dtype=np.int64)
+    return 1 + (np.maximum(n - window, 0) + stride - 1) // stride
+
+
+def char_spans_to_tokens(
+    doc: np.ndarray,
+    char_start: np.ndarray,
+    char_end: np.ndarray,
+    tok_starts: np.ndarray,
+    tok_ends: np.ndarray,
+    doc_offsets: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Map character spans to inclusive token spans, all at once.
+
+    ``doc[i]`` is the document of span ``i`` (``[char_start, char_end)``, end exclusive);
+    documents' tokens are ``tok_starts/tok_ends[doc_offsets[d]:doc_offsets[d + 1]]``
+    (character spans, end exclusive, non-decreasing within a document). The token span is
+    every token that overlaps the characters: the first token ending after ``char_start``
+    to the last starting before ``char_end``. Returns document-local ``(start, end,
+    aligned)``; ``start = end = -1`` where no token overlaps the span, and ``aligned`` says
+    the span's first and last characters are a token's first and last.
+    """
+    doc = np.asarray(doc, dtype=np.int64)
+    n_docs = len(doc_offsets) - 1
+    counts = np.diff(doc_offsets)
+    big = int(max(int(tok_ends.max(initial=0)), int(np.max(char_end, initial=0)))) + 1
+    tok_doc = np.repeat(np.arange(n_docs, dtype=np.int64), counts)
+    key_end = tok_doc * big + tok_ends
+    key_start = tok_doc * big + tok_starts
+    base = doc_offsets[:-1][doc]
+    stop = doc_offsets[1:][doc]
+    gs = np.searchsorted(key_end, doc * big + char_start, side="right")
+    ge = np.searchsorted(key_start, doc * big + char_end, side="left") - 1
+    ok = (gs >= base) & (gs < stop) & (ge >= base) & (ge < stop) & (gs <= ge)
+    gs_c = np.where(ok, gs, 0)
+    ge_c = np.where(ok, ge, 0)
+    aligned = ok & (tok_starts[gs_c] == char_start) & (tok_ends[ge_c] == char_end)
+    start = np.where(ok, gs - base, NO_ANSWER)
+    end = np.where(ok, ge - base, NO_ANSWER)
+    return start.astype(np.int64), end.astype(np.int64), aligned
+
+
+@dataclass(frozen=True)
+class SegmentRows:
+    """One row per (question, segment), examples in order, segments in order.
+
+    Row ``r``'s ``input_ids`` are ``input_values[input_offsets[r]:input_offsets[r + 1]]``.
+    """
+
+    example_index: np.ndarray  # (R,) int64 row of examples.arrow
+    segment_index: np.ndarray  # (R,) int32 0-based within the example
+    input_values: np.ndarray  # (T,) int32 all input ids, row after row
+    input_offsets: np.ndarray  # (R + 1,) int64
+    n_question_tokens: np.ndarray  # (R,) int32 Q
+    context_start: (
+        np.ndarray
+    )  # (R,) int32 position in input_ids of the first document token (Q + 2)
+    n_segment_tokens: np.ndarray  # (R,) int32 document tokens in this segment
+    token_offset: np.ndarray  # (R,) int32 document position of the segment's first token
+    local_start: np.ndarray  # (R,) int32 answer start in input_ids, or -1
+    local_end: np.ndarray  # (R,) int32 answer end (inclusive) in input_ids, or -1
+    global_start: np.ndarray  # (R,) int32 answer start in the document's tokens, or -1
+    global_end: np.ndarray  # (R,) int32 answer end (inclusive), or -1
+
+    def __len__(self) -> int:
+        return len(self.example_index)
+
+    @staticmethod
+    def concat(parts: list[SegmentRows]) -> SegmentRows:
+        offsets = [np.zeros(1, np.int64)]
+        carry = 0
+        for p in parts:
+            offsets.append(p.input_offsets[1:] + carry)
+            carry += int(p.input_offsets[-1])
+        fields: dict[str, np.ndarray] = {}
+        for name in SegmentRows.__dataclass_fields__:
+            if name != "input_offsets":
+                fields[name] = np.concatenate([getattr(p, name) for p in parts])
+        return SegmentRows(input_offsets=np.concatenate(offsets), **fields)
+
+
+def assemble_rows(
+    ex_doc: np.ndarray,
+    q_ids: np.ndarray,
+    q_offsets: np.ndarray,
+    q_len: np.ndarray,
+    doc_ids: np.ndarray,
+    doc_offsets: np.ndarray,
+    answer_start: np.ndarray,
+    answer_end: np.ndarray,
+    window: int,
+    stride: int,
+    specials: Specials,
+    example_base: int = 0,
+) -> SegmentRows:
+    """Lay out every (question, segment) row of the given examples with array operations.
+
+    ``ex_doc[e]``: document of example ``e``; its question tokens are
+    ``q_ids[q_offsets[e]:q_offsets[e] + q_len[e]]`` (already truncated); documents' tokens
+    are ``doc_ids[doc_offsets[d]:doc_offsets[d + 1]]``; ``answer_start/end[e]``: the answer's
+    document-local token span (inclusive) or -1. ``example_base`` is added to the examples'
+    row numbers.
+    """
+    ex_doc = np.asarray(ex_doc, dtype=np.int64)
+    n_ex = len(ex_doc)
+    n_doc = (doc_offsets[1:] - doc_offsets[:-1])[ex_doc]  # (E,)
+    nseg = n_segments(n_doc, window, stride)  # (E,)
+    n_rows = int(nseg.sum())
+    row_ex = np.repeat(np.arange(n_ex, dtype=np.int64), nseg)  # (R,)
+    first_row = np.cumsum(nseg) - nseg
+    k = np.arange(n_rows, dtype=np.int64) - first_row[row_ex]
+    off = k * stride
+    seg_len = np.minimum(window, n_doc[row_ex] - off)
+    q = np.asarray(q_len, dtype=np.int64)[row_ex]
+    cs = q + 2
+    total = cs + seg_len + 1
+    out_off = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(total, out=out_off[1:])
+    n_out = int(out_off[-1])
+    rid = np.repeat(np.arange(n_rows, dtype=np.int64), total)  # (T,)
+    pos = np.arange(n_out, dtype=np.int64) - out_off[:-1][rid]
+    qr = q[rid]
+    values = np.full(n_out, specials.sep, dtype=np.int32)  # the two separators stay
+    values[pos == 0] = specials.cls
+    in_q = (pos >= 1) & (pos <= qr)
+    values[in_q] = q_ids[(np.asarray(q_offsets, dtype=np.int64)[row_ex] - 1)[rid][in_q] + pos[in_q]]
+    in_doc = (pos >= qr + 2) & (pos < total[rid] - 1)
+    doc_src = (doc_offsets[:-1][ex_doc[row_ex]] + off - cs)[rid] + pos
+    values[in_doc] = doc_ids[doc_src[in_doc]]
+    g_s = np.asarray(answer_start, dtype=np.int64)[row_ex]
+    g_e = np.asarray(answer_end, dtype=np.int64)[row_ex]
+    inside = (g_s >= 0) & (g_s >= off) & (g_e < off + seg_len)
+    i32 = np.int32
+    return SegmentRows(
+        example_index=row_ex + example_base,
+        segment_index=k.astype(i32),
+        input_values=values,
+        input_offsets=out_off,
+        n_question_tokens=q.astype(i32),
+        context_start=cs.astype(i32),
+        n_segment_tokens=seg_len.astype(i32),
+        token_offset=off.astype(i32),
+        local_start=np.where(inside, g_s - off + cs, NO_ANSWER).astype(i32),
+        local_end=np.where(inside, g_e - off + cs, NO_ANSWER).astype(i32),
+        global_start=g_s.astype(i32),
+        global_end=g_e.astype(i32),
+    )
+
+
+def segment_example_reference(
+    tokenizer: Any,
+    context: str,
+    question: str,
+    answer_text: str | None,
+    answer_start: int | None,
+    window: int,
+    stride: int,
+    max_question_tokens: int,
+    specials: Specials,
+) -> list[dict[str, Any]]:
+    """The rows of ONE example, by plain Python loops: the reference for the fast path
+    (tests) and the baseline of ``scripts/bench_segments.py``."""
+    doc = tokenizer.encode(context, add_special_tokens=False)
+    q = tokenizer.encode(question, add_special_tokens=False).ids[:max_question_tokens]
+    gs = ge = NO_ANSWER
+    if answer_text is not None and answer_start is not None:
+        lead = len(answer_text) - len(answer_text.lstrip())
+        c0 = answer_start + lead
+        c1 = answer_start + len(answer_text.rstrip())
+        for t, (s, e) in enumerate(doc.offsets):
+            if e > c0 and gs == NO_ANSWER:
+                gs = t
+            if s < c1:
+                ge = t
+        if gs == NO_ANSWER or ge < gs:
+            gs = ge = NO_ANSWER
+    rows = []
+    n = len(doc.ids)
+    k = 0
+    while True:
+        off = k * stride
+        seg = doc.ids[off : off + window]
+        cs = len(q) + 2
+        inside = gs != NO_ANSWER and gs >= off and ge < off + len(seg)
+        rows.append(
+            {
+                "segment_index": k,
+                "input_ids": [specials.cls, *q, specials.sep, *seg, specials.sep],
+                "n_question_tokens": len(q),
+                "context_start": cs,
+                "n_segment_tokens": len(seg),
+                "token_offset": off,
+                "local_start": gs - off + cs if inside else NO_ANSWER,
+                "local_end": ge - off + cs if inside else NO_ANSWER,
+                "global_start": gs,
+                "global_end": ge,
+            }
+        )
+        if off + window >= n:
+            return rows
+        k += 1
+
+
+def _answer_char_spans(records: Records) -> tuple[np.ndarray, np.ndarray]:
+    """The first answer's character span with surrounding whitespace trimmed (-1: none)."""
+    n = len(records)
+    c0 = np.full(n, NO_ANSWER, dtype=np.int64)
+    c1 = np.full(n, NO_ANSWER, dtype=np.int64)
+    for i, (texts, starts) in enumerate(zip(records.answers, records.answer_starts)):
+        if texts:
+            t, s = texts[0], starts[0]
+            c0[i] = s + len(t) - len(t.lstrip())
+            c1[i] = s + len(t.rstrip())
+    return c0, c1
+
+
+def _take_encoded(enc: Encoded, keep: np.ndarray) -> Encoded:
+    """The texts ``keep`` (indices, in this order) of ``enc``."""
+    lengths = enc.lengths[keep]
+    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    src = np.repeat(enc.offsets[:-1][keep] - offsets[:-1], lengths) + np.arange(
+        int(offsets[-1]), dtype=np.int64
+    )
+    return Encoded(enc.ids[src], enc.starts[src], enc.ends[src], offsets)
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def _array_digest(h: Any, arr: pa.Array) -> None:
+    """Feed an array's logical values (not its buffers' layout) into ``h``."""
+    t = arr.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+        h.update(np.diff(offsets).astype("<i8").tobytes())
+        _array_digest(h, arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        items = [s.encode("utf-8") for s in arr.to_pylist()]
+        h.update(np.array([len(b) for b in items], dtype="<i8").tobytes())
+        h.update(b"".join(items))
+    elif pa.types.is_boolean(t):
+        h.update(np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.uint8).tobytes())
+    else:
+        a = arr.to_numpy(zero_copy_only=False)
+        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def table_digests(table: pa.Table) -> dict[str, str]:
+    """sha256 per column over its type and logical values, row order."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        h = hashlib.sha256(f"{name}|{col.type}".encode())
+        for chunk in col.chunks:
+            _array_digest(h, chunk)
+        out[name] = h.hexdigest()
+    return out
+
+
+def content_hash(
+    digests: dict[str, dict[str, str]], tokenizer_sha: str, quarantine_sha: str
+) -> str:
+    """One hash over every table's column digests, the tokenizer and the quarantine."""
+    h = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}/segments\n".encode())
+    for table in sorted(digests):
+        for col in sorted(digests[table]):
+            h.update(f"{table}.{col} {digests[table][col]}\n".encode())
+    h.update(f"tokenizer {tokenizer_sha}\nquarantine {quarantine_sha}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def _documents_table(doc_ids: list[str], contexts: list[str], enc: Encoded) -> pa.Table:
+    return pa.table(
+        {
+            "doc_id": pa.array(doc_ids, pa.string()),
+            "context": pa.array(contexts, pa.string()),
+            "n_tokens": pa.array(enc.lengths.astype(np.int32)),
+            "token_ids": _list_array(enc.ids, enc.offsets),
+            "token_start": _list_array(enc.starts, enc.offsets),
+            "token_end": _list_array(enc.ends, enc.offsets),
+        }
+    )
+
+
+def _examples_table(
+    r: Records,
+    doc_ids: list[str],
+    ex_doc: np.ndarray,
+    n_doc_tokens: np.ndarray,
+    q_len: np.ndarray,
+    gs: np.ndarray,
+    ge: np.ndarray,
+    nseg: np.ndarray,
+    answer_segment: np.ndarray,
+) -> pa.Table:
+    first_row = np.cumsum(nseg) - nseg
+    return pa.table(
+        {
+            "example_id": pa.array(r.example_id, pa.string()),
+            "doc_id": pa.array([doc_ids[d] for d in ex_doc.tolist()], pa.string()),
+            "doc_index": pa.array(ex_doc.astype(np.int32)),
+            "split": pa.array(r.split, pa.string()),
+            "title": pa.array(r.title, pa.string()),
+            "question": pa.array(r.question, pa.string()),
+            "answers": pa.array(r.answers, pa.list_(pa.string())),
+            "answer_starts": pa.array(r.answer_starts, pa.list_(pa.int32())),
+            "is_impossible": pa.array(r.is_impossible, pa.bool_()),
+            "n_segments": pa.array(nseg.astype(np.int32)),
+            "n_doc_tokens": pa.array(n_doc_tokens.astype(np.int32)),
+            "n_question_tokens": pa.array(q_len.astype(np.int32)),
+            "global_start": pa.array(gs.astype(np.int32)),
+            "global_end": pa.array(ge.astype(np.int32)),
+            "answer_segment": pa.array(answer_segment.astype(np.int32)),
+            "segment_row": pa.array(first_row.astype(np.int64)),
+        }
+    )
+
+
+def _segments_table(rows: SegmentRows, example_ids: list[str]) -> pa.Table:
+    ex = rows.example_index
+    ids = pa.array(example_ids, pa.string()).take(pa.array(ex))
+    return pa.table(
+        {
+            "example_id": ids,
+            "example_index": pa.array(ex.astype(np.int32)),
+            "segment_index": pa.array(rows.segment_index),
+            "input_ids": _list_array(rows.input_values, rows.input_offsets),
+            "n_question_tokens": pa.array(rows.n_question_tokens),
+            "context_start": pa.array(rows.context_start),
+            "n_segment_tokens": pa.array(rows.n_segment_tokens),
+            "token_offset": pa.array(rows.token_offset),
+            "local_start": pa.array(rows.local_start),
+            "local_end": pa.array(rows.local_end),
+            "global_start": pa.array(rows.global_start),
+            "global_end": pa.array(rows.global_end),
+        }
+    )
+
+
+def distribution(x: np.ndarray) -> dict[str, Any]:
+    """count, mean, std and quantiles of ``x`` (empty dict for no values)."""
+    if len(x) == 0:
+        return {"count": 0}
+    x = np.asarray(x, dtype=np.float64)
+    q = np.percentile(x, [0, 10, 25, 50, 75, 90, 100])
+    return {
+        "count": len(x), "mean": round(float(x.mean()), 4), "std": round(float(x.std()), 4),
+        "min": float(q[0]), "p10": float(q[1]), "p25": float(q[2]), "median": float(q[3]),
+        "p75": float(q[4]), "p90": float(q[5]), "max": float(q[6]),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _build_key(spec_sha: str, tokenizer_sha: str | None, sources: list[SourceFile]) -> str:
+    h = hashlib.sha256()
+    h.update(f"{FORMAT_NAME}/{FORMAT_VERSION}/{LAYOUT}\n{spec_sha}\n{tokenizer_sha}\n".encode())
+    for s in sources:
+        h.update(f"{s.display}\t{s.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def _up_to_date(
+    target: Path, spec_sha: str, tokenizer_sha: str | None, sources: list[SourceFile]
+) -> dict[str, Any] | None:
+    """The manifest of an existing store built from the same inputs, else None."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (
+        manifest.get("format_version") != FORMAT_VERSION
+        or manifest.get("kind") != "segments"
+        or manifest.get("spec_sha256") != spec_sha
+    ):
+        return None
+    old = {s["path"]: s for s in manifest.get("sources", [])}
+    if set(old) != {s.display for s in sources}:
+        return None
+    for s in sources:
+        o = old[s.display]
+        same_stat = o.get("bytes") == s.size and o.get("mtime_ns") == s.mtime_ns
+        s.sha256 = o.get("sha256") if same_stat else file_sha256(s.path)
+    if _build_key(spec_sha, tokenizer_sha, sources) != manifest.get("build_key"):
+        for s in sources:
+            s.sha256 = None
+        return None
+    if not all((target / f).exists() for f in manifest.get("data_files", {})):
+        return None
+    return manifest
+
+
+@dataclass
+class _Timer:
+    t: float
+    stages: dict[str, float]
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = round(now - self.t, 4)
+        self.t = now
 
 
 def build_segments(
@@ -16,12 +497,629 @@ def build_segments(
     max_bad_fraction: float | None = None,
     progress: bool | None = None,
 ) -> Any:
-    raise BuildError(f"{spec_path}: kind: segments (QA documents) is not supported yet")
+    """Build (or find up to date) the segment store for ``spec_path`` under ``out_dir/NAME``.
+
+    Returns a :class:`pipeline.build.BuildResult`. ``progress`` is accepted for the
+    ``build`` signature; a segment build is short and shows no bar.
+    """
+    from pipeline.build import BuildResult, _clean_stale, _publish
+
+    t0 = time.perf_counter()
+    spec = load_segment_spec(spec_path)
+    spec_sha = spec.sha256()
+    sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
+    tok_file: Path | None = None
+    tok_sha: str | None = None
+    if spec.tokenizer.path is not None:
+        tok_file = Path(spec.tokenizer.path)
+        if not tok_file.is_file():
+            raise BuildError(
+                f"{spec_path}: tokenizer.path: {spec.tokenizer.path!r} is not a file (paths are "
+                f"relative to the working directory {Path.cwd()}); give a HF tokenizer.json "
+                "or use `train:`"
+            )
+        tok_sha = file_sha256(tok_file)
+    out = Path(out_dir)
+    target = out / spec.name
+    if not force:
+        manifest = _up_to_date(target, spec_sha, tok_sha, sources)
+        if manifest is not None:
+            return BuildResult(target, "up to date", manifest, time.perf_counter() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out, spec.name)
+    staging = out / f".{spec.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        manifest = _build_into(
+            spec, spec_path, spec_sha, sources, tok_file, staging, out, max_bad_fraction
+        )
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+        _write_manifest(staging, manifest)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildResult(target, "built", manifest, time.perf_counter() - t0)
+
+
+def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
+    from pipeline.build import _fsync_tree
+
+    tmp = staging / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(staging)
+    os.replace(tmp, staging / MANIFEST)
+
+
+def _build_into(
+    spec: SegmentSpec,
+    spec_path: str | Path,
+    spec_sha: str,
+    sources: list[SourceFile],
+    tok_file: Path | None,
+    staging: Path,
+    out: Path,
+    max_bad_fraction: float | None,
+) -> dict[str, Any]:
+    origin = str(spec_path)
+    seg = spec.segments
+    timer = _Timer(time.perf_counter(), {})
+    records, rejected = read_records(sources, spec.source, origin)
+    timer.lap("read")
+
+    # distinct contexts, in first-appearance order
+    doc_of: dict[str, int] = {}
+    for c in records.context:
+        doc_of.setdefault(c, len(doc_of))
+    contexts = list(doc_of)
+
+    # tokenizer
+    if tok_file is not None:
+        tok = load_tokenizer(tok_file, origin)
+        t = spec.tokenizer
+        specials = specials_of(tok, t.cls_token, t.sep_token, t.pad_token, origin)
+        tok_bytes = tok_file.read_bytes()
+        tok_origin = {"source": "file", "path": str(tok_file)}
+    else:
+        train = spec.tokenizer.train
+        assert train is not None
+        if not records.question:
+            raise BuildError(_nothing_kept(spec_path, sources, rejected))
+        tok = train_tokenizer(
+            contexts + records.question, train.vocab_size, train.min_frequency, train.lowercase
+        )
+        specials = specials_of(tok, "[CLS]", "[SEP]", "[PAD]", origin)
+        tok_bytes = tokenizer_bytes(tok)
+        tok_origin = {"source": "trained", "model": "WordPiece", **vars(train)}
+    timer.lap("tokenizer")
+
+    docs = encode(tok, contexts)
+    questions = encode(tok, records.question, with_offsets=False)
+    timer.lap("encode")
+
+    # answers: characters -> tokens, for all examples at once
+    ex_doc = np.fromiter((doc_of[c] for c in records.context), dtype=np.int64, count=len(records))
+    c0, c1 = _answer_char_spans(records)
+    has = c0 >= 0
+    gs = np.full(len(records), NO_ANSWER, dtype=np.int64)
+    ge = gs.copy()
+    aligned = np.zeros(len(records), dtype=bool)
+    if has.any():
+        span = char_spans_to_tokens(
+            ex_doc[has], c0[has], c1[has], docs.starts, docs.ends, docs.offsets
+        )
+        gs[has], ge[has], aligned[has] = span
+    # rows that cannot be kept after tokenization
+    empty_doc = docs.lengths[ex_doc] == 0
+    unmapped = has & (gs < 0) & ~empty_doc
+    drop = np.flatnonzero(empty_doc | unmapped)
+    for i in drop.tolist():
+        reason = EMPTY_CONTEXT if empty_doc[i] else ANSWER_NOT_IN_TOKENS
+        detail = (
+            "the context has no token once normalised (only control or ignored characters)"
+            if empty_doc[i]
+            else f"no token of the context covers the answer {records.answers[i][0][:60]!r}"
+        )
+        fi, _ = records.order[i]
+        rejected.append(
+            Rejected(
+                records.order[i], records.file[i], records.line[i], records.location[i],
+                reason, detail, records.example_id[i], records.raw(i),
+            )
+        )  # fmt: skip
+        sources[fi].quarantined += 1
+    if len(drop):
+        keep = np.setdiff1d(np.arange(len(records)), drop)
+        records = records.take(keep.tolist())
+        gs, ge, aligned, ex_doc, c0 = gs[keep], ge[keep], aligned[keep], ex_doc[keep], c0[keep]
+        questions = _take_encoded(questions, keep)
+        used, ex_doc = np.unique(ex_doc, return_inverse=True)
+        order = np.argsort(np.unique(ex_doc, return_index=True)[1], kind="stable")
+        # keep documents in first-appearance order
+        remap = np.empty(len(used), dtype=np.int64)
+        remap[order] = np.arange(len(used))
+        ex_doc = remap[ex_doc]
+        used = used[order]
+        docs = _take_encoded(docs, used)
+        contexts = [contexts[i] for i in used.tolist()]
+        ex_doc = ex_doc.astype(np.int64)
+
+    # quarantine (input order)
+    rejected.sort(key=lambda r: r.order)
+    with (staging / QUARANTINE).open("wb") as f:
+        for r in rejected:
+            f.write(r.to_json())
+    n_records = sum(s.records for s in sources)
+    if max_bad_fraction is not None and n_records and len(rejected) / n_records > max_bad_fraction:
+        keep_path = out / f"{spec.name}.rejected-quarantine.jsonl"
+        shutil.copyfile(staging / QUARANTINE, keep_path)
+        top = ", ".join(f"{k} {v}" for k, v in Counter(r.reason for r in rejected).most_common(3))
+        raise BuildError(
+            f"{len(rejected)} of {n_records} records quarantined ({len(rejected) / n_records:.1%}) > "
+            f"--max-bad-fraction {max_bad_fraction}: {top}; see {keep_path}"
+        )
+    if len(records) == 0:
+        raise BuildError(_nothing_kept(spec_path, sources, rejected))
+
+    # segments, a block of examples at a time
+    q_len = np.minimum(questions.lengths, seg.max_question_tokens)
+    n_doc = docs.lengths[ex_doc]
+    nseg = n_segments(n_doc, seg.max_tokens, seg.stride)
+    cost = np.cumsum(nseg * (q_len + 3) + n_doc + nseg * max(0, seg.max_tokens - seg.stride))
+    cuts = np.searchsorted(
+        cost, np.arange(1, int(cost[-1] // ROWS_PER_BLOCK_TOKENS) + 1) * ROWS_PER_BLOCK_TOKENS
+    )
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(records))), len(records)]
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        parts.append(
+            assemble_rows(
+                ex_doc[a:b], questions.ids, questions.offsets[a:b], q_len[a:b], docs.ids,
+                docs.offsets, gs[a:b], ge[a:b], seg.max_tokens, seg.stride, specials, a,
+            )
+        )  # fmt: skip
+    rows = SegmentRows.concat(parts)
+    hit = np.flatnonzero(rows.local_start >= 0)
+    answer_segment = np.full(len(records), NO_ANSWER, dtype=np.int64)
+    hit_ex, first = np.unique(rows.example_index[hit], return_index=True)
+    answer_segment[hit_ex] = rows.segment_index[hit[first]]
+    timer.lap("segment")
+
+    doc_ids = [hashlib.sha256(c.encode("utf-8")).hexdigest()[:16] for c in contexts]
+    tables = {
+        DOCUMENTS_ARROW: _documents_table(doc_ids, contexts, docs),
+        EXAMPLES_ARROW: _examples_table(
+            records, doc_ids, ex_doc, n_doc, q_len, gs, ge, nseg, answer_segment
+        ),
+        SEGMENTS_ARROW: _segments_table(rows, records.example_id),
+    }
+    for name, table in tables.items():
+        write_arrow_table(table, staging / name)
+    (staging / TOKENIZER_JSON).write_bytes(tok_bytes)
+    shutil.copyfile(spec_path, staging / SPEC_COPY)
+    digests = {name.removesuffix(".arrow"): table_digests(t) for name, t in tables.items()}
+    tok_sha = sha256_hex(tok_bytes)
+    timer.lap("write")
+
+    impossible = np.asarray(records.is_impossible, dtype=bool)
+    answerable = ~impossible
+    reasons = Counter(r.reason for r in rejected)
+    splits = Counter(records.split)
+    n_kept = len(records)
+    counts = {
+        "records": n_records,
+        "records_kept": n_kept,
+        "records_quarantined": len(rejected),
+        "examples": n_kept,
+        "answerable": int(answerable.sum()),
+        "impossible": int(impossible.sum()),
+        "documents": len(contexts),
+        "segments": len(rows),
+        "document_tokens": int(docs.lengths.sum()),
+        "input_ids": int(rows.input_offsets[-1]),
+        "questions_truncated": int((questions.lengths > seg.max_question_tokens).sum()),
+        "answers_in_no_segment": int((answerable & (answer_segment < 0)).sum()),
+        "answers_not_token_aligned": int((answerable & ~aligned).sum()),
+        "answers_with_unknown_tokens": _answers_with_unk(docs, gs, ge, ex_doc, specials),
+        "examples_per_split": dict(sorted(splits.items())),
+    }
+    ans_rel = (gs[answerable] + ge[answerable]) / 2 / np.maximum(n_doc[answerable], 1)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": "segments",
+        "name": spec.name,
+        "store_format": "arrow",
+        "spec": spec.to_dict(),
+        "spec_sha256": spec_sha,
+        "spec_file": str(spec_path),
+        "build_key": _build_key(spec_sha, sha256_hex(tok_bytes) if tok_file else None, sources),
+        "sources": [
+            {
+                "path": s.display,
+                "format": spec.source.format,
+                "sha256": s.sha256,
+                "bytes": s.size,
+                "mtime_ns": s.mtime_ns,
+                "records": s.records,
+                "records_kept": s.records - s.quarantined,
+                "records_quarantined": s.quarantined,
+                "blank_lines": s.blank_lines,
+            }
+            for s in sources
+        ],  # fmt: skip
+        "segments": {
+            "max_tokens": seg.max_tokens,
+            "stride": seg.stride,
+            "overlap": seg.max_tokens - seg.stride,
+            "max_question_tokens": seg.max_question_tokens,
+            "input_width": int(np.diff(rows.input_offsets).max(initial=0)),
+            "max_input_width": seg.input_width,
+            "layout": "[CLS] question [SEP] segment [SEP]",
+            "no_answer": NO_ANSWER,
+        },
+        "tokenizer": {
+            "file": TOKENIZER_JSON,
+            "sha256": tok_sha,
+            "vocab_size": tok.get_vocab_size(),
+            "special_tokens": specials.to_dict(),
+            **tok_origin,
+        },
+        "counts": counts,
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "statistics": {
+            "segments_per_example": distribution(nseg),
+            "segments_per_document": distribution(
+                n_segments(docs.lengths, seg.max_tokens, seg.stride)
+            ),
+            "document_tokens": distribution(docs.lengths),
+            "question_tokens": distribution(questions.lengths),
+            "answer_segment": distribution(answer_segment[answer_segment >= 0]),
+            "answer_relative_position": distribution(ans_rel),
+        },
+        "content_hash": content_hash(digests, tok_sha, file_digest(staging / QUARANTINE)),
+        "table_digests": digests,
+        "data_files": {
+            f: {"sha256": file_digest(staging / f), "bytes": (staging / f).stat().st_size}
+            for f in DATA_FILES
+        },
+        "timings": timer.stages,
+        "versions": _versions(),
+    }
+
+
+def _answers_with_unk(
+    docs: Encoded, gs: np.ndarray, ge: np.ndarray, ex_doc: np.ndarray, specials: Specials
+) -> int:
+    """Answers with an unknown token among their tokens (their text cannot be decoded)."""
+    if specials.unk is None:
+        return 0
+    has = np.flatnonzero(gs >= 0)
+    if len(has) == 0:
+        return 0
+    is_unk = np.concatenate([[0], np.cumsum(docs.ids == specials.unk)])
+    base = docs.offsets[:-1][ex_doc[has]]
+    n = is_unk[base + ge[has] + 1] - is_unk[base + gs[has]]
+    return int((n > 0).sum())
+
+
+def _nothing_kept(
+    spec_path: str | Path, sources: list[SourceFile], rejected: list[Rejected]
+) -> str:
+    n = sum(s.records for s in sources)
+    reasons = dict(Counter(r.reason for r in rejected))
+    return (
+        f"{spec_path}: no example could be kept from {n} records ({len(rejected)} quarantined: "
+        f"{reasons}); nothing to store"
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pipeline.build import _versions as base
+
+    out = base()
+    with contextlib.suppress(PackageNotFoundError):
+        out["tokenizers"] = version("tokenizers")
+    return out
+
+
+# --------------------------------------------------------------------------- CLI summary
+
+
+def summary_lines(result: Any) -> list[str]:
+    """What ``python -m pipeline.build`` prints for a segment store."""
+    m = result.manifest
+    c = m["counts"]
+    if result.status == "up to date":
+        return [
+            f"{result.path}: up to date ({c['examples']} examples, {c['segments']} segments); --force rebuilds"
+        ]
+    lines = [
+        f"{result.path}: built in {result.seconds:.2f}s",
+        f"  records    {c['records']:>8}  = kept {c['records_kept']} + quarantined {c['records_quarantined']}",
+        f"  examples   {c['examples']:>8}  ({c['answerable']} answerable, {c['impossible']} unanswerable)",
+        f"  documents  {c['documents']:>8}  ({c['document_tokens']} tokens)",
+        f"  segments   {c['segments']:>8}  (max_tokens {m['segments']['max_tokens']}, stride {m['segments']['stride']}; "
+        f"{c['answers_in_no_segment']} answers in no single segment)",
+        f"  tokenizer  {m['tokenizer']['vocab_size']:>8}  tokens ({m['tokenizer']['source']})",
+    ]
+    if m["quarantine_reasons"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in m["quarantine_reasons"].items())
+        lines.append(f"  quarantine  {reasons}  -> {result.path / QUARANTINE}")
+    return lines
+
+
+# --------------------------------------------------------------------------- verify
 
 
 def verify_segments(path: Path) -> list[str]:
-    return [f"{path}: segment stores cannot be verified by this version"]
+    """Problems found in a segment store (empty: it verifies)."""
+    from pipeline.qa_store import open_segment_store
+
+    p = Path(path)
+    from pipeline.store import read_manifest
+
+    manifest = read_manifest(p)
+    problems: list[str] = []
+    for name, info in manifest.get("data_files", {}).items():
+        f = p / name
+        if not f.exists():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != info["bytes"]:
+            problems.append(
+                f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} (truncated or replaced)"
+            )
+        elif file_digest(f) != info["sha256"]:
+            problems.append(
+                f"{f}: sha256 differs from the manifest (the file was changed or corrupted)"
+            )
+    if problems:
+        return problems
+    store = open_segment_store(p)
+    digests = {
+        name.removesuffix(".arrow"): table_digests(store.table(name))
+        for name in (DOCUMENTS_ARROW, EXAMPLES_ARROW, SEGMENTS_ARROW)
+    }
+    for table, cols in digests.items():
+        for col, d in cols.items():
+            if manifest.get("table_digests", {}).get(table, {}).get(col) != d:
+                problems.append(f"{p}: {table}.{col}: content differs from the manifest's digest")
+    content = content_hash(digests, file_digest(p / TOKENIZER_JSON), file_digest(p / QUARANTINE))
+    if content != manifest.get("content_hash"):
+        problems.append(
+            f"{p}: content hash {content[:12]} != manifest {str(manifest.get('content_hash'))[:12]}"
+        )
+    problems += [f"{p}: {msg}" for msg in check_invariants(store)]
+    return problems
+
+
+def check_invariants(store: Any) -> list[str]:
+    """Every rule of the segment layout; one message per broken rule."""
+    from pipeline.qa_store import SegmentStore
+
+    assert isinstance(store, SegmentStore)
+    out: list[str] = []
+    m = store.manifest
+    ex, sg, docs = store.examples, store.segments, store.documents
+    n_ex, n_rows = len(ex), len(sg)
+    c = m["counts"]
+    if (n_ex, n_rows, len(docs)) != (c["examples"], c["segments"], c["documents"]):
+        out.append(
+            f"rows: {n_ex} examples, {n_rows} segments, {len(docs)} documents; manifest says "
+            f"{c['examples']}, {c['segments']}, {c['documents']}"
+        )
+        return out
+    if n_ex == 0:
+        return ["the store holds no example"]
+    if c["records"] != c["records_kept"] + c["records_quarantined"]:
+        out.append("counts: records != records_kept + records_quarantined")
+    n_q = sum(1 for _ in store.quarantine_lines())
+    if n_q != c["records_quarantined"]:
+        out.append(f"quarantine.jsonl: {n_q} records, manifest says {c['records_quarantined']}")
+    seg = m["segments"]
+    window, stride, max_q = seg["max_tokens"], seg["stride"], seg["max_question_tokens"]
+    nd = docs.n_tokens[ex.doc_index]
+    if not np.array_equal(nd, ex.n_doc_tokens):
+        out.append("examples: n_doc_tokens differs from the document's token count")
+    if not np.array_equal(ex.n_segments, n_segments(nd, window, stride)):
+        out.append("examples: n_segments is not 1 + ceil(max(n - max_tokens, 0) / stride)")
+        return out
+    if (
+        not np.array_equal(ex.segment_row, np.cumsum(ex.n_segments) - ex.n_segments)
+        or int(ex.n_segments.sum()) != n_rows
+    ):
+        out.append("examples: segment_row / n_segments do not tile segments.arrow in order")
+        return out
+    row_ex = np.repeat(np.arange(n_ex), ex.n_segments)
+    k = np.arange(n_rows) - ex.segment_row[row_ex]
+    if not np.array_equal(sg.example_index, row_ex) or not np.array_equal(sg.segment_index, k):
+        out.append("segments: example_index / segment_index are not in example then segment order")
+        return out
+    off, ln = sg.token_offset.astype(np.int64), sg.n_segment_tokens.astype(np.int64)
+    # coverage: starts at 0, no gap, monotone, ends at the document's end
+    first = ex.segment_row
+    last = first + ex.n_segments - 1
+    if (off[first] != 0).any():
+        out.append("segments: an example's first segment does not start at token 0")
+    nxt = np.ones(n_rows, dtype=bool)
+    nxt[last] = False
+    if (off[1:][nxt[:-1]] <= off[:-1][nxt[:-1]]).any():
+        out.append("segments: token_offset is not increasing within an example")
+    if (off[1:][nxt[:-1]] > (off + ln)[:-1][nxt[:-1]]).any():
+        out.append("segments: a gap between consecutive segments (some tokens are in no segment)")
+    if not np.array_equal(off[last] + ln[last], nd.astype(np.int64)):
+        out.append("segments: the last segment does not end at the document's last token")
+    if (ln < 1).any() or (ln > window).any():
+        out.append(f"segments: n_segment_tokens outside 1..max_tokens ({window})")
+    if not np.array_equal(off, k * stride):
+        out.append(f"segments: token_offset is not segment_index * stride ({stride})")
+    # input ids: [CLS] question [SEP] segment [SEP]
+    q = sg.n_question_tokens.astype(np.int64)
+    cs = sg.context_start.astype(np.int64)
+    sp = m["tokenizer"]["special_tokens"]
+    if (
+        not np.array_equal(cs, q + 2)
+        or (q > max_q).any()
+        or not np.array_equal(q, ex.n_question_tokens[row_ex])
+    ):
+        out.append("segments: n_question_tokens / context_start inconsistent")
+        return out
+    lengths = sg.lengths.astype(np.int64)
+    if not np.array_equal(lengths, cs + ln + 1):
+        out.append("segments: len(input_ids) != context_start + n_segment_tokens + 1")
+        return out
+    v, o = sg.input_values, sg.input_offsets
+    if (
+        (v[o[:-1]] != sp["cls"]).any()
+        or (v[o[:-1] + q + 1] != sp["sep"]).any()
+        or (v[o[1:] - 1] != sp["sep"]).any()
+    ):
+        out.append("segments: input_ids are not framed [CLS] question [SEP] segment [SEP]")
+    rid = np.repeat(np.arange(n_rows), ln)
+    pos = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)
+    got = v[o[:-1][rid] + cs[rid] + pos]
+    want = docs.token_values[docs.token_offsets[:-1][ex.doc_index[row_ex]][rid] + off[rid] + pos]
+    if not np.array_equal(got, want):
+        out.append("segments: a segment's tokens differ from its document's tokens at token_offset")
+    qpos_rid = np.repeat(np.arange(n_rows), q)
+    qpos = np.arange(int(q.sum())) - np.repeat(np.cumsum(q) - q, q)
+    qv = v[o[:-1][qpos_rid] + 1 + qpos]
+    first_of = first[row_ex][qpos_rid]
+    if not np.array_equal(qv, v[o[first_of] + 1 + qpos]):
+        out.append("segments: the question tokens differ between segments of an example")
+    # answers
+    gs, ge = ex.global_start.astype(np.int64), ex.global_end.astype(np.int64)
+    imp = ex.is_impossible
+    if (imp & ((gs != NO_ANSWER) | (ge != NO_ANSWER))).any():
+        out.append("examples: an unanswerable question has an answer span")
+    ans = ~imp
+    if ans.any() and ((gs[ans] < 0) | (ge[ans] < gs[ans]) | (ge[ans] >= nd[ans])).any():
+        out.append("examples: an answer span outside its document")
+    if not np.array_equal(sg.global_start, ex.global_start[row_ex]) or not np.array_equal(
+        sg.global_end, ex.global_end[row_ex]
+    ):
+        out.append("segments: global_start/end differ from the example's")
+    g_s, g_e = gs[row_ex], ge[row_ex]
+    inside = (g_s >= 0) & (g_s >= off) & (g_e < off + ln)
+    ls, le = sg.local_start.astype(np.int64), sg.local_end.astype(np.int64)
+    exp_s = np.where(inside, g_s - off + cs, NO_ANSWER)
+    exp_e = np.where(inside, g_e - off + cs, NO_ANSWER)
+    if not np.array_equal(ls, exp_s) or not np.array_equal(le, exp_e):
+        out.append("segments: local_start/end inconsistent with global span and token_offset")
+    a_seg = np.full(n_ex, NO_ANSWER, dtype=np.int64)
+    hit = np.flatnonzero(inside)
+    hx, fi = np.unique(row_ex[hit], return_index=True)
+    a_seg[hx] = k[hit[fi]]
+    if not np.array_equal(a_seg, ex.answer_segment):
+        out.append("examples: answer_segment is not the first segment holding the answer")
+    out += _decode_check(store, hit, row_ex)
+    return out
+
+
+def _decode_check(store: Any, hit: np.ndarray, row_ex: np.ndarray) -> list[str]:
+    """The tokens marked as the answer decode to the answer text (normalised, without
+    whitespace): the global span in the document's tokens of every answerable example,
+    and the local span in ``input_ids`` of every row that holds the answer.
+
+    Where the answer's characters start or end inside a token (counted in the manifest as
+    ``answers_not_token_aligned``) the decoded tokens must contain the answer; where a
+    marked token is ``[UNK]`` (``answers_with_unknown_tokens``) the text cannot be
+    recovered from ids and the check is skipped."""
+    tok = store.tokenizer
+    ex, sg, docs = store.examples, store.segments, store.documents
+    unk = store.manifest["tokenizer"]["special_tokens"].get("unk")
+    v, o = sg.input_values, sg.input_offsets
+    todo: list[tuple[str, int, list[int]]] = []  # (where, example, marked ids)
+    for e in np.flatnonzero(~ex.is_impossible).tolist():
+        base = int(docs.token_offsets[int(ex.doc_index[e])])
+        ids = docs.token_values[base + int(ex.global_start[e]) : base + int(ex.global_end[e]) + 1]
+        todo.append((f"example {ex.example_id[e]!r} (global span)", e, ids.tolist()))
+    for r in hit.tolist():
+        ids = v[o[r] + sg.local_start[r] : o[r] + sg.local_end[r] + 1]
+        todo.append(
+            (
+                f"segments row {r} (example {ex.example_id[int(row_ex[r])]!r})",
+                int(row_ex[r]),
+                ids.tolist(),
+            )
+        )
+    bad: list[str] = []
+    aligned: dict[int, bool] = {}
+    for where, e, ids in todo:
+        if unk is not None and unk in ids:
+            continue
+        if e not in aligned:
+            base = int(docs.token_offsets[int(ex.doc_index[e])])
+            text0, start = ex.answers[e][0], ex.answer_starts[e][0]
+            c0 = start + len(text0) - len(text0.lstrip())
+            c1 = start + len(text0.rstrip())
+            aligned[e] = (
+                int(docs.token_start[base + int(ex.global_start[e])]) == c0
+                and int(docs.token_end[base + int(ex.global_end[e])]) == c1
+            )
+        answer = normalize_for_compare(tok, ex.answers[e][0])
+        text = decode_span(tok, ids)
+        got = "".join(text.split())
+        if not (got == answer if aligned[e] else answer in got):
+            bad.append(
+                f"{where}: the marked tokens decode to {text[:60]!r}, the answer is "
+                f"{ex.answers[e][0][:60]!r}"
+            )
+            if len(bad) >= 5:
+                break
+    return bad
+
+
+# --------------------------------------------------------------------------- describe
 
 
 def describe(path: Path) -> str:
-    return f"{path}: a segment store (not described by this version)"
+    """What a segment store holds, at a glance (``python -m pipeline.inspect STORE``)."""
+    from pipeline.inspect import _hist
+    from pipeline.qa_store import open_segment_store
+
+    store = open_segment_store(path)
+    m = store.manifest
+    c = m["counts"]
+    s = m["segments"]
+    t = m["tokenizer"]
+    ex = store.examples
+    lines = [
+        f"store        {path}  (segments, arrow, format_version {m['format_version']})",
+        f"name         {m['name']}   content {m['content_hash'][:16]}",
+        f"records      {c['records']} read = {c['records_kept']} kept + {c['records_quarantined']} quarantined",
+        f"examples     {c['examples']}  ({c['answerable']} answerable, {c['impossible']} unanswerable); "
+        f"splits {c['examples_per_split']}",
+        f"documents    {c['documents']}  ({c['document_tokens']} tokens)",
+        f"segments     {c['segments']} rows  (max_tokens {s['max_tokens']}, stride {s['stride']}, "
+        f"overlap {s['overlap']}, max_question_tokens {s['max_question_tokens']}; input_ids up to {s['input_width']})",
+        f"tokenizer    {t['vocab_size']} tokens, {t['source']}, sha256 {t['sha256'][:12]}; specials {t['special_tokens']}",
+        f"answers      {c['answers_in_no_segment']} in no single segment, {c['answers_not_token_aligned']} not on "
+        f"token boundaries, {c['answers_with_unknown_tokens']} with unknown tokens; "
+        f"{c['questions_truncated']} questions truncated",
+        "segments per example",
+        *_hist(ex.n_segments.astype(np.float64)),
+        "document length (tokens)",
+        *_hist(store.documents.n_tokens.astype(np.float64)),
+        "segment holding the answer (answerable examples)",
+        *_hist(ex.answer_segment[ex.answer_segment >= 0].astype(np.float64)),
+        "sources",
+    ]
+    for src in m["sources"]:
+        lines.append(
+            f"  {src['path']}  {src['records']} records, {src['records_quarantined']} quarantined, "
+            f"sha256 {str(src['sha256'])[:12]}"
+        )
+    reasons: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for line in store.quarantine_lines():
+        rec = orjson.loads(line)
+        reasons[rec["reason"]] += 1
+        example.setdefault(rec["reason"], f"{rec['file']} {rec['location']}: {rec['detail']}")
+    lines.append("quarantine" + ("" if reasons else "   none"))
+    for reason, n in reasons.most_common():
+        lines.append(f"  {reason:<24} {n:>8}")
+        lines.append(f"      e.g. {example[reason]}")
+    return "\n".join(lines)

@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     m = read_manifest(args.store)
     c = m["counts"]
+    if m.get("kind") == "segments":
+        print(
+            f"OK {args.store}: {c['examples']} examples, {c['segments']} segments, "
+            f"content {m['content_hash'][:16]} ({MANIFEST} verified)"
+        )
+        return 0
     print(
         f"OK {args.store}: {c['transitions']} transitions, {c['episodes']} episodes, content {m['content_hash'][:16]} ({MANIFEST} verified)"
     )
