@@ -535,7 +535,11 @@ class Trainer:
             elif init_state is not None:
                 source = init_state
             if source is not None:
-                algo.init_from(source)
+                try:
+                    algo.init_from(source)
+                except ValueError as e:
+                    where = f"stages.{index}.init" if stage.init is not None else "--init-from"
+                    raise RunError(f"{where}: {e}") from None
             self.writer.write(
                 {"step": state.step, "stage": stage.name, "algo": stage.algo, "kind": "stage_start"}
             )
