@@ -26,6 +26,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +275,8 @@ def encode(tok: Tokenizer, texts: Sequence[str], with_offsets: bool = True) -> E
             lengths[b + k] = len(a)
             ids.append(a)
             if with_offsets:
-                o = np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2)
+                o = np.fromiter(chain.from_iterable(e.offsets), np.int32, 2 * len(a))
+                o = o.reshape(-1, 2)
                 starts.append(o[:, 0])
                 ends.append(o[:, 1])
     offsets = np.zeros(len(texts) + 1, dtype=np.int64)

@@ -158,6 +158,13 @@ class SegmentRows:
         return SegmentRows(input_offsets=np.concatenate(offsets), **fields)
 
 
+def token_pool(doc_ids: np.ndarray, q_ids: np.ndarray, specials: Specials) -> np.ndarray:
+    """Every id a row can hold, in one array: document tokens, question tokens, [CLS], [SEP]."""
+    return np.concatenate(
+        [doc_ids, q_ids, np.array([specials.cls, specials.sep], dtype=np.int32)]
+    ).astype(np.int32, copy=False)
+
+
 def assemble_rows(
     ex_doc: np.ndarray,
     q_ids: np.ndarray,
@@ -171,6 +178,7 @@ def assemble_rows(
     stride: int,
     specials: Specials,
     example_base: int = 0,
+    pool: np.ndarray | None = None,
 ) -> SegmentRows:
     """Lay out every (question, segment) row of the given examples with array operations.
 
@@ -178,8 +186,17 @@ def assemble_rows(
     ``q_ids[q_offsets[e]:q_offsets[e] + q_len[e]]`` (already truncated); documents' tokens
     are ``doc_ids[doc_offsets[d]:doc_offsets[d + 1]]``; ``answer_start/end[e]``: the answer's
     document-local token span (inclusive) or -1. ``example_base`` is added to the examples'
-    row numbers.
+    row numbers; ``pool`` is :func:`token_pool` of ``doc_ids, q_ids`` if the caller has it.
+
+    Each row is five runs of consecutive ``pool`` entries ([CLS], question, [SEP], segment,
+    [SEP]), so the index into ``pool`` of every output position is the running sum of a
+    vector of ones with a jump at the start of each run: one cumsum and one gather, with no
+    temporary per output position beyond that index.
     """
+    if pool is None:
+        pool = token_pool(doc_ids, q_ids, specials)
+    n_docs_tokens, n_q_tokens = len(doc_ids), len(q_ids)
+    cls_at, sep_at = n_docs_tokens + n_q_tokens, n_docs_tokens + n_q_tokens + 1
     ex_doc = np.asarray(ex_doc, dtype=np.int64)
     n_ex = len(ex_doc)
     n_doc = (doc_offsets[1:] - doc_offsets[:-1])[ex_doc]  # (E,)
@@ -196,16 +213,29 @@ def assemble_rows(
     out_off = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(total, out=out_off[1:])
     n_out = int(out_off[-1])
-    rid = np.repeat(np.arange(n_rows, dtype=np.int64), total)  # (T,)
-    pos = np.arange(n_out, dtype=np.int64) - out_off[:-1][rid]
-    qr = q[rid]
-    values = np.full(n_out, specials.sep, dtype=np.int32)  # the two separators stay
-    values[pos == 0] = specials.cls
-    in_q = (pos >= 1) & (pos <= qr)
-    values[in_q] = q_ids[(np.asarray(q_offsets, dtype=np.int64)[row_ex] - 1)[rid][in_q] + pos[in_q]]
-    in_doc = (pos >= qr + 2) & (pos < total[rid] - 1)
-    doc_src = (doc_offsets[:-1][ex_doc[row_ex]] + off - cs)[rid] + pos
-    values[in_doc] = doc_ids[doc_src[in_doc]]
+    # runs: (R, 5) lengths, first pool index, first output position
+    ones = np.ones(n_rows, dtype=np.int64)
+    run_len = np.stack([ones, q, ones, seg_len, ones], axis=1)
+    run_src = np.stack(
+        [
+            np.full(n_rows, cls_at, dtype=np.int64),
+            n_docs_tokens + np.asarray(q_offsets, dtype=np.int64)[row_ex],
+            np.full(n_rows, sep_at, dtype=np.int64),
+            doc_offsets[:-1][ex_doc[row_ex]] + off,
+            np.full(n_rows, sep_at, dtype=np.int64),
+        ],
+        axis=1,
+    )
+    run_pos = out_off[:-1, None] + np.cumsum(run_len, axis=1) - run_len
+    keep = run_len.reshape(-1) > 0
+    r_src, r_len, r_pos = (a.reshape(-1)[keep] for a in (run_src, run_len, run_pos))
+    jump = r_src.copy()
+    jump[1:] -= r_src[:-1] + r_len[:-1] - 1  # from the previous run's last index
+    index = np.ones(n_out, dtype=np.int64)
+    index[r_pos] = jump
+    np.cumsum(index, out=index)
+    values = pool[index]
+    del index
     g_s = np.asarray(answer_start, dtype=np.int64)[row_ex]
     g_e = np.asarray(answer_end, dtype=np.int64)[row_ex]
     inside = (g_s >= 0) & (g_s >= off) & (g_e < off + seg_len)
@@ -670,12 +700,13 @@ def _build_into(
         cost, np.arange(1, int(cost[-1] // ROWS_PER_BLOCK_TOKENS) + 1) * ROWS_PER_BLOCK_TOKENS
     )
     bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(records))), len(records)]
+    pool = token_pool(docs.ids, questions.ids, specials)
     parts = []
     for a, b in zip(bounds, bounds[1:]):
         parts.append(
             assemble_rows(
                 ex_doc[a:b], questions.ids, questions.offsets[a:b], q_len[a:b], docs.ids,
-                docs.offsets, gs[a:b], ge[a:b], seg.max_tokens, seg.stride, specials, a,
+                docs.offsets, gs[a:b], ge[a:b], seg.max_tokens, seg.stride, specials, a, pool,
             )
         )  # fmt: skip
     rows = SegmentRows.concat(parts)
