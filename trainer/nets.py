@@ -2,8 +2,9 @@
 
 The twin (or K-member) critics are ONE module whose weights are shaped
 ``(K, in, out)``: a forward pass is one ``baddbmm`` per layer for the whole ensemble,
-not K small matmuls. Their hidden layers can run in bfloat16 (``hidden_dtype``) with
-float32 master weights, for the large sampled-action batches of CQL's penalty.
+not K small matmuls. Value nets and actors are the same module with K = 1. Hidden layers
+can run in bfloat16 (``compute_dtype``) with float32 master weights and a float32 output
+layer.
 
 Continuous actions live in a "unit" space inside the algorithms: for finite bounds,
 ``a_unit = (a - center) / half_range`` lies in [-1, 1] and actors are tanh-squashed
@@ -25,16 +26,6 @@ LOG_STD_MIN = -5.0
 LOG_STD_MAX = 2.0
 # Data actions are clipped this far inside [-1, 1] before atanh (unit action space).
 ACTION_EPS = 1e-4
-
-
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    """``Linear -> ReLU`` for each hidden size, then a linear output layer."""
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.ReLU()]
-        in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
 
 
 # ----------------------------------------------------------------------------- scalers
@@ -97,6 +88,10 @@ class ActionScaler(nn.Module):
 
 
 # ----------------------------------------------------------------------------- ensembles
+def is_low_precision(dtype: torch.dtype | None) -> bool:
+    return dtype is not None and dtype != torch.float32
+
+
 class EnsembleLinear(nn.Module):
     """K independent linear layers, ``y_k = x_k @ W_k + b_k``, weights (K, in, out)."""
 
@@ -108,112 +103,110 @@ class EnsembleLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def params(
-        self, detach: bool = False, dtype: torch.dtype | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, detach_params: bool = False, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """(K, B, in) -> (K, B, out); ``dtype``: the matmul's dtype (x must have it already)."""
         w: torch.Tensor = self.weight
         b: torch.Tensor = self.bias
-        if detach:
+        if detach_params:
             w, b = w.detach(), b.detach()
-        if dtype is not None and dtype != w.dtype:
+        if is_low_precision(dtype):
             w, b = w.to(dtype), b.to(dtype)
-        return w, b
+        return torch.baddbmm(b, x, w)
 
 
 class EnsembleMLP(nn.Module):
     """K MLPs evaluated together: (B, in) shared or (K, B, in) -> (K, B, out).
 
+    ``compute_dtype`` (e.g. ``torch.bfloat16``; None = float32) is the dtype of the hidden
+    layers' matmuls: weights stay float32 (the optimizer's master copy) and are cast per
+    call, and the output layer runs in float32 on the upcast last hidden activation, so
+    outputs keep float32 resolution. ``forward(dtype=...)`` overrides it for one call;
     ``detach_params`` evaluates with the weights detached (gradients flow to the inputs
-    only, e.g. Q(s, pi(s)) in an actor loss). ``hidden_dtype`` (e.g. ``torch.bfloat16``)
-    runs the hidden layers' matmuls in that dtype, with float32 master weights and a
-    float32 output layer.
+    only, e.g. Q(s, pi(s)) in an actor loss).
     """
 
-    def __init__(self, n_members: int, in_dim: int, hidden: Sequence[int], out_dim: int) -> None:
+    def __init__(
+        self,
+        n_members: int,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if not hidden:
-            raise ValueError("an ensemble MLP needs at least one hidden layer")
+            raise ValueError("an MLP here needs at least one hidden layer")
         self.n_members = n_members
+        self.compute_dtype = compute_dtype
         dims = [in_dim, *hidden, out_dim]
         self.layers = nn.ModuleList(
             EnsembleLinear(n_members, i, o) for i, o in zip(dims[:-1], dims[1:])
         )
 
-    def first_layer(
-        self, x: torch.Tensor, detach_params: bool = False, hidden_dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
-        """Pre-activation of the first layer; x (B, in) or (K, B, in) -> (K, B, hidden)."""
-        w, b = self.layers[0].params(detach_params, hidden_dtype)  # type: ignore[operator]
-        if hidden_dtype is not None:
-            x = x.to(hidden_dtype)
-        if x.dim() == 2:
-            x = x.expand(self.n_members, *x.shape)
-        return torch.baddbmm(b, x, w)
-
-    def tail(
-        self,
-        pre: torch.Tensor,
-        detach_params: bool = False,
-        hidden_dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        """The rest of the network from the first layer's pre-activation (K, B, hidden)."""
-        h = pre.relu_()  # in place: no layer's backward needs its pre-activation
-        n = len(self.layers)
-        for i in range(1, n):
-            last = i == n - 1
-            if last and hidden_dtype is not None:
-                h = h.float()
-            w, b = self.layers[i].params(detach_params, None if last else hidden_dtype)  # type: ignore[operator]
-            h = torch.baddbmm(b, h, w)
-            if not last:
-                h = h.relu_()
-        return h
-
     def forward(
-        self, x: torch.Tensor, detach_params: bool = False, hidden_dtype: torch.dtype | None = None
+        self, x: torch.Tensor, detach_params: bool = False, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        return self.tail(
-            self.first_layer(x, detach_params, hidden_dtype), detach_params, hidden_dtype
-        )
+        dtype = dtype or self.compute_dtype
+        low = is_low_precision(dtype)
+        h = x.to(dtype) if low else x
+        h = h.unsqueeze(0) if self.n_members == 1 else h.expand(self.n_members, *h.shape)
+        *hidden, last = self.layers
+        for layer in hidden:
+            # relu in place: no layer's backward needs its pre-activation
+            h = layer(h, detach_params, dtype).relu_()
+        if low:
+            h = h.float()
+        return last(h, detach_params)
 
 
 class ContinuousCritic(nn.Module):
     """K critics Q_k(s, a) for continuous actions, as one ensemble MLP on ``[s, a]``."""
 
-    def __init__(self, n_critics: int, obs_dim: int, act_dim: int, hidden: Sequence[int]) -> None:
+    def __init__(
+        self,
+        n_critics: int,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int],
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.net = EnsembleMLP(n_critics, obs_dim + act_dim, hidden, 1)
+        self.net = EnsembleMLP(n_critics, obs_dim + act_dim, hidden, 1, compute_dtype)
 
     def forward(
         self,
         obs: torch.Tensor,
         actions: torch.Tensor,
         detach_params: bool = False,
-        hidden_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Q values: obs (B, D) with actions (B, A) -> (K, B), or (B, M, A) -> (K, B, M)."""
         if actions.dim() == 2:
             x = torch.cat([obs, actions], dim=-1)
-            return self.net(x, detach_params, hidden_dtype).squeeze(-1)
+            return self.net(x, detach_params, dtype).squeeze(-1)
         batch, m = actions.shape[:2]
         x = torch.cat([obs.unsqueeze(1).expand(-1, m, -1), actions], dim=-1).view(batch * m, -1)
-        return self.net(x, detach_params, hidden_dtype).view(-1, batch, m)
+        return self.net(x, detach_params, dtype).view(-1, batch, m)
 
 
 class DiscreteCritic(nn.Module):
     """K critics Q_k(s, .) with one output per discrete action: (B, D) -> (K, B, n)."""
 
-    def __init__(self, n_critics: int, obs_dim: int, n_actions: int, hidden: Sequence[int]) -> None:
-        super().__init__()
-        self.net = EnsembleMLP(n_critics, obs_dim, hidden, n_actions)
-
-    def forward(
+    def __init__(
         self,
-        obs: torch.Tensor,
-        detach_params: bool = False,
-        hidden_dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        return self.net(obs, detach_params, hidden_dtype)
+        n_critics: int,
+        obs_dim: int,
+        n_actions: int,
+        hidden: Sequence[int],
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = EnsembleMLP(n_critics, obs_dim, hidden, n_actions, compute_dtype)
+
+    def forward(self, obs: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        return self.net(obs, detach_params)
 
     def q_of(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q_k(s, a) at the given actions (B,) int64: (K, B)."""
@@ -229,12 +222,14 @@ def gather_actions(q_all: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
 class ValueNet(nn.Module):
     """State value V(s): (B, D) -> (B,)."""
 
-    def __init__(self, obs_dim: int, hidden: Sequence[int]) -> None:
+    def __init__(
+        self, obs_dim: int, hidden: Sequence[int], compute_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        self.net = mlp(obs_dim, hidden, 1)
+        self.net = EnsembleMLP(1, obs_dim, hidden, 1, compute_dtype)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs).squeeze(-1)
+        return self.net(obs).view(-1)
 
 
 # ----------------------------------------------------------------------------- actors
@@ -246,15 +241,22 @@ class GaussianActor(nn.Module):
     them can start from another's actor.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], squash: bool) -> None:
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int],
+        squash: bool,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.act_dim = act_dim
         self.squash = squash
-        self.net = mlp(obs_dim, hidden, 2 * act_dim)
+        self.net = EnsembleMLP(1, obs_dim, hidden, 2 * act_dim, compute_dtype)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) -> mean (B, A) and log-std (B, A) of the pre-squash Gaussian."""
-        mean, log_std = self.net(obs).split(self.act_dim, dim=-1)
+        mean, log_std = self.net(obs)[0].split(self.act_dim, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
@@ -293,12 +295,18 @@ class GaussianActor(nn.Module):
 class CategoricalActor(nn.Module):
     """Categorical policy over n discrete actions: (B, D) -> logits (B, n)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int]) -> None:
+    def __init__(
+        self,
+        obs_dim: int,
+        n_actions: int,
+        hidden: Sequence[int],
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.net = mlp(obs_dim, hidden, n_actions)
+        self.net = EnsembleMLP(1, obs_dim, hidden, n_actions, compute_dtype)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
+        return self.net(obs)[0]
 
 
 # ----------------------------------------------------------------------------- targets

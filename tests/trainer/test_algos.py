@@ -33,7 +33,9 @@ CASES += [
     ("bc", False, {**SMALL, "loss": "mse", "grad_clip": 1.0}),
     ("cql", False, {**SMALL_CRITIC, "cql_auto_alpha": True, "penalty_dtype": "bfloat16"}),
     ("cql", True, {**SMALL_CRITIC, "cql_auto_alpha": True, "n_critics": 2, "grad_clip": 10.0}),
-    ("iql", False, {**SMALL_CRITIC, "grad_clip": 1.0}),
+    ("iql", False, {**SMALL_CRITIC, "grad_clip": 1.0, "compute_dtype": "bfloat16"}),
+    ("iql", True, {**SMALL_CRITIC, "compute_dtype": "bfloat16"}),
+    ("bc", True, {**SMALL, "compute_dtype": "bfloat16"}),
 ]
 IDS = [f"{n}-{'discrete' if d else 'continuous'}-{i}" for i, (n, d, _) in enumerate(CASES)]
 
@@ -174,7 +176,8 @@ def test_state_dict_round_trip(name: str, discrete: bool, config: dict[str, Any]
 @pytest.mark.parametrize(("name", "discrete", "config"), CASES, ids=IDS)
 def test_init_from_bc_copies_the_actor(name: str, discrete: bool, config: dict[str, Any]) -> None:
     problem = ExpertProblem(discrete)
-    bc = build("bc", discrete, {"hidden": config["hidden"]}, seed=5)
+    same = {k: config[k] for k in ("hidden", "compute_dtype") if k in config}
+    bc = build("bc", discrete, same, seed=5)
     for _ in range(5):
         bc.update(problem.batch())
     algo = build(name, discrete, config, seed=6)
@@ -217,7 +220,11 @@ def test_no_bootstrap_through_terminated(name: str, discrete: bool) -> None:
     modules: Any = algo.modules
     big = 1000.0
     # Pin what the target bootstraps from (IQL: V(s'), CQL: the target critics) to `big`.
-    pinned = modules["value"].net[-1] if name == "iql" else modules["target_critic"].net.layers[-1]
+    pinned = (
+        modules["value"].net.layers[-1]
+        if name == "iql"
+        else modules["target_critic"].net.layers[-1]
+    )
     with torch.no_grad():
         pinned.weight.zero_()
         pinned.bias.fill_(big)
@@ -268,6 +275,7 @@ def test_unknown_hyper_parameter_is_named() -> None:
         ("iql", {"expectile": 1.5}, "iql.expectile"),
         ("bc", {"hidden": []}, "bc.hidden"),
         ("cql", {"penalty_dtype": "float16"}, "cql.penalty_dtype"),
+        ("iql", {"compute_dtype": "fp8"}, "iql.compute_dtype"),
         ("bc", {"loss": "huber"}, "bc.loss"),
     ],
 )
@@ -313,7 +321,7 @@ def test_bf16_penalty_matches_float32() -> None:
 
     def penalty(dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         critic.zero_grad()
-        q_sampled = critic(obs, sampled, hidden_dtype=dtype)
+        q_sampled = critic(obs, sampled, dtype=dtype)
         gap = cql_logsumexp_penalty(critic(obs, data), q_sampled, log_density)
         gap.sum().backward()
         grad = torch.cat([p.grad.flatten() for p in critic.parameters() if p.grad is not None])

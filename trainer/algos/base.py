@@ -113,18 +113,21 @@ def check_grad_clip(value: Any) -> float | None:
     return check_positive(value, "grad_clip")
 
 
-def resolve_dtype(value: str, field: str, device: torch.device | None = None) -> torch.dtype | None:
-    """``'float32'`` -> None (the default dtype), ``'bfloat16'`` -> torch.bfloat16.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
-    ``'auto'`` is bfloat16 where ``device`` has native bfloat16 matmul units, else float32.
-    """
+
+def check_dtype(value: Any, field: str) -> str:
+    if value not in DTYPE_CHOICES:
+        raise ValueError(f"{field}: expected one of {', '.join(DTYPE_CHOICES)}, got {value!r}")
+    return str(value)
+
+
+def resolve_dtype(value: str, device: torch.device) -> torch.dtype:
+    """``'float32'`` / ``'bfloat16'`` as torch dtypes; ``'auto'`` is bfloat16 where
+    ``device`` has native bfloat16 matmul units, else float32."""
     if value == "auto":
-        return torch.bfloat16 if device is not None and has_fast_bf16(device) else None
-    if value == "float32":
-        return None
-    if value == "bfloat16":
-        return torch.bfloat16
-    raise ValueError(f"{field}: expected 'auto', 'float32' or 'bfloat16', got {value!r}")
+        return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[value]
 
 
 @functools.cache

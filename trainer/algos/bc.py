@@ -17,10 +17,12 @@ from trainer.algos.base import (
     AlgoContext,
     AlgorithmBase,
     Metrics,
+    check_dtype,
     check_grad_clip,
     check_hidden,
     check_positive,
     make_adam,
+    resolve_dtype,
     step_optimizer,
 )
 from trainer.batch import TransitionBatch
@@ -36,9 +38,11 @@ class BCConfig:
     lr: float = 1e-3  # Adam learning rate
     loss: str = "nll"  # continuous only: 'nll' (Gaussian log-likelihood) or 'mse' (mean action)
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    compute_dtype: str = "float32"  # hidden-layer matmuls: 'float32', 'bfloat16' or 'auto'
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "bc.hidden")
+        self.compute_dtype = check_dtype(self.compute_dtype, "bc.compute_dtype")
         self.lr = check_positive(self.lr, "bc.lr")
         if self.loss not in ("nll", "mse"):
             raise ValueError(f"bc.loss: expected 'nll' or 'mse', got {self.loss!r}")
@@ -53,7 +57,8 @@ class BC(AlgorithmBase):
     def __init__(self, ctx: AlgoContext, config: BCConfig) -> None:
         super().__init__(ctx)
         self.config = config
-        self.actor = make_actor(ctx.obs_dim, self, config.hidden)
+        dtype = resolve_dtype(config.compute_dtype, self.device)
+        self.actor = make_actor(ctx.obs_dim, self, config.hidden, dtype)
         self.modules["actor"] = self.actor
         self._finish_init()
         self.actor_params = list(self.actor.parameters())
@@ -99,11 +104,13 @@ class BC(AlgorithmBase):
 Actor = GaussianActor | CategoricalActor
 
 
-def make_actor(obs_dim: int, algo: AlgorithmBase, hidden: tuple[int, ...]) -> Actor:
+def make_actor(
+    obs_dim: int, algo: AlgorithmBase, hidden: tuple[int, ...], dtype: torch.dtype
+) -> Actor:
     """The actor every algorithm shares: categorical, or Gaussian squashed to bounded actions."""
     if algo.discrete:
-        return CategoricalActor(obs_dim, algo.n_actions, hidden)
-    return GaussianActor(obs_dim, algo.act_dim, hidden, squash=algo.action_scaler.bounded)
+        return CategoricalActor(obs_dim, algo.n_actions, hidden, dtype)
+    return GaussianActor(obs_dim, algo.act_dim, hidden, algo.action_scaler.bounded, dtype)
 
 
 def actor_action(

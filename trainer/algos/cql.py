@@ -30,6 +30,7 @@ from trainer.algos.base import (
     AlgoContext,
     AlgorithmBase,
     Metrics,
+    check_dtype,
     check_grad_clip,
     check_hidden,
     check_positive,
@@ -52,7 +53,6 @@ from trainer.losses import (
 from trainer.nets import (
     ContinuousCritic,
     DiscreteCritic,
-    EnsembleLinear,
     GaussianActor,
     gather_actions,
     soft_update_,
@@ -83,6 +83,7 @@ class CQLConfig:
     tau: float = 0.005  # Polyak rate of the target critics
     n_critics: int | None = None  # ensemble size; None = 2 (continuous) / 1 (discrete)
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
+    compute_dtype: str = "float32"  # other matmuls (TD, target, actor): float32/bfloat16/auto
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "cql.hidden")
@@ -105,7 +106,8 @@ class CQLConfig:
         if int(self.n_action_samples) < 1:
             raise ValueError(f"cql.n_action_samples: must be >= 1, got {self.n_action_samples}")
         self.n_action_samples = int(self.n_action_samples)
-        resolve_dtype(self.penalty_dtype, "cql.penalty_dtype")
+        self.penalty_dtype = check_dtype(self.penalty_dtype, "cql.penalty_dtype")
+        self.compute_dtype = check_dtype(self.compute_dtype, "cql.compute_dtype")
         self.tau = float(self.tau)
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"cql.tau: must be in (0, 1], got {self.tau}")
@@ -131,20 +133,22 @@ class CQL(AlgorithmBase):
         self.config = config
         d = ctx.obs_dim
         k = config.n_critics or (1 if self.discrete else 2)
+        dtype = resolve_dtype(config.compute_dtype, self.device)
+        hidden = config.critic_hidden
         self.critic: Critic
         self.target_critic: Critic
         if self.discrete:
-            self.critic = DiscreteCritic(k, d, self.n_actions, config.critic_hidden)
-            self.target_critic = DiscreteCritic(k, d, self.n_actions, config.critic_hidden)
+            self.critic = DiscreteCritic(k, d, self.n_actions, hidden, dtype)
+            self.target_critic = DiscreteCritic(k, d, self.n_actions, hidden, dtype)
         else:
             if not self.action_scaler.bounded:
                 raise ValueError(
                     "cql: continuous CQL samples uniform random actions and needs finite action "
                     "bounds; set fields.action.low/high in the spec"
                 )
-            self.critic = ContinuousCritic(k, d, self.act_dim, config.critic_hidden)
-            self.target_critic = ContinuousCritic(k, d, self.act_dim, config.critic_hidden)
-            self.actor = GaussianActor(d, self.act_dim, config.hidden, squash=True)
+            self.critic = ContinuousCritic(k, d, self.act_dim, hidden, dtype)
+            self.target_critic = ContinuousCritic(k, d, self.act_dim, hidden, dtype)
+            self.actor = GaussianActor(d, self.act_dim, config.hidden, True, dtype)
             self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
             self.modules["actor"] = self.actor
             self.modules["scalars"] = _Scalars(log_temperature=self.log_temperature)
@@ -168,9 +172,7 @@ class CQL(AlgorithmBase):
             self.target_entropy = (
                 config.target_entropy if config.target_entropy is not None else -float(self.act_dim)
             )
-            self.penalty_dtype = resolve_dtype(
-                config.penalty_dtype, "cql.penalty_dtype", self.device
-            )
+            self.penalty_dtype = resolve_dtype(config.penalty_dtype, self.device)
             self.optimizers["actor"] = make_adam(self.actor_params, config.actor_lr, self.device)
             if config.auto_temperature:
                 self.optimizers["temperature"] = make_adam(
@@ -250,7 +252,7 @@ class CQL(AlgorithmBase):
             random_log_density = torch.full_like(pi_log_prob, -self.act_dim * LOG_2)
             log_density = torch.cat([random_log_density, pi_log_prob, next_pi_log_prob], dim=1)
         q_data = self.critic(obs, actions)  # (K, B)
-        q_sampled = self.critic(obs, sampled, hidden_dtype=self.penalty_dtype)  # (K, B, 3n)
+        q_sampled = self.critic(obs, sampled, dtype=self.penalty_dtype)  # (K, B, 3n)
         gap = cql_logsumexp_penalty(q_data, q_sampled, log_density)  # (K,)
         td_loss = q_regression_loss(q_data, target)
         loss = td_loss + self._penalty_weight() * gap.sum()
@@ -368,22 +370,17 @@ class CQL(AlgorithmBase):
             self._load_actor(self.actor, weights, str(state.get("algo")))
             return
         assert isinstance(self.critic, DiscreteCritic)
-        layers: list[EnsembleLinear] = list(self.critic.net.layers)  # type: ignore[arg-type]
-        linear_keys = sorted(
-            {k.rsplit(".", 1)[0] for k in weights}, key=lambda k: int(k.split(".")[-1])
-        )
-        shapes = [tuple(weights[f"{k}.weight"].shape) for k in linear_keys]
-        expected = [(lay.weight.shape[2], lay.weight.shape[1]) for lay in layers]
+        own = self.critic.state_dict()
+        shapes = {k: tuple(v.shape[1:]) for k, v in weights.items()}
+        expected = {k: tuple(v.shape[1:]) for k, v in own.items()}
         if shapes != expected:
             raise ValueError(
-                f"cql.init_from: the {state.get('algo')} actor's layers {shapes} do not fit the critic's "
-                f"{expected}; set critic_hidden to the BC stage's hidden sizes"
+                f"cql.init_from: the {state.get('algo')} actor's layers {shapes} do not fit the "
+                f"critic's {expected}; set critic_hidden to the BC stage's hidden sizes"
             )
-        with torch.no_grad():
-            for lay, key in zip(layers, linear_keys):
-                lay.weight.copy_(weights[f"{key}.weight"].t().unsqueeze(0).expand_as(lay.weight))
-                lay.bias.copy_(weights[f"{key}.bias"].view(1, 1, -1).expand_as(lay.bias))
-            self.target_critic.load_state_dict(self.critic.state_dict())
+        # every ensemble member starts as the (K = 1) actor network
+        self.critic.load_state_dict({k: v.expand_as(own[k]) for k, v in weights.items()})
+        self.target_critic.load_state_dict(self.critic.state_dict())
 
 
 class _Scalars(nn.Module):

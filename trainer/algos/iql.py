@@ -17,10 +17,12 @@ from trainer.algos.base import (
     AlgoContext,
     AlgorithmBase,
     Metrics,
+    check_dtype,
     check_grad_clip,
     check_hidden,
     check_positive,
     make_adam,
+    resolve_dtype,
     step_optimizer,
 )
 from trainer.algos.bc import actor_action, actor_metrics, make_actor
@@ -57,9 +59,11 @@ class IQLConfig:
     tau: float = 0.005  # Polyak rate of the target critics
     n_critics: int = 2  # ensemble size; the min over members is used
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
+    compute_dtype: str = "float32"  # hidden-layer matmuls: 'float32', 'bfloat16' or 'auto'
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "iql.hidden")
+        self.compute_dtype = check_dtype(self.compute_dtype, "iql.compute_dtype")
         self.critic_hidden = check_hidden(self.critic_hidden, "iql.critic_hidden")
         for name in ("actor_lr", "critic_lr", "value_lr", "beta", "max_weight"):
             setattr(self, name, check_positive(getattr(self, name), f"iql.{name}"))
@@ -87,16 +91,18 @@ class IQL(AlgorithmBase):
         super().__init__(ctx)
         self.config = config
         d, k = ctx.obs_dim, config.n_critics
-        self.actor = make_actor(d, self, config.hidden)
+        dtype = resolve_dtype(config.compute_dtype, self.device)
+        hidden = config.critic_hidden
+        self.actor = make_actor(d, self, config.hidden, dtype)
         self.critic: Critic
         self.target_critic: Critic
         if self.discrete:
-            self.critic = DiscreteCritic(k, d, self.n_actions, config.critic_hidden)
-            self.target_critic = DiscreteCritic(k, d, self.n_actions, config.critic_hidden)
+            self.critic = DiscreteCritic(k, d, self.n_actions, hidden, dtype)
+            self.target_critic = DiscreteCritic(k, d, self.n_actions, hidden, dtype)
         else:
-            self.critic = ContinuousCritic(k, d, self.act_dim, config.critic_hidden)
-            self.target_critic = ContinuousCritic(k, d, self.act_dim, config.critic_hidden)
-        self.value = ValueNet(d, config.critic_hidden)
+            self.critic = ContinuousCritic(k, d, self.act_dim, hidden, dtype)
+            self.target_critic = ContinuousCritic(k, d, self.act_dim, hidden, dtype)
+        self.value = ValueNet(d, hidden, dtype)
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.modules.update(
