@@ -32,7 +32,7 @@ data: $(STAMP) data/raw/.generated
 demo: data
 
 test: $(STAMP)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -q
 
 test-all: $(STAMP)
 	$(PYTHON) -m pytest -m ""

@@ -50,7 +50,7 @@ class _Ctx:
 def _mapping(value: Any, ctx: _Ctx, allowed: set[str], required: set[str] = frozenset()) -> dict:  # type: ignore[assignment]
     if not isinstance(value, Mapping):
         raise ctx.fail(f"must be a mapping (key: value), got {type(value).__name__}")
-    unknown = sorted(set(value) - allowed)
+    unknown = sorted((k for k in value if k not in allowed), key=str)
     if unknown:
         raise ctx.fail(f"unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}")
     for key in sorted(required):
@@ -533,6 +533,8 @@ def read_yaml(path: str | Path) -> Any:
         raise SpecError(f"{p}: no such spec file") from None
     except OSError as e:
         raise SpecError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: not UTF-8 text (byte {e.start}); save the spec as UTF-8") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -183,10 +183,9 @@ def _episode_id_of(raw: bytes, key: str) -> str | None:
     except Exception:  # noqa: BLE001 - unreadable: no episode to name
         return None
     v = _get(obj, key)
-    if v is None or isinstance(v, dict | list) or v.__class__.__name__ == "object":
+    # only string and integer ids name an episode (the reference check rejects others)
+    if isinstance(v, bool) or not isinstance(v, str | int):
         return None
-    if isinstance(v, bool):
-        return "true" if v else "false"
     return str(v)
 
 
@@ -427,20 +426,39 @@ def _up_to_date(
     return manifest
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_pid(p: Path, marker: str) -> int | None:
+    """``.NAME.build-PID-XXXX`` / ``.NAME.old-PID-XXXX`` -> PID."""
+    try:
+        return int(p.name.rsplit(marker, 1)[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
 def _clean_stale(out: Path, name: str) -> None:
+    """Remove what killed builds left: staging directories of dead processes, and the
+    old store a publish had moved aside (put back if the new one never arrived)."""
     for p in out.glob(f".{name}.build-*"):
-        try:
-            pid = int(p.name.split("-")[1])
-        except (IndexError, ValueError):
+        pid = _owner_pid(p, ".build-")
+        if pid is not None and (pid == os.getpid() or not _pid_alive(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    target = out / name
+    for p in sorted(out.glob(f".{name}.old-*"), key=lambda q: q.stat().st_mtime, reverse=True):
+        pid = _owner_pid(p, ".old-")
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
             continue
-        alive = True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive or pid == os.getpid():
+        if not target.exists() and (p / MANIFEST).exists():
+            os.replace(p, target)  # the publish was interrupted: restore the old store
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -463,7 +481,9 @@ def _parsed(
     key = parser.spec.source.episode_key
     for chunk in prefetch(iter_chunks(src, chunk_bytes)):
         nb = _nonblank(chunk)
-        steps, rejected = parser.parse(chunk.data, chunk.first_line + nb, _line_getter(chunk, nb))
+        steps, rejected = parser.parse(
+            chunk.data, chunk.first_line + nb, _line_getter(chunk, nb), chunk.first_line
+        )
         for r in rejected:
             r.episode_id = _episode_id_of(r.raw, key)
         yield chunk, nb, steps, rejected
@@ -478,17 +498,20 @@ def _line_getter(chunk: Chunk, nb: np.ndarray) -> Callable[[int], bytes]:
     return get
 
 
-def _first_records(src: SourceFile, limit: int = 200) -> list[Any]:
+def _first_records(sources: list[SourceFile], limit: int = 200) -> list[Any]:
+    """Up to ``limit`` parseable records from the start of the inputs (to infer shapes)."""
     out: list[Any] = []
-    for chunk in iter_chunks(src, 1 << 20):
-        for i in _nonblank(chunk):
-            try:
-                out.append(parse_line(chunk.line(int(i))))
-            except Exception:  # noqa: BLE001 - a bad line: keep looking
-                continue
-            if len(out) >= limit:
-                return out
-        break
+    for src in sources:
+        for chunk in iter_chunks(src, 1 << 20):
+            for i in _nonblank(chunk):
+                try:
+                    out.append(parse_line(chunk.line(int(i))))
+                except Exception:  # noqa: BLE001 - a bad line: keep looking
+                    continue
+                if len(out) >= limit:
+                    return out
+            break
+        src.sha256 = None  # iter_chunks was stopped early: the file is hashed in the build
     return out
 
 
@@ -534,6 +557,8 @@ def build(
     spec = load_spec(spec_path)
     sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out}: exists and is not a directory; give a directory for stores")
     target = out / spec.name
     if not force:
         manifest = _up_to_date(target, spec, sources)
@@ -578,7 +603,7 @@ def _build_into(
     t0 = time.perf_counter()
     raw_spec_sha = spec.sha256()
     try:
-        spec = infer_shapes(spec, _first_records(sources[0]))
+        spec = infer_shapes(spec, _first_records(sources))
     except ValueError as e:
         raise BuildError(str(e)) from None
     parser = ChunkParser(spec)
@@ -934,6 +959,14 @@ def spec_with_sha(spec: TransitionSpec, sha: str) -> TransitionSpec:
     return _S()  # type: ignore[return-value]
 
 
+def _fsync_dir(d: Path) -> None:
+    dfd = os.open(str(d), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
@@ -944,18 +977,37 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(rc == 0)
+
+
 def _publish(staging: Path, target: Path) -> None:
-    """Swap the finished staging directory into place; the old store (if any) goes away."""
+    """Swap the finished staging directory into place; the old store (if any) goes away.
+
+    With an existing store the two directories are exchanged in one atomic step, so a
+    reader (or a kill) sees the old store or the new one, never none."""
+    if target.exists() and _rename_exchange(staging, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old store
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     os.replace(staging, target)
-    dfd = os.open(str(target.parent), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

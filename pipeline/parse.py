@@ -15,9 +15,11 @@ every quarantined record carries one precise, human-readable reason.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -372,10 +374,10 @@ class Validator:
         ep = _get(obj, src.episode_key)
         if ep is _MISSING or ep is None:
             raise RecordError(MISSING_FIELD, f"{src.episode_key} (source.episode_key): missing")
-        if isinstance(ep, dict):
+        if not isinstance(ep, str | int) or isinstance(ep, bool):
             raise RecordError(
                 WRONG_TYPE,
-                f"{src.episode_key} (source.episode_key): expected a string or integer id, got an object",
+                f"{src.episode_key} (source.episode_key): expected a string or integer id, got {_short(ep)}",
             )
         if src.layout == "step_per_line":
             assert src.step_key is not None
@@ -443,6 +445,10 @@ class Rejected:
     detail: str
     raw: bytes
     episode_id: str | None = None
+
+
+def _newlines(data: bytes) -> np.ndarray:
+    return np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
 
 
 def _finite_rows(a: np.ndarray) -> np.ndarray:
@@ -596,7 +602,7 @@ class ChunkParser:
             n_steps = n_steps[~empty]
         exploded = df.select(self._steps_expr.alias("_s")).to_series().explode()
         rows = np.repeat(np.arange(len(lines)), n_steps)
-        starts = np.concatenate([[0], np.cumsum(n_steps)[:-1]]).astype(np.int64)
+        starts = (np.cumsum(n_steps) - n_steps).astype(np.int64)
         top = self.spec.source.steps_key.split(".")[0]
         rest = df.drop(top) if "." not in self.spec.source.steps_key else df
         out = rest.gather(rows).with_columns(
@@ -607,12 +613,19 @@ class ChunkParser:
         return out, empty, n_steps
 
     def parse(
-        self, chunk_data: bytes, lines: np.ndarray, raws: Callable[[int], bytes]
+        self,
+        chunk_data: bytes,
+        lines: np.ndarray,
+        raws: Callable[[int], bytes],
+        first_line: int | None = None,
     ) -> tuple[ParsedSteps, list[Rejected]]:
         """Parse the non-blank lines in ``chunk_data`` (``lines`` are their numbers).
 
-        ``raws(i)`` returns the raw bytes of the i-th non-blank line (for reasons).
+        ``raws(i)`` returns the raw bytes of the i-th non-blank line (for reasons);
+        ``first_line`` is the number of the chunk's first line (blank or not).
         """
+        if first_line is None:
+            first_line = int(lines[0]) if len(lines) else 1
         rejected: list[Rejected] = []
         try:
             df = self._read(chunk_data)
@@ -630,6 +643,10 @@ class ChunkParser:
             keep_idx = np.asarray(good, dtype=np.int64)
             df, keep_idx, more = self._read_bisect(keep_idx, lines, raws)
             rejected.extend(more)
+        df, keep_idx, more = self._check_suspect_ids(
+            df, chunk_data, first_line, keep_idx, lines, raws
+        )
+        rejected.extend(more)
         steps, bad_lines = self._vector_checks(df, lines[keep_idx])
         if bad_lines:
             pos: dict[int, int] = {int(lines[i]): int(i) for i in keep_idx}
@@ -641,6 +658,46 @@ class ChunkParser:
                 rejected.append(Rejected(ln, err.reason, err.detail, raw))
         rejected.sort(key=lambda r: r.line)
         return steps, rejected
+
+    def _check_suspect_ids(
+        self,
+        df: pl.DataFrame,
+        chunk_data: bytes,
+        first_line: int,
+        keep_idx: np.ndarray,
+        lines: np.ndarray,
+        raws: Callable[[int], bytes],
+    ) -> tuple[pl.DataFrame, np.ndarray, list[Rejected]]:
+        """polars turns any JSON value read as a string into text (3.0 -> "3", an object
+        -> its JSON). Episode ids must be strings or integers: lines whose top-level id is
+        anything else (found by one regex scan of the chunk) go to the reference check."""
+        key = self.spec.source.episode_key
+        if "." in key or len(keep_idx) == 0:
+            return df, keep_idx, []
+        # group 1 is set when the value starts with neither a quote nor a plain integer
+        pattern = re.compile(
+            rb'"' + re.escape(key.encode()) + rb'"\s*:\s*(?:"|-?\d+(?![\d.eE])|())'
+        )
+        pos = [m.start() for m in pattern.finditer(chunk_data) if m.group(1) is not None]
+        if not pos:
+            return df, keep_idx, []
+        line_starts = np.concatenate([[0], _newlines(chunk_data) + 1])
+        suspect = first_line + np.searchsorted(line_starts, np.asarray(pos), side="right") - 1
+        mask = np.isin(lines[keep_idx], suspect)
+        if not mask.any():
+            return df, keep_idx, []
+        rejected: list[Rejected] = []
+        drop = np.zeros(len(keep_idx), dtype=bool)
+        for j in np.flatnonzero(mask):
+            i = int(keep_idx[j])
+            err = check_line(self.validator, raws(i))
+            if err is not None:
+                rejected.append(Rejected(int(lines[i]), err.reason, err.detail, raws(i)))
+                drop[j] = True
+        if drop.any():
+            df = df.filter(pl.Series(~drop))
+            keep_idx = keep_idx[~drop]
+        return df, keep_idx, rejected
 
     def _read_bisect(
         self, idx: np.ndarray, lines: np.ndarray, raws: Callable[[int], bytes]
@@ -656,6 +713,12 @@ class ChunkParser:
         except Exception as e:  # noqa: BLE001
             if len(idx) == 1:
                 i = int(idx[0])
+                # The reference check accepted this line (e.g. a key given twice: the last
+                # one counts): read its canonical re-encoding instead.
+                with contextlib.suppress(Exception):
+                    df = self._read(orjson.dumps(parse_line(raws(i))) + b"\n")
+                    if df.height == 1:
+                        return df, idx, []
                 return (
                     self._read(b""),
                     idx[:0],

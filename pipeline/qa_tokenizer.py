@@ -16,7 +16,9 @@ byte-pair merging over the distinct words with ties broken by the pair's text: s
 same vocabulary, same bytes.
 
 Encoding is batched: :func:`encode` runs ``encode_batch`` over many texts and returns flat
-NumPy arrays (ids, character offsets) plus per-text lengths.
+NumPy arrays (ids, character offsets) plus per-text lengths. A trained tokenizer encodes
+the corpus it was trained on from the words its training already split
+(:func:`encode_from_words`): each distinct word once, laid out with NumPy.
 """
 
 from __future__ import annotations
@@ -72,6 +74,31 @@ class Encoded:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)  # (N,) int64
 
+    def take(self, keep: np.ndarray) -> Encoded:
+        """The texts ``keep`` (indices, in this order)."""
+        lengths = self.lengths[keep]
+        offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        src = np.repeat(self.offsets[:-1][keep] - offsets[:-1], lengths) + np.arange(
+            int(offsets[-1]), dtype=np.int64
+        )
+        return Encoded(self.ids[src], self.starts[src], self.ends[src], offsets)
+
+    @staticmethod
+    def concat(parts: Sequence[Encoded]) -> Encoded:
+        """The texts of ``parts``, one after the other."""
+        offsets = [np.zeros(1, dtype=np.int64)]
+        carry = 0
+        for p in parts:
+            offsets.append(p.offsets[1:] + carry)
+            carry += int(p.offsets[-1])
+        return Encoded(
+            ids=np.concatenate([p.ids for p in parts]),
+            starts=np.concatenate([p.starts for p in parts]),
+            ends=np.concatenate([p.ends for p in parts]),
+            offsets=np.concatenate(offsets),
+        )
+
 
 def _normalizer(lowercase: bool) -> normalizers.Normalizer:
     return normalizers.BertNormalizer(
@@ -79,37 +106,114 @@ def _normalizer(lowercase: bool) -> normalizers.Normalizer:
     )
 
 
-def word_counts(texts: Sequence[str], lowercase: bool = True) -> tuple[list[str], np.ndarray]:
-    """Distinct pre-tokenized words of ``texts`` and how often each occurs.
+@dataclass(frozen=True)
+class WordSplit:
+    """Texts cut into the words the trained tokenizer's normaliser and pre-tokenizer make.
 
-    Words come out sorted by (count descending, word): the order of ``WordLevelTrainer``.
+    Made once by :func:`split_words`; it gives the word counts the vocabulary is learnt
+    from AND, through :func:`encode_from_words`, the final encoding without a second pass
+    of normalisation and pre-tokenization over the corpus.
     """
+
+    words: list[str]  # by word id: the normalised word, or a special token met in the text
+    counts: np.ndarray  # (V,) int64 occurrences over all texts
+    occurrences: Encoded  # ids = word ids; starts/ends = each occurrence's span in its text
+    special_ids: frozenset[int]  # word ids of the special tokens (not learnt from)
+    unknown: int  # word id of [UNK]: a stretch of text the splitter did not know
+
+
+def split_words(texts: Sequence[str], lowercase: bool = True) -> WordSplit:
+    """Split ``texts`` into words with HF ``tokenizers`` (a ``WordLevel`` model over the
+    normaliser and pre-tokenizer of :func:`make_tokenizer`, with the same special tokens,
+    so that ``[CLS]`` written in a text is met as the trained tokenizer meets it)."""
     counter = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS[1]))
     counter.normalizer = _normalizer(lowercase)
     counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = hf_trainers.WordLevelTrainer(
         vocab_size=2**31 - 1,
         min_frequency=0,
-        special_tokens=[SPECIAL_TOKENS[1]],
+        special_tokens=list(SPECIAL_TOKENS),
         show_progress=False,
     )
     counter.train_from_iterator(texts, trainer)
+    occ = encode(counter, texts)
     n = counter.get_vocab_size()
-    counts = np.zeros(n, dtype=np.int64)
-    for start in range(0, len(texts), ENCODE_BATCH):
-        encs = counter.encode_batch(
-            list(texts[start : start + ENCODE_BATCH]), add_special_tokens=False
-        )
-        ids = np.concatenate(
-            [np.asarray(e.ids, dtype=np.int64) for e in encs] or [np.zeros(0, np.int64)]
-        )
-        counts += np.bincount(ids, minlength=n)
-    vocab = counter.get_vocab()
+    ids = counter.get_vocab()
     words = [""] * n
-    for w, i in vocab.items():
+    for w, i in ids.items():
         words[i] = w
-    keep = [i for i in range(n) if words[i] != SPECIAL_TOKENS[1] and counts[i] > 0]
-    return [words[i] for i in keep], counts[keep]
+    return WordSplit(
+        words=words,
+        counts=np.bincount(occ.ids, minlength=n).astype(np.int64),
+        occurrences=occ,
+        special_ids=frozenset(ids[t] for t in SPECIAL_TOKENS),
+        unknown=ids[SPECIAL_TOKENS[1]],
+    )
+
+
+def word_counts(split: WordSplit) -> tuple[list[str], np.ndarray]:
+    """The distinct words met (special tokens aside) and how often each occurs."""
+    keep = [i for i in np.flatnonzero(split.counts).tolist() if i not in split.special_ids]
+    return [split.words[i] for i in keep], split.counts[keep]
+
+
+def encode_from_words(
+    tok: Tokenizer, texts: Sequence[str], split: WordSplit, which: np.ndarray
+) -> Encoded:
+    """``encode(tok, texts)`` for the trained tokenizer, from the words of ``split``.
+
+    ``texts[j]`` is the text split as number ``which[j]``. Each distinct word is encoded
+    once and its pieces are laid out at every occurrence with NumPy. That is exactly what
+    encoding the whole text gives, because the normaliser works character by character and
+    the model works word by word: a word's pieces are those of the word alone, their
+    character spans those inside the word shifted to where it occurs. The shift is exact
+    where the occurrence is ASCII and as long as its normalised word (no character was
+    dropped or expanded); any other occurrence (accents, control characters, ...) is
+    encoded from its own text, which is exact as well.
+    """
+    occ = split.occurrences.take(np.asarray(which, dtype=np.int64))
+    n_texts = len(texts)
+    occ_text = np.repeat(np.arange(n_texts, dtype=np.int64), occ.lengths)
+    lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n_texts)
+    text_base = np.concatenate([[0], np.cumsum(lens)])
+    chars = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    non_ascii = np.concatenate([[0], np.cumsum(chars > 127)])
+    g_s = text_base[:-1][occ_text] + occ.starts
+    g_e = text_base[:-1][occ_text] + occ.ends
+    word_len = np.fromiter((len(w) for w in split.words), dtype=np.int64, count=len(split.words))
+    cached = (
+        (non_ascii[g_e] == non_ascii[g_s])
+        & (occ.ends - occ.starts == word_len[occ.ids])
+        & (occ.ids != split.unknown)
+    )
+    uw = np.unique(occ.ids[cached])
+    pieces_w = encode(tok, [split.words[i] for i in uw.tolist()])
+    fallback = np.flatnonzero(~cached)
+    subs: dict[str, int] = {}
+    fb_entry = np.empty(len(fallback), dtype=np.int64)
+    for k, (t, a, b) in enumerate(
+        zip(occ_text[fallback].tolist(), occ.starts[fallback].tolist(), occ.ends[fallback].tolist())
+    ):
+        fb_entry[k] = subs.setdefault(texts[t][a:b], len(subs))
+    pieces_f = encode(tok, list(subs))
+    table = Encoded.concat([pieces_w, pieces_f])
+    entry = np.empty(len(occ.ids), dtype=np.int64)
+    entry[cached] = np.searchsorted(uw, occ.ids[cached])
+    entry[fallback] = len(uw) + fb_entry
+    n_pieces = table.lengths[entry]
+    out_len = int(n_pieces.sum())
+    first = np.cumsum(n_pieces) - n_pieces
+    src = np.repeat(table.offsets[:-1][entry] - first, n_pieces) + np.arange(out_len)
+    shift = np.repeat(occ.starts, n_pieces)
+    per_text = np.bincount(occ_text, weights=n_pieces, minlength=n_texts).astype(np.int64)
+    offsets = np.zeros(n_texts + 1, dtype=np.int64)
+    np.cumsum(per_text, out=offsets[1:])
+    return Encoded(
+        ids=table.ids[src],
+        starts=(table.starts[src] + shift).astype(np.int32),
+        ends=(table.ends[src] + shift).astype(np.int32),
+        offsets=offsets,
+    )
 
 
 def learn_vocab(
@@ -210,10 +314,17 @@ def make_tokenizer(vocab: Sequence[str], lowercase: bool = True) -> Tokenizer:
 
 
 def train_tokenizer(
-    texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool = True
+    texts: Sequence[str],
+    vocab_size: int,
+    min_frequency: int,
+    lowercase: bool = True,
+    split: WordSplit | None = None,
 ) -> Tokenizer:
-    """Train the store's tokenizer on ``texts``; the same texts give the same bytes."""
-    words, counts = word_counts(texts, lowercase)
+    """Train the store's tokenizer on ``texts`` (or on their ``split``, if made already);
+    the same texts give the same bytes."""
+    if split is None:
+        split = split_words(texts, lowercase)
+    words, counts = word_counts(split)
     return make_tokenizer(learn_vocab(words, counts, vocab_size, min_frequency), lowercase)
 
 

@@ -50,12 +50,15 @@ from pipeline.qa_sources import ANSWER_NOT_IN_TOKENS, EMPTY_CONTEXT, Records, Re
 from pipeline.qa_tokenizer import (
     Encoded,
     Specials,
+    WordSplit,
     decode_span,
     encode,
+    encode_from_words,
     load_tokenizer,
     normalize_for_compare,
     sha256_hex,
     specials_of,
+    split_words,
     tokenizer_bytes,
     train_tokenizer,
 )
@@ -321,17 +324,6 @@ def _answer_char_spans(records: Records) -> tuple[np.ndarray, np.ndarray]:
             c0[i] = s + len(t) - len(t.lstrip())
             c1[i] = s + len(t.rstrip())
     return c0, c1
-
-
-def _take_encoded(enc: Encoded, keep: np.ndarray) -> Encoded:
-    """The texts ``keep`` (indices, in this order) of ``enc``."""
-    lengths = enc.lengths[keep]
-    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    src = np.repeat(enc.offsets[:-1][keep] - offsets[:-1], lengths) + np.arange(
-        int(offsets[-1]), dtype=np.int64
-    )
-    return Encoded(enc.ids[src], enc.starts[src], enc.ends[src], offsets)
 
 
 # --------------------------------------------------------------------------- digests
@@ -604,6 +596,7 @@ def _build_into(
     contexts = list(doc_of)
 
     # tokenizer
+    split: WordSplit | None = None
     if tok_file is not None:
         tok = load_tokenizer(tok_file, origin)
         t = spec.tokenizer
@@ -615,16 +608,25 @@ def _build_into(
         assert train is not None
         if not records.question:
             raise BuildError(_nothing_kept(spec_path, sources, rejected))
+        corpus = contexts + records.question
+        split = split_words(corpus, train.lowercase)
         tok = train_tokenizer(
-            contexts + records.question, train.vocab_size, train.min_frequency, train.lowercase
+            corpus, train.vocab_size, train.min_frequency, train.lowercase, split=split
         )
         specials = specials_of(tok, "[CLS]", "[SEP]", "[PAD]", origin)
         tok_bytes = tokenizer_bytes(tok)
         tok_origin = {"source": "trained", "model": "WordPiece", **vars(train)}
     timer.lap("tokenizer")
 
-    docs = encode(tok, contexts)
-    questions = encode(tok, records.question, with_offsets=False)
+    if split is not None:  # the words training met: no second pass over the corpus
+        n_ctx = len(contexts)
+        docs = encode_from_words(tok, contexts, split, np.arange(n_ctx))
+        questions = encode_from_words(
+            tok, records.question, split, np.arange(n_ctx, n_ctx + len(records.question))
+        )
+    else:
+        docs = encode(tok, contexts)
+        questions = encode(tok, records.question, with_offsets=False)
     timer.lap("encode")
 
     # answers: characters -> tokens, for all examples at once
@@ -662,7 +664,7 @@ def _build_into(
         keep = np.setdiff1d(np.arange(len(records)), drop)
         records = records.take(keep.tolist())
         gs, ge, aligned, ex_doc, c0 = gs[keep], ge[keep], aligned[keep], ex_doc[keep], c0[keep]
-        questions = _take_encoded(questions, keep)
+        questions = questions.take(keep)
         used, ex_doc = np.unique(ex_doc, return_inverse=True)
         order = np.argsort(np.unique(ex_doc, return_index=True)[1], kind="stable")
         # keep documents in first-appearance order
@@ -670,7 +672,7 @@ def _build_into(
         remap[order] = np.arange(len(used))
         ex_doc = remap[ex_doc]
         used = used[order]
-        docs = _take_encoded(docs, used)
+        docs = docs.take(used)
         contexts = [contexts[i] for i in used.tolist()]
         ex_doc = ex_doc.astype(np.int64)
 

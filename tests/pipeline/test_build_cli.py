@@ -60,11 +60,6 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     assert_one_error_line(proc, "bad.yaml", "not valid YAML")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: read_yaml does not catch UnicodeDecodeError: a spec file that is not "
-    "UTF-8 ends the build with a traceback",
-)
 def test_spec_file_not_utf8(tmp_path: Path) -> None:
     spec = tmp_path / "latin1.yaml"
     spec.write_bytes("name: café\n".encode("latin-1"))
@@ -86,10 +81,6 @@ def test_glob_matching_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "store").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `--out` naming an existing file ends the build with a FileExistsError traceback",
-)
 def test_out_is_a_file(tmp_path: Path) -> None:
     spec = small_input(tmp_path)
     (tmp_path / "out").write_text("not a directory", encoding="utf-8")
@@ -97,11 +88,6 @@ def test_out_is_a_file(tmp_path: Path) -> None:
     assert_one_error_line(proc, "out")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the observation length is inferred from the first input file only; when "
-    "it is empty the build fails although later files hold good records",
-)
 def test_observation_length_inferred_when_the_first_file_is_empty(tmp_path: Path) -> None:
     write_lines(tmp_path / "raw" / "a.jsonl", [])
     write_lines(tmp_path / "raw" / "b.jsonl", episode_lines("e1", 3))
@@ -323,11 +309,6 @@ def test_killed_rebuild_keeps_the_old_store(tmp_path: Path, big_spec: Path) -> N
     assert open_store(old.path).content_hash == old.manifest["content_hash"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a rebuild killed between the two renames of _publish leaves no store at "
-    "OUT/NAME (the old one is left hidden as .NAME.old-*)",
-)
 def test_rebuild_killed_while_publishing_keeps_a_store(tmp_path: Path) -> None:
     spec = small_input(tmp_path)
     out = tmp_path / "out"
@@ -377,11 +358,6 @@ def test_staging_of_a_live_build_is_left_alone(tmp_path: Path) -> None:
     assert other.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _clean_stale reads the pid as name.split('-')[1], so a staging dir of a "
-    "store whose name has a '-' (every demo store) is never removed",
-)
 def test_stale_staging_is_removed_for_a_hyphenated_name(tmp_path: Path) -> None:
     write_lines(tmp_path / "raw" / "a.jsonl", [step_record("e", 0, last=True)])
     spec = write_spec(tmp_path, [str(tmp_path / "raw" / "*")], name="my-store")

@@ -434,11 +434,6 @@ def test_integer_episode_ids_reject_across_records(tmp_path: Path) -> None:
     assert kept_ids(store) == {"good"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an id written 3.0 is '3' in the fast path but '3.0' when a bad record "
-    "names its episode, so the episode's other records are kept",
-)
 def test_float_episode_ids_reject_across_records(tmp_path: Path) -> None:
     lines: list[Line] = [
         step_record(3.0, 0),  # type: ignore[arg-type]
@@ -683,29 +678,9 @@ def test_fast_path_agrees_with_slow_path(variant: str, data: st.DataObject) -> N
 @pytest.mark.parametrize(
     "episode_id",
     [
-        pytest.param(
-            '{"x":1}',
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: the fast path keeps a record whose episode id is a JSON object "
-                "(stored as the id '{\"x\": 1}'); the slow path rejects it as wrong_type",
-            ),
-        ),
-        pytest.param(
-            "NaN",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: an episode id NaN/Infinity is accepted by the slow path "
-                "but rejected by the fast path (reason 'rejected')",
-            ),
-        ),
-        pytest.param(
-            "Infinity",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: an episode id Infinity: accepted by the slow path, rejected by the fast path",
-            ),
-        ),
+        pytest.param('{"x":1}'),
+        pytest.param("NaN"),
+        pytest.param("Infinity"),
         '"a"',
         "7",
     ],
@@ -717,11 +692,6 @@ def test_odd_episode_ids_get_the_same_decision(episode_id: str) -> None:
     assert fast == slow
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a line with a repeated key is accepted by the slow path (last key wins) "
-    "but quarantined by the fast path with the vague reason 'rejected'",
-)
 def test_repeated_key_gets_the_same_decision() -> None:
     spec = variant_spec("steps-discrete")
     good = dumps(step_record("a", 0))
@@ -730,11 +700,6 @@ def test_repeated_key_gets_the_same_decision() -> None:
     assert fast == slow
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an episode_per_line chunk with no step row at all (every line bad or "
-    "empty) crashes ChunkParser._explode with a ValueError traceback",
-)
 @pytest.mark.parametrize(
     "only",
     [

@@ -204,11 +204,6 @@ def test_any_spec_either_parses_or_raises_spec_error(
         assert str(e).startswith("x.yaml: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _mapping sorts the unknown keys, so a mapping with unknown int and str keys "
-    "raises TypeError instead of SpecError",
-)
 def test_unknown_keys_of_mixed_types() -> None:
     with pytest.raises(SpecError, match="fields.action: unknown key"):
         parse_transition_spec(with_("fields.action", {"type": "discrete", "n": 2, 0: 1, "x": 2}))
