@@ -34,7 +34,9 @@ from pipeline.qa_tokenizer import (
     Specials,
     decode_span,
     encode,
+    encode_from_words,
     normalize_for_compare,
+    split_words,
     tokenizer_bytes,
     train_tokenizer,
 )
@@ -331,6 +333,25 @@ def test_answer_tokens_decode_to_the_answer(
             assert decoded == norm, (answer, decoded)
         else:
             assert norm in decoded, (answer, decoded)
+
+
+NASTY = st.sampled_from(
+    ["a", "B", "é", "e\u0301", "İ", "ß", "中", "😀", "\x01", "\u200b", "\x00", "-", ".", "'",
+     " ", "  ", "\t", "\n", "[CLS]", "[SEP]", "[cls]", "Ünï", "x" * 120, "ﬁ", "\u00a0", "Ⅻ"]
+)  # fmt: skip
+
+
+@_SETTINGS
+@given(st.lists(st.lists(NASTY, min_size=0, max_size=30).map("".join), min_size=1, max_size=6))
+def test_encoding_from_split_words_equals_encoding_each_text(texts: list[str]) -> None:
+    """The trained path's shortcut (each distinct word encoded once, laid out with NumPy)
+    gives exactly the ids and character spans of ``encode_batch`` on every whole text."""
+    split = split_words(texts)
+    tok = train_tokenizer(texts, vocab_size=60, min_frequency=1, split=split)
+    fast = encode_from_words(tok, texts[1:], split, np.arange(1, len(texts)))
+    slow = encode(tok, texts[1:])
+    for name in ("ids", "starts", "ends", "offsets"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
 
 
 @st.composite
