@@ -164,6 +164,22 @@ class Evaluator:
     def online(self) -> bool:
         return self.episodes > 0
 
+    def check(self) -> None:
+        """Create the env once and compare its observations with the store's (fail early)."""
+        if not self.online:
+            return
+        assert self.env_spec is not None
+        env = make_env(self.env_spec, self.max_episode_steps)
+        try:
+            shape = env.observation_space.shape
+            if shape is None or int(np.prod(shape)) != self.obs_dim:
+                raise EvalError(
+                    f"env {self.env_spec['id']!r} observations have shape {shape}, the store's "
+                    f"have {self.obs_dim} values; the spec's observation fields must match the env"
+                )
+        finally:
+            env.close()
+
     def __call__(self, algo: Evaluable) -> dict[str, float]:
         out: dict[str, float] = {}
         with isolated_rng(), torch.no_grad():

@@ -451,6 +451,7 @@ class Trainer:
         self.data = data
         self.ctx = algo_context(data.store, device)
         self.evaluator = make_evaluator(cfg, data)
+        self.evaluator.check()
         self.metric, self.mode = resolve_metric(cfg, data.store)
 
         # Build every stage's algorithm once: a bad hyper-parameter fails now, not hours in.

@@ -106,6 +106,10 @@ def _run(args: argparse.Namespace) -> int:
     except user_errors as e:
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:  # the run directory cannot be written: disk full, permissions, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"trainer.train: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     _print_summary(summary)
     return 0
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.store import open_store
+from pipeline.store import ActionSpace, open_store
 from trainer.config import (
     ConfigError,
     apply_overrides,
@@ -603,4 +603,12 @@ def test_shipped_configs_are_valid(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.store.startswith("stores/") and cfg.out.startswith("runs/")
     for stage in cfg.stages:  # every hyper-parameter is one the algorithm knows
-        parse_config(CONFIGS[stage.algo], stage.algo_config(), stage.algo)
+        if stage.is_d3rlpy:
+            from trainer.d3rlpy_adapter import build_config
+
+            space = ActionSpace("continuous", None, 1, np.array([-2.0]), np.array([2.0]))
+            if stage.algo.startswith("d3rlpy.Discrete"):
+                space = ActionSpace("discrete", 2, None, None, None)
+            build_config(stage.algo, stage.algo_config(), space, np.zeros(3), np.ones(3), 0.99)
+        else:
+            parse_config(CONFIGS[stage.algo], stage.algo_config(), stage.algo)
