@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         f"segment store build: {docs} documents, {tokens} document tokens, {c['examples']} "
         f"questions -> {rows} rows (max_tokens 128, stride 128); median of {args.rounds} round(s)"
     )
-    print(f"{'':<48} {'seconds':>8} {'documents/s':>12} {'tokens/s':>11} {'vs loop':>8}")
+    print(f"{'':<50} {'seconds':>8} {'documents/s':>12} {'tokens/s':>11} {'vs loop':>8}")
     for group, base in (
         ("end to end", "loop"),
         ("tokenize", "loop_tok"),
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             sec = statistics.median(times[key])
             print(
-                f"  {label:<46} {sec:>8.3f} {docs / sec:>12.0f} {tokens / sec:>11.0f} "
+                f"  {label:<48} {sec:>8.3f} {docs / sec:>12.0f} {tokens / sec:>11.0f} "
                 f"{ref_s / sec:>7.1f}x"
             )
     return 0
