@@ -93,9 +93,13 @@ class Progress:
         on = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
         self._bar: Any = None
         if on:
+            import shutil
+
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
+            # Some pseudo-terminals report 0 columns, which makes tqdm print nothing.
+            width = shutil.get_terminal_size((120, 20)).columns or 120
+            self._bar = tqdm(total=total, initial=initial, ncols=width, unit="step")
         self._at = initial
         self._postfix: dict[str, str] = {}
 
