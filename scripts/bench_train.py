@@ -11,9 +11,10 @@ drawing its batch: ours one index draw and one gather from the data packed in on
 matrix, d3rlpy ``sample_transition_batch`` on its replay buffer. Ours and d3rlpy's take
 turns in short rounds so a noisy machine slows both alike; what matters is the ratio.
 
-Columns: steps/s of each side; ``ratio`` = ours / d3rlpy; ``upd-ratio`` the same with the
-sampling time taken out of both sides (what the update alone gains); the issue's target
-and PASS / MISS on ``ratio``.
+Columns: steps/s of each side over the whole budget; ``ratio`` = ours / d3rlpy, the median
+over rounds of the ratio within a round (robust to bursts of load from other processes);
+``upd-ratio`` the same with the sampling time taken out of both sides (what the update
+alone gains); the issue's target and PASS / MISS on ``ratio``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.store import ActionSpace  # noqa: E402
-from trainer.algos import AlgoContext, make_algorithm  # noqa: E402
-from trainer.algos.base import has_fast_bf16  # noqa: E402
+from trainer.algos import CONFIGS, AlgoContext, make_algorithm  # noqa: E402
+from trainer.algos.base import has_fast_bf16, resolve_dtype  # noqa: E402
 from trainer.batch import TransitionBatch  # noqa: E402
 
 OBS_DIM, ACT_DIM, N_DISCRETE, BATCH, EPISODE_LEN = 17, 6, 6, 256, 1000
@@ -173,6 +174,7 @@ class Tally:
     steps: int = 0
     seconds: float = 0.0
     sample_seconds: float = 0.0
+    rounds: list[tuple[float, float]] = field(default_factory=list)  # (rate, update rate)
 
     @property
     def rate(self) -> float:
@@ -203,12 +205,19 @@ def run_for(
         update(batch)
         sampling += t1 - t0
         steps += 1
-        if steps % 8 == 0 and time.perf_counter() - start >= seconds:
+        if time.perf_counter() - start >= seconds:
             break
     sync()
+    elapsed = time.perf_counter() - start
     tally.steps += steps
-    tally.seconds += time.perf_counter() - start
+    tally.seconds += elapsed
     tally.sample_seconds += sampling
+    tally.rounds.append((steps / elapsed, steps / max(elapsed - sampling, 1e-9)))
+
+
+def median_ratio(ours: Tally, theirs: Tally, which: int) -> float:
+    """Median over rounds of ours / theirs; rounds alternate, so each pair shares the load."""
+    return float(np.median([a[which] / b[which] for a, b in zip(ours.rounds, theirs.rounds)]))
 
 
 @dataclass
@@ -248,7 +257,7 @@ def compare(
 
 
 HEADER = (
-    f"{'algo':<22} {'actions':<10} {'ours/s':>8} {'d3rlpy/s':>9} {'ratio':>6} "
+    f"{'algo':<26} {'actions':<10} {'ours/s':>8} {'d3rlpy/s':>9} {'ratio':>6} "
     f"{'upd-ratio':>9} {'target':>7}  result"
 )
 
@@ -256,8 +265,8 @@ HEADER = (
 def print_row(row: Row) -> None:
     theirs = f"{row.theirs.rate:9.1f}" if row.theirs else f"{'-':>9}"
     if row.theirs:
-        ratio = row.ours.rate / row.theirs.rate
-        upd = row.ours.update_rate / row.theirs.update_rate
+        ratio = median_ratio(row.ours, row.theirs, 0)
+        upd = median_ratio(row.ours, row.theirs, 1)
         ratio_s, upd_s = f"{ratio:6.2f}", f"{upd:9.2f}"
     else:
         ratio, ratio_s, upd_s = float("nan"), f"{'-':>6}", f"{'-':>9}"
@@ -265,10 +274,10 @@ def print_row(row: Row) -> None:
     if row.target and row.theirs:
         result = "PASS" if ratio >= row.target else "MISS"
     else:
-        result = "(no d3rlpy counterpart)" if row.theirs is None else "(info)"
+        result = "-" if row.theirs is None else "(info)"
     note = f"  {row.note}" if row.note else ""
     print(
-        f"{row.algo:<22} {row.action:<10} {row.ours.rate:8.1f} {theirs} {ratio_s} {upd_s} "
+        f"{row.algo:<26} {row.action:<10} {row.ours.rate:8.1f} {theirs} {ratio_s} {upd_s} "
         f"{target}  {result}{note}",
         flush=True,
     )
@@ -279,21 +288,58 @@ Plan = list[tuple[str, str, dict[str, Any], str | None, float | None, str]]
 Side = tuple[Callable[[], Any], Callable[[Any], Any]]
 
 
+def dtype_name(value: str, device: torch.device) -> str:
+    return str(resolve_dtype(value, device)).removeprefix("torch.")
+
+
 def plan_for(discrete: bool, device: torch.device) -> Plan:
-    """(label, our algorithm, our config, d3rlpy counterpart, target, note) per row."""
+    """(label, our algorithm, our config, d3rlpy counterpart, target, note) per row.
+
+    Rows with a target run our defaults; the "(info)" rows run the other matmul precision
+    for comparison (bfloat16 where the default is float32 and the device has bf16 units).
+    """
+    bf16 = has_fast_bf16(device)
+
+    def default_dtype(name: str, field: str = "compute_dtype") -> str:
+        return dtype_name(getattr(CONFIGS[name](), field), device)
+
+    def other(name: str, base: dict[str, Any], d3: str | None, note: str) -> Plan:
+        current = default_dtype(name)
+        alt = "float32" if current == "bfloat16" else "bfloat16"
+        if alt == "bfloat16" and not bf16:
+            return []
+        label = f"{name}{' (' + base['loss'] + ')' if 'loss' in base else ''} [{alt}]"
+        return [(label, name, {**base, "compute_dtype": alt}, d3, None, note)]
+
+    def row(name: str, base: dict[str, Any], d3: str | None, note: str) -> Plan:
+        label = f"{name}{' (' + base['loss'] + ')' if 'loss' in base else ''}"
+        target = TARGETS[name] if d3 is not None else None
+        return [(label, name, base, d3, target, f"{note} [{default_dtype(name)}]".strip())]
+
     if discrete:
         return [
-            ("bc", "bc", {}, "discrete-bc", TARGETS["bc"], "vs DiscreteBC"),
-            ("iql", "iql", {}, None, None, ""),
-            ("cql", "cql", {}, "discrete-cql", TARGETS["cql"], "vs DiscreteCQL"),
+            *row("bc", {}, "discrete-bc", "vs DiscreteBC"),
+            *other("bc", {}, "discrete-bc", "vs DiscreteBC"),
+            *row("iql", {}, None, "(d3rlpy has no discrete IQL)"),
+            *row("cql", {}, "discrete-cql", "vs DiscreteCQL"),
+            *other("cql", {}, "discrete-cql", "vs DiscreteCQL"),
         ]
-    cql_auto = "bfloat16" if has_fast_bf16(device) else "float32"
+    penalty = default_dtype("cql", "penalty_dtype")
     return [
-        ("bc (mse)", "bc", {"loss": "mse"}, "bc-mse", TARGETS["bc"], "vs BC deterministic"),
-        ("bc (gaussian nll)", "bc", {}, "bc-nll", TARGETS["bc"], "vs BC stochastic"),
-        ("iql", "iql", {}, "iql", TARGETS["iql"], ""),
-        ("cql (fp32 penalty)", "cql", {"penalty_dtype": "float32"}, "cql", None, "all float32"),
-        ("cql", "cql", {}, "cql", TARGETS["cql"], f"default: penalty_dtype auto -> {cql_auto}"),
+        *row("bc", {"loss": "mse"}, "bc-mse", "vs BC deterministic"),
+        *other("bc", {"loss": "mse"}, "bc-mse", "vs BC deterministic"),
+        *row("bc", {"loss": "nll"}, "bc-nll", "vs BC stochastic"),
+        *row("iql", {}, "iql", "vs IQL"),
+        *other("iql", {}, "iql", "vs IQL"),
+        *row("cql", {}, "cql", f"vs CQL, penalty {penalty}"),
+        (
+            "cql [all float32]",
+            "cql",
+            {"compute_dtype": "float32", "penalty_dtype": "float32"},
+            "cql",
+            None,
+            "vs CQL",
+        ),
     ]
 
 
@@ -386,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds", type=float, default=None, help="wall-clock budget per side (default 15)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="alternating rounds per budget (default 5)"
+        "--rounds", type=int, default=None, help="alternating rounds per budget (default 10)"
     )
     parser.add_argument(
         "--transitions", type=int, default=1_000_000, help="dataset size (>= 1M for the report)"
@@ -401,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds is None:
         args.seconds = 2.0 if args.quick else 15.0
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 5
+        args.rounds = 2 if args.quick else 10
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.no_d3rlpy:
