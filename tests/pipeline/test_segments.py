@@ -823,3 +823,32 @@ def test_compressed_squad_reads_like_plain(tmp_path: Path, demo_raw: Path) -> No
     (tmp_path / "gz" / "dev.json.gz").write_bytes(b"\x1f\x8b broken")
     with pytest.raises(BuildError, match="cannot decompress"):
         build(write_spec(tmp_path, [tmp_path / "gz" / "*"], fmt="squad", name="gz"), tmp_path)
+
+
+def test_a_loaded_byte_level_tokenizer_builds_and_verifies(tmp_path: Path, demo_raw: Path) -> None:
+    """A tokenizer of another family (GPT-2 style byte-level BPE, its own special tokens)."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:10]], trainer)
+    tok.save(str(tmp_path / "bl.json"))
+    spec = write_spec(
+        tmp_path, [demo_raw / "dev-v2.0.json"], fmt="squad", name="bl",
+        tokenizer={"path": str(tmp_path / "bl.json"), "cls_token": "<s>", "sep_token": "</s>",
+                   "pad_token": "<pad>"},
+        segments={"max_tokens": 50, "stride": 30, "max_question_tokens": 12},
+    )  # fmt: skip
+    store = open_segment_store(build_ok(spec, tmp_path / "out").path)  # verify() == []
+    assert store.special_tokens == {"pad": 0, "cls": 1, "sep": 2, "unk": None}
+    ex = store.examples
+    e = int(np.flatnonzero(~ex.is_impossible)[0])
+    got = store.answer_text(e, int(ex.global_start[e]), int(ex.global_end[e]))
+    assert ex.answers[e][0] in got  # byte-level tokens carry their leading space
