@@ -317,24 +317,27 @@ class LoopState:
 
 
 def _mean_metrics(buf: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over the buffered steps: one stack and one host transfer for all tensors."""
-    if not buf:
-        return {}
-    keys = list(buf[0])
-    tensor_keys = [k for k in keys if isinstance(buf[0][k], torch.Tensor)]
+    """Means over the buffered steps: one stack and one host transfer for all tensors.
+
+    A metric missing from some steps (an actor updated every other step) is averaged over
+    the steps that report it.
+    """
+    keys: dict[str, None] = {}
+    for m in buf:
+        keys.update(dict.fromkeys(m))
     out: dict[str, float] = {}
-    if tensor_keys:
-        means = torch.stack(
-            [
-                torch.stack([m[k].detach().float().reshape(()) for m in buf]).mean()
-                for k in tensor_keys
-            ]
-        )
-        out.update(zip(tensor_keys, means.tolist()))
+    tensor_means: list[torch.Tensor] = []
+    tensor_keys: list[str] = []
     for k in keys:
-        if k not in out:
-            out[k] = float(np.mean([float(m[k]) for m in buf]))
-    return out
+        vals = [m[k] for m in buf if k in m]
+        if all(isinstance(v, torch.Tensor) for v in vals):
+            tensor_keys.append(k)
+            tensor_means.append(torch.stack([v.detach().float().reshape(()) for v in vals]).mean())
+        else:
+            out[k] = float(np.mean([float(v) for v in vals]))
+    if tensor_means:
+        out.update(zip(tensor_keys, torch.stack(tensor_means).tolist()))
+    return {k: out[k] for k in keys}
 
 
 class _StopFlag:

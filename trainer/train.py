@@ -126,10 +126,11 @@ def _fmt(ev: dict[str, Any] | None, key: str | None) -> str:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     print(f"run {summary['run']}: {summary['total_steps']} steps in {summary['wall_time_s']:.1f}s")
+    width = max(len(st["name"]) for st in summary["stages"])
     for st in summary["stages"]:
         sps = st["steps_per_s"]
         print(
-            f"  {st['name']:<12} {st['steps']:>7} steps  "
+            f"  {st['name']:<{width}} {st['steps']:>7} steps  "
             f"{(f'{sps:.0f}' if sps else '-'):>6} steps/s  "
             f"final {_fmt(st['final_eval'], summary['metric'])}  "
             f"best {_fmt(st['best_eval'], summary['metric'])}"

@@ -612,3 +612,52 @@ def test_shipped_configs_are_valid(path: Path) -> None:
             build_config(stage.algo, stage.algo_config(), space, np.zeros(3), np.ones(3), 0.99)
         else:
             parse_config(CONFIGS[stage.algo], stage.algo_config(), stage.algo)
+
+
+def test_training_metrics_are_averaged_over_the_steps_that_report_them() -> None:
+    from trainer.loop import _mean_metrics
+
+    buf = [
+        {"q": torch.tensor(1.0), "actor": torch.tensor(4.0)},
+        {"q": torch.tensor(3.0)},
+        {"q": torch.tensor(5.0), "actor": torch.tensor(6.0), "f": 2.0},
+    ]
+    assert _mean_metrics(buf) == {"q": 3.0, "actor": 5.0, "f": 2.0}
+    assert _mean_metrics([]) == {}
+
+
+def test_d3rlpy_returns_to_go_come_from_the_store() -> None:
+    """Algorithms that need returns-to-go (CalQL) get exactly the sampler's column."""
+    from types import SimpleNamespace
+
+    from d3rlpy.torch_utility import TorchMiniBatch
+
+    from trainer.batch import TransitionBatch
+    from trainer.d3rlpy_adapter import make_d3rlpy_algorithm
+
+    space = ActionSpace("continuous", None, 2, -np.ones(2, np.float32), np.ones(2, np.float32))
+    ctx = SimpleNamespace(
+        obs_dim=3,
+        action_space=space,
+        obs_mean=np.zeros(3, np.float32),
+        obs_std=np.ones(3, np.float32),
+        discount=0.9,
+        device=torch.device("cpu"),
+    )
+    algo = make_d3rlpy_algorithm("d3rlpy.CalQL", ctx, {"grad_clip": None}, batch_size=8)
+    g = torch.Generator().manual_seed(0)
+    b = TransitionBatch(
+        torch.randn(8, 3, generator=g),
+        torch.rand(8, 2, generator=g),
+        torch.randn(8, generator=g),
+        torch.randn(8, 3, generator=g),
+        torch.zeros(8),
+        torch.zeros(8),
+        torch.randn(8, generator=g),
+    )
+    mini = algo._mini_batch(b)
+    torch_batch = TorchMiniBatch.from_batch(
+        mini, gamma=0.9, compute_returns_to_go=True, device="cpu:0"
+    )
+    torch.testing.assert_close(torch_batch.returns_to_go.reshape(-1), b.return_to_go)
+    assert np.isfinite(list(algo.update(b).values())[0].item())
