@@ -617,7 +617,7 @@ def test_shipped_configs_are_valid(path: Path) -> None:
 def test_training_metrics_are_averaged_over_the_steps_that_report_them() -> None:
     from trainer.loop import _mean_metrics
 
-    buf = [
+    buf: list[dict[str, Any]] = [
         {"q": torch.tensor(1.0), "actor": torch.tensor(4.0)},
         {"q": torch.tensor(3.0)},
         {"q": torch.tensor(5.0), "actor": torch.tensor(6.0), "f": 2.0},
