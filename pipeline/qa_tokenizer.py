@@ -33,11 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers import trainers as hf_trainers
 
 from data_specs.schema import SPECIAL_TOKENS
 from pipeline.format import BuildError
+
+try:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers as hf_trainers
+except ImportError:  # an install without the `qa` extra
+    raise BuildError(
+        "segment stores need HF `tokenizers`: pip install -e '.[qa]' (or `make setup`)"
+    ) from None
 
 CONTINUATION = "##"
 MAX_WORD_CHARS = 100  # longer words encode as [UNK] (WordPiece's max_input_chars_per_word)
