@@ -110,15 +110,16 @@ def to_mdp_dataset(
         space, size = d3rlpy.ActionSpace.DISCRETE, int(action_space.n or 0)
     else:
         space, size = d3rlpy.ActionSpace.CONTINUOUS, int(action_space.dim or 0)
-    dataset = d3rlpy.dataset.MDPDataset(
-        observations=cols["observations"],
-        actions=cols["actions"],
-        rewards=cols["rewards"],
-        terminals=cols["terminals"],
-        timeouts=cols["timeouts"],
-        action_space=space,
-        action_size=size,
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # d3rlpy logs its signature inference
+        dataset = d3rlpy.dataset.MDPDataset(
+            observations=cols["observations"],
+            actions=cols["actions"],
+            rewards=cols["rewards"],
+            terminals=cols["terminals"],
+            timeouts=cols["timeouts"],
+            action_space=space,
+            action_size=size,
+        )
     eps = np.arange(arrays.n_episodes) if episodes is None else episodes
     want = int(arrays.episode_length[eps].sum())
     if dataset.transition_count != want or len(dataset.episodes) != len(eps):
