@@ -24,7 +24,11 @@ data/raw/.generated: scripts/make_demo_data.py | $(STAMP)
 	$(PYTHON) scripts/make_demo_data.py --out data/raw
 	touch $@
 
-data: $(STAMP) data/raw/.generated
+data/raw/qa/.generated: scripts/make_qa_demo_data.py | $(STAMP)
+	$(PYTHON) scripts/make_qa_demo_data.py --out data/raw/qa
+	touch $@
+
+data: $(STAMP) data/raw/.generated data/raw/qa/.generated
 	@for spec in $(SPECS); do \
 		$(PYTHON) -m pipeline.build $$spec --out stores || exit 1; \
 	done
@@ -44,6 +48,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) scripts/bench_build.py
+	$(PYTHON) scripts/bench_segments.py
 
 clean:
 	rm -rf stores runs data/raw .pytest_cache .mypy_cache .ruff_cache

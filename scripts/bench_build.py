@@ -26,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -34,7 +36,9 @@ import orjson
 OBS, ACT, EP_LEN = 17, 6, 1000
 
 
-def _episodes(n_steps: int, seed: int = 0):  # type: ignore[no-untyped-def]
+def _episodes(
+    n_steps: int, seed: int = 0
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, bool]]:
     rng = np.random.default_rng(seed)
     n_eps = max(1, n_steps // EP_LEN)
     for e in range(n_eps):
@@ -114,7 +118,7 @@ def time_orjson(path: Path) -> float:
 def python_loop(path: Path, layout: str, max_steps: int) -> tuple[float, int]:
     """The hand-written loader style: json.loads and one dict per transition."""
     t0 = time.perf_counter()
-    out: list[dict] = []  # type: ignore[type-arg]
+    out: list[dict[str, Any]] = []
     n = 0
     with path.open("r") as f:
         if layout == "episode_per_line":
@@ -130,7 +134,7 @@ def python_loop(path: Path, layout: str, max_steps: int) -> tuple[float, int]:
                 if n >= max_steps:
                     break
         else:
-            by_ep: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+            by_ep: dict[str, list[dict[str, Any]]] = {}
             for line in f:
                 s = json.loads(line)
                 by_ep.setdefault(s["ep"], []).append(s)
@@ -177,7 +181,7 @@ def main() -> None:
         args.steps, args.big_steps, args.loop_steps = 100_000, 300_000, 50_000
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-build-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     try:
         for layout in ("episode_per_line", "step_per_line"):
             data = work / f"{layout}-{args.steps}.jsonl"
