@@ -94,8 +94,22 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def _store_name(run: Run) -> str:
+    return Path(str(run.config.get("store", "?"))).name
+
+
+def _behaviour(run: Run, key: str) -> float | None:
+    ref = (run.summary or {}).get("reference_returns") or {}
+    value = ref.get("behaviour_normalized_score" if key == "eval/normalized_score" else "behaviour")
+    return None if value is None else float(value)
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Groups of runs whose configs agree on everything but the seed and bookkeeping."""
+    """Groups of runs whose configs agree on everything but the seed and bookkeeping.
+
+    A group's label is its store and stages, plus the settings that tell it apart from the
+    other groups with the same store and stages.
+    """
     groups: dict[str, Group] = {}
     flats: dict[str, dict[str, Any]] = {}
     for run in runs:
@@ -103,21 +117,23 @@ def group_runs(runs: list[Run]) -> list[Group]:
         key = json.dumps(cfg, sort_keys=True, default=str)
         groups.setdefault(key, Group(key)).runs.append(run)
         flats[key] = _flat(cfg)
-    varying = sorted(
-        {
-            k
-            for f in flats.values()
-            for k in f
-            if len({json.dumps(g.get(k)) for g in flats.values()}) > 1
-        }
-    )
+    base = {
+        k: f"{_store_name(g.runs[0])}: {' -> '.join(g.runs[0].stages)}" for k, g in groups.items()
+    }
     for key, g in groups.items():
-        stages = " -> ".join(g.runs[0].stages)
-        shown = [k for k in varying if not k.endswith(".algo") and not k.endswith(".name")]
-        extra = ", ".join(f"{k}={flats[key].get(k)}" for k in shown[:3])
-        if len(shown) > 3:
+        peers = [k for k in groups if base[k] == base[key]]
+        varying = sorted(
+            {
+                name
+                for k in peers
+                for name in flats[k]
+                if len({json.dumps(flats[p].get(name)) for p in peers}) > 1
+            }
+        )
+        extra = ", ".join(f"{name}={flats[key].get(name)}" for name in varying[:3])
+        if len(varying) > 3:
             extra += ", ..."
-        g.label = f"{stages} [{extra}]" if extra else stages
+        g.label = f"{base[key]} [{extra}]" if extra else base[key]
     return list(groups.values())
 
 
@@ -148,7 +164,7 @@ def _ms(vals: list[float]) -> str:
     if not vals:
         return "-"
     a = np.asarray(vals)
-    return f"{a.mean():.1f} ± {a.std():.1f}"
+    return f"{a.mean():.1f} ± {a.std():.1f}" if len(a) > 1 else f"{a[0]:.1f}"
 
 
 def table(groups: list[Group], key: str) -> list[str]:
@@ -158,7 +174,7 @@ def table(groups: list[Group], key: str) -> list[str]:
         f"| run | stage | seeds | final {unit} | best {unit} |",
         "|---|---|---:|---:|---:|",
     ]
-    behaviour: list[float] = []
+    behaviour: dict[str, float] = {}
     for g in groups:
         stages = g.runs[0].stages
         for stage in stages:
@@ -170,13 +186,11 @@ def table(groups: list[Group], key: str) -> list[str]:
                     bests.append(b)
             lines.append(f"| {g.label} | {stage} | {len(finals)} | {_ms(finals)} | {_ms(bests)} |")
         for run in g.runs:
-            ref = (run.summary or {}).get("reference_returns") or {}
-            if key == "eval/normalized_score" and ref.get("behaviour_normalized_score") is not None:
-                behaviour.append(float(ref["behaviour_normalized_score"]))
-            elif key == "eval/return_mean" and ref.get("behaviour") is not None:
-                behaviour.append(float(ref["behaviour"]))
-    if behaviour:
-        lines.append(f"| behaviour (dataset average) | - | - | {behaviour[0]:.1f} | - |")
+            value = _behaviour(run, key)
+            if value is not None:
+                behaviour[_store_name(run)] = value
+    for store, value in behaviour.items():
+        lines.append(f"| {store}: behaviour (dataset average) | - | - | {value:.1f} | - |")
     return lines
 
 
@@ -188,18 +202,16 @@ def plot(groups: list[Group], key: str, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    behaviour = None
+    behaviour: dict[str, float] = {}
     for g in groups:
         per_step: dict[int, list[float]] = {}
         for run in g.runs:
             for r in run.rows:
                 if r.get("kind") == "eval" and isinstance(r.get(key), int | float):
                     per_step.setdefault(int(r["step"]), []).append(float(r[key]))
-            ref = (run.summary or {}).get("reference_returns") or {}
-            b = ref.get(
-                "behaviour_normalized_score" if key == "eval/normalized_score" else "behaviour"
-            )
-            behaviour = b if b is not None else behaviour
+            value = _behaviour(run, key)
+            if value is not None:
+                behaviour[_store_name(run)] = value
         if not per_step:
             continue
         steps = sorted(per_step)
@@ -210,8 +222,8 @@ def plot(groups: list[Group], key: str, path: str | Path) -> Path:
         starts = [int(r["step"]) for r in g.runs[0].rows if r.get("kind") == "stage_start"][1:]
         for s in starts:
             ax.axvline(s, color=line.get_color(), lw=0.7, ls=":")
-    if behaviour is not None:
-        ax.axhline(float(behaviour), color="grey", ls="--", lw=1, label="behaviour (dataset)")
+    for store, value in behaviour.items():
+        ax.axhline(value, color="grey", ls="--", lw=1, label=f"{store}: behaviour (dataset)")
     ax.set_xlabel("gradient step")
     ax.set_ylabel(key)
     ax.legend(fontsize=8)
