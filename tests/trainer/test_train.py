@@ -578,12 +578,12 @@ def test_compare_groups_runs_by_config_across_seeds(
     png = tmp_path / "cmp.png"
     assert compare_main([*runs, "--out", str(png)]) == 0
     printed = capsys.readouterr().out
-    table = [line for line in printed.splitlines() if line.startswith("| bc")]
+    table = [line for line in printed.splitlines() if line.startswith("| tiny-pendulum: bc")]
     assert len(table) == 2, printed
     by_lr = {("0.001" in line): line for line in table}
     assert "| 2 |" in by_lr[True] and "| 1 |" in by_lr[False]
     assert "stages.0.lr=" in table[0]
-    assert "behaviour (dataset average)" in printed
+    assert "| tiny-pendulum: behaviour (dataset average) |" in printed
     finals = [
         json.loads((Path(r) / "summary.json").read_text())["stages"][0]["final_eval"]
         for r in runs[:2]
