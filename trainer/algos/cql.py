@@ -72,9 +72,7 @@ class CQLConfig:
     auto_temperature: bool = True  # continuous only: tune the temperature to target_entropy
     target_entropy: float | None = None  # continuous only; None = -act_dim
     backup_entropy: bool = False  # continuous only: subtract temperature * log pi in the target
-    cql_alpha: float | None = (
-        None  # penalty weight (or the multiplier's start); None = 5 / 1 (cont./disc.)
-    )
+    cql_alpha: float | None = None  # penalty weight (multiplier's start); None: 5 cont., 1 disc.
     cql_auto_alpha: bool = False  # Lagrangian: tune cql_alpha to hold the gap at cql_target_gap
     cql_target_gap: float = 10.0  # Lagrangian threshold on the gap
     cql_alpha_lr: float = 3e-4  # Lagrangian multiplier's learning rate
