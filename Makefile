@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 SPECS := $(wildcard data_specs/*.yaml)
 
-.PHONY: setup demo data train test test-all lint bench compare clean
+.PHONY: setup demo data train compare qa-sweep test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,19 @@ data: $(STAMP) data/raw/.generated data/raw/qa/.generated
 		$(PYTHON) -m pipeline.build $$spec --out stores || exit 1; \
 	done
 
+# Training: CONFIG picks the run, ARGS overrides keys (e.g. ARGS="seed=1 stages.1.steps=5000").
+CONFIG ?= configs/pendulum-bc-iql.yaml
+ARGS ?=
+train: data
+	$(PYTHON) -m trainer.train $(CONFIG) $(ARGS)
+
+compare: $(STAMP)
+	$(PYTHON) -m trainer.compare runs/*/ --out runs/compare.png
+
+# The demo: build the demo stores, then BC -> IQL on Pendulum and compare.
 demo: data
+	$(PYTHON) -m trainer.train configs/pendulum-bc-iql.yaml --overwrite
+	$(PYTHON) -m trainer.compare runs/pendulum-bc-iql --out runs/compare.png
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
@@ -49,6 +61,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) scripts/bench_build.py
 	$(PYTHON) scripts/bench_segments.py
+	$(PYTHON) scripts/bench_sampler.py
+	$(PYTHON) scripts/bench_train.py
 
 clean:
 	rm -rf stores runs data/raw .pytest_cache .mypy_cache .ruff_cache

@@ -47,7 +47,11 @@ def test_golden_store_content(golden: Path) -> None:
     c = s.manifest["counts"]
     assert (c["records"], c["records_kept"], c["records_quarantined"]) == (9, 6, 3)
     assert c["truncated_last_steps_dropped"] == 1
-    assert s.manifest["quarantine_reasons"] == {"bad_json": 1, "non_finite": 1, "unbootstrappable": 1}
+    assert s.manifest["quarantine_reasons"] == {
+        "bad_json": 1,
+        "non_finite": 1,
+        "unbootstrappable": 1,
+    }
     assert [q["line"] for q in s.quarantine()] == [5, 4, 5]
     assert verify(golden) == []
 
