@@ -8,15 +8,23 @@ JSONL layout so that every reader of ``pipeline.build`` is exercised:
     CartPole-v1, ONE STEP PER LINE, the lines of every episode shuffled across the three
     files. Line: ``{"ep", "t", "state": [4], "action": 0|1, "reward", "terminated",
     "truncated"}``; the last step's line also has ``final_obs``, the observation after it.
-    Behaviour: a PD controller on the pole (with epsilon-noise at three levels) and a
-    uniformly random policy.
+    Behaviour: a minority of near-expert episodes (a PD controller on the pole, epsilon
+    0.05); most come from controllers with systematic errors: one balances the pole but
+    drifts off the track (cart feedback of the wrong sign), one holds the pole tilted, one
+    reacts only to large tilts; plus a uniformly random policy.
 
 ``pendulum/episodes.jsonl.zst``
     Pendulum-v1, ONE EPISODE PER LINE, zstandard-compressed. Line: ``{"episode",
     "policy", "steps": [{"obs": {"cos", "sin", "vel"}, "act": [a], "rew", "terminal",
-    "timeout"}, ...], "last_obs": {...}}``. Behaviour: energy-shaping swing-up plus PD
-    balance (with Gaussian action noise at three levels, actions clipped to [-2, 2]) and a
-    uniformly random policy.
+    "timeout"}, ...], "last_obs": {...}}``. Behaviour: a minority of near-expert episodes
+    (energy-shaping swing-up plus PD balance, Gaussian action noise 0.1); most come from
+    controllers with systematic errors: the wrong sign of damping at the top (it swings up
+    but topples off again), a "lazy" one at 0.4x torque (too weak to hold the top); plus a
+    uniformly random policy. Actions are clipped to [-2, 2].
+
+The errors of the sub-optimal controllers do not average out, so cloning the mixture is
+clearly worse than its best episodes (as in D4RL's medium-replay / medium-expert data):
+an offline RL method has to pick the good actions out of the data.
 
 ``replay/replays.jsonl``
     A toy turn-based game, one replay per line, with a composite action
@@ -159,10 +167,32 @@ def mean_return(env_id: str, policy: Policy, n_episodes: int = REFERENCE_EPISODE
 # --------------------------------------------------------------------------- policies
 
 
-def cartpole_expert(obs: Obs, rng: np.random.Generator) -> int:
-    """PD on pole angle and angular velocity, with a little cart-position feedback (~500)."""
-    x, x_dot, theta, theta_dot = (float(v) for v in obs)
-    return int(10.0 * theta + 2.0 * theta_dot + 0.1 * x + 0.5 * x_dot > 0.0)
+def cartpole_pd(
+    k_theta: float = 10.0,
+    k_omega: float = 2.0,
+    k_x: float = 0.1,
+    k_v: float = 0.5,
+    bias: float = 0.0,
+    deadband: float = 0.0,
+) -> Policy:
+    """Push right when ``k_theta theta + k_omega theta' + k_x x + k_v x' + bias > 0``.
+
+    Inside ``|k_theta theta + k_omega theta'| < deadband`` (a late reaction) it pushes right
+    whatever the cart does.
+    """
+
+    def act(obs: Obs, rng: np.random.Generator) -> int:
+        x, x_dot, theta, theta_dot = (float(v) for v in obs)
+        pole = k_theta * theta + k_omega * theta_dot
+        if abs(pole) < deadband:
+            return 1
+        return int(pole + k_x * x + k_v * x_dot + bias > 0.0)
+
+    return act
+
+
+# PD on pole angle and angular velocity, with a little cart-position feedback (~500).
+cartpole_expert = cartpole_pd()
 
 
 def cartpole_random(obs: Obs, rng: np.random.Generator) -> int:
@@ -178,20 +208,49 @@ def epsilon_greedy(policy: Policy, random_policy: Policy, epsilon: float) -> Pol
     return act
 
 
-def pendulum_expert(obs: Obs, rng: np.random.Generator) -> NDArray[np.float32]:
-    """Energy-shaping swing-up far from the top, PD balance near it.
+def sticky_right(policy: Policy, p: float) -> Policy:
+    """With probability ``p`` push right whatever the state, else follow ``policy``."""
+
+    def act(obs: Obs, rng: np.random.Generator) -> EnvAction:
+        return 1 if rng.random() < p else policy(obs, rng)
+
+    return act
+
+
+def pendulum_swingup(
+    k_theta: float = 10.0,
+    k_omega: float = 2.0,
+    gain: float = 1.0,
+    bias: float = 0.0,
+    balance: bool = True,
+) -> Callable[[Obs, np.random.Generator], NDArray[np.float32]]:
+    """Energy-shaping swing-up far from the top, PD balance near it; torque ``gain u + bias``.
 
     With ``theta = 0`` upright the dynamics are ``theta'' = 15 sin(theta) + 3 u``, so
     ``E = theta'^2 / 2 + 15 (cos(theta) - 1)`` is 0 at the top and ``dE/dt = 3 u theta'``:
-    pushing along the velocity while ``E < 0`` pumps energy in.
+    pushing along the velocity while ``E < 0`` pumps energy in. Without ``balance`` it keeps
+    pushing along the velocity everywhere, so the pendulum spins over the top and never stops.
     """
-    cos, sin, vel = (float(v) for v in obs)
-    if cos > 0.85:
-        u = -(10.0 * math.atan2(sin, cos) + 2.0 * vel)
-    else:
-        energy = 0.5 * vel * vel + 15.0 * (cos - 1.0)
-        u = math.copysign(PENDULUM_MAX_TORQUE, -energy * vel) if vel != 0.0 else PENDULUM_MAX_TORQUE
-    return pendulum_action(u)
+
+    def act(obs: Obs, rng: np.random.Generator) -> NDArray[np.float32]:
+        cos, sin, vel = (float(v) for v in obs)
+        if not balance:
+            u = math.copysign(PENDULUM_MAX_TORQUE, vel) if vel != 0.0 else PENDULUM_MAX_TORQUE
+        elif cos > 0.85:
+            u = -(k_theta * math.atan2(sin, cos) + k_omega * vel)
+        else:
+            energy = 0.5 * vel * vel + 15.0 * (cos - 1.0)
+            u = (
+                math.copysign(PENDULUM_MAX_TORQUE, -energy * vel)
+                if vel != 0.0
+                else PENDULUM_MAX_TORQUE
+            )
+        return pendulum_action(gain * u + bias)
+
+    return act
+
+
+pendulum_expert = pendulum_swingup()
 
 
 def pendulum_random(obs: Obs, rng: np.random.Generator) -> NDArray[np.float32]:
@@ -213,17 +272,23 @@ def pendulum_action(u: float) -> NDArray[np.float32]:
     return np.array([np.clip(u, -PENDULUM_MAX_TORQUE, PENDULUM_MAX_TORQUE)], dtype=np.float32)
 
 
+# Mixed quality in the way of D4RL's medium-replay / medium-expert data: most episodes come
+# from sub-optimal controllers whose errors are SYSTEMATIC (a bias, a late reaction, the
+# wrong sign of a gain), so they do not average out when the data is cloned; a minority of
+# episodes is near-expert. Cloning the mixture is clearly worse than its best episodes.
 CARTPOLE_BEHAVIOURS = (
-    Behaviour("pd-eps0.10", 0.25, epsilon_greedy(cartpole_expert, cartpole_random, 0.10)),
-    Behaviour("pd-eps0.45", 0.25, epsilon_greedy(cartpole_expert, cartpole_random, 0.45)),
-    Behaviour("pd-eps0.65", 0.25, epsilon_greedy(cartpole_expert, cartpole_random, 0.65)),
-    Behaviour("random", 0.25, cartpole_random),
+    Behaviour("expert-eps0.05", 0.05, epsilon_greedy(cartpole_expert, cartpole_random, 0.05)),
+    # balances the pole, but its cart feedback has the wrong sign: it drifts off the track
+    Behaviour("drift", 0.35, cartpole_pd(k_x=-2.0, k_v=0.0)),
+    Behaviour("lean-right", 0.25, cartpole_pd(bias=1.0)),  # holds the pole tilted, drifts off
+    Behaviour("late-right", 0.20, cartpole_pd(deadband=1.0)),  # reacts only to large tilts
+    Behaviour("random", 0.15, cartpole_random),
 )
 PENDULUM_BEHAVIOURS = (
-    Behaviour("swingup-sigma0.3", 0.25, gaussian_noise(pendulum_expert, 0.3)),
-    Behaviour("swingup-sigma1.5", 0.25, gaussian_noise(pendulum_expert, 1.5)),
-    Behaviour("swingup-sigma3.0", 0.25, gaussian_noise(pendulum_expert, 3.0)),
-    Behaviour("random", 0.25, pendulum_random),
+    Behaviour("expert-sigma0.1", 0.20, gaussian_noise(pendulum_expert, 0.1)),
+    Behaviour("wrong-damping", 0.30, pendulum_swingup(k_omega=-2.0)),  # topples off the top
+    Behaviour("lazy0.4", 0.30, pendulum_swingup(gain=0.4)),  # too weak to hold the top
+    Behaviour("random", 0.20, pendulum_random),
 )
 
 
