@@ -101,7 +101,13 @@ def test_cartpole_episodes_are_step_per_line_and_shuffled_across_files(raw: Path
 def test_pendulum_episodes_are_truncated_and_actions_clipped(raw: Path) -> None:
     episodes = pendulum_episodes(raw)
     assert len(episodes) == 10
-    assert len({ep["policy"] for ep in episodes}) == 4  # mixed behaviour
+    # near-expert, wrong damping, lazy, random: every behaviour has at least one episode
+    assert {ep["policy"] for ep in episodes} == {
+        "expert-sigma0.1",
+        "wrong-damping",
+        "lazy0.4",
+        "random",
+    }
     for ep in episodes:
         steps = ep["steps"]
         assert len(steps) == 200, ep["episode"]
@@ -112,6 +118,25 @@ def test_pendulum_episodes_are_truncated_and_actions_clipped(raw: Path) -> None:
         assert set(ep["last_obs"]) == {"cos", "sin", "vel"}
     clipped = sum(abs(s["act"][0]) == 2.0 for ep in episodes for s in ep["steps"])
     assert clipped > 0  # the noisy and swing-up actions really hit the bounds
+
+
+def test_behaviour_is_mixed_quality_with_a_minority_of_good_episodes(raw: Path) -> None:
+    """The best episodes are near-expert, the dataset's average is far below them."""
+    refs = json.loads((raw / "reference_returns.json").read_text())
+
+    def normalized(env_id: str, ret: float) -> float:
+        r = refs[env_id]
+        return 100.0 * (ret - r["random"]) / (r["expert"] - r["random"])
+
+    returns: dict[str, float] = defaultdict(float)
+    for _, row in cartpole_lines(raw):
+        returns[row["ep"]] += row["reward"]
+    pendulum = {ep["episode"]: sum(s["rew"] for s in ep["steps"]) for ep in pendulum_episodes(raw)}
+    for env_id, rets in (("CartPole-v1", returns), ("Pendulum-v1", pendulum)):
+        scores = sorted(normalized(env_id, r) for r in rets.values())
+        good = [s for s in scores if s > 90.0]
+        assert good and len(good) <= len(scores) // 2, (env_id, scores)  # a minority
+        assert normalized(env_id, refs[env_id]["behaviour"]) < 60.0, (env_id, scores)
 
 
 def test_replays_are_well_formed_except_the_deliberately_bad_lines(raw: Path) -> None:
