@@ -33,9 +33,10 @@ CASES += [
     ("bc", False, {**SMALL, "loss": "mse", "grad_clip": 1.0}),
     ("cql", False, {**SMALL_CRITIC, "cql_auto_alpha": True, "penalty_dtype": "bfloat16"}),
     ("cql", True, {**SMALL_CRITIC, "cql_auto_alpha": True, "n_critics": 2, "grad_clip": 10.0}),
-    ("iql", False, {**SMALL_CRITIC, "grad_clip": 1.0, "compute_dtype": "bfloat16"}),
-    ("iql", True, {**SMALL_CRITIC, "compute_dtype": "bfloat16"}),
-    ("bc", True, {**SMALL, "compute_dtype": "bfloat16"}),
+    ("iql", False, {**SMALL_CRITIC, "grad_clip": 1.0, "compute_dtype": "float32"}),
+    ("iql", True, {**SMALL_CRITIC, "compute_dtype": "float32"}),
+    ("bc", True, {**SMALL, "compute_dtype": "float32"}),
+    ("cql", False, {**SMALL_CRITIC, "compute_dtype": "float32", "penalty_dtype": "float32"}),
 ]
 IDS = [f"{n}-{'discrete' if d else 'continuous'}-{i}" for i, (n, d, _) in enumerate(CASES)]
 

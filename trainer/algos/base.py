@@ -113,6 +113,12 @@ def check_grad_clip(value: Any) -> float | None:
     return check_positive(value, "grad_clip")
 
 
+# Matmul precision of the hidden layers (``compute_dtype``, CQL's ``penalty_dtype``).
+# Weights, optimizer state, output layers, losses and targets are always float32; only
+# the hidden layers' matmuls and activations drop to bfloat16, which keeps network
+# outputs within ~1e-4 of their float32 values (tests/trainer/test_algos.py). 'auto'
+# takes bfloat16 where the device runs it natively (AVX512-BF16 / AMX CPUs, CUDA sm80+)
+# and float32 elsewhere; 'float32' gives the exact reference arithmetic.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
 

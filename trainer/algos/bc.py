@@ -38,7 +38,7 @@ class BCConfig:
     lr: float = 1e-3  # Adam learning rate
     loss: str = "nll"  # continuous only: 'nll' (Gaussian log-likelihood) or 'mse' (mean action)
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
-    compute_dtype: str = "float32"  # hidden-layer matmuls: 'float32', 'bfloat16' or 'auto'
+    compute_dtype: str = "auto"  # hidden-layer matmuls: float32 / bfloat16 / auto (base.py)
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "bc.hidden")

@@ -14,7 +14,8 @@ arithmetic (3 x ``n_action_samples`` evaluations per state and critic).
 ``penalty_dtype: bfloat16`` runs their hidden layers in bfloat16 (float32 master weights,
 float32 output layer, so Q keeps float32 resolution: errors ~1e-4 of |Q|), several times
 faster on CPUs and GPUs with bf16 units; ``auto`` (the default) picks bfloat16 where the
-device has them and float32 elsewhere. The TD loss, targets and actor stay float32.
+device has them and float32 elsewhere. ``compute_dtype`` does the same for the other
+networks' hidden layers; losses, targets and optimizer state stay float32.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class CQLConfig:
     tau: float = 0.005  # Polyak rate of the target critics
     n_critics: int | None = None  # ensemble size; None = 2 (continuous) / 1 (discrete)
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
-    compute_dtype: str = "float32"  # other matmuls (TD, target, actor): float32/bfloat16/auto
+    compute_dtype: str = "auto"  # the other hidden-layer matmuls: float32 / bfloat16 / auto
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "cql.hidden")

@@ -59,7 +59,7 @@ class IQLConfig:
     tau: float = 0.005  # Polyak rate of the target critics
     n_critics: int = 2  # ensemble size; the min over members is used
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
-    compute_dtype: str = "float32"  # hidden-layer matmuls: 'float32', 'bfloat16' or 'auto'
+    compute_dtype: str = "auto"  # hidden-layer matmuls: float32 / bfloat16 / auto (base.py)
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "iql.hidden")
