@@ -47,6 +47,7 @@ class ConfigError(ValueError):
 
 
 NATIVE_ALGOS = ("bc", "iql", "cql")
+QA_ALGOS = ("qa_supervised", "qa_hybrid")  # segment stores: trainer.qa.runner
 D3RLPY_PREFIX = "d3rlpy."
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -111,7 +112,8 @@ class StageConfig:
     """One training stage: an algorithm trained for a number of gradient steps."""
 
     # bc | iql | cql (native), or d3rlpy.NAME for any d3rlpy algorithm (d3rlpy.IQL, d3rlpy.CQL,
-    # d3rlpy.DiscreteCQL, d3rlpy.BC, ...), built from its NAMEConfig class.
+    # d3rlpy.DiscreteCQL, d3rlpy.BC, ...), built from its NAMEConfig class; on a segment store
+    # qa_supervised | qa_hybrid (trainer.qa).
     algo: str
     # Gradient steps in this stage (early stopping may end it sooner).
     steps: int
@@ -134,10 +136,11 @@ class StageConfig:
             raise ConfigError(
                 f"algo: must be a name (bc, iql, cql or d3rlpy.NAME), got {self.algo!r}"
             )
-        if self.algo not in NATIVE_ALGOS and not self.algo.startswith(D3RLPY_PREFIX):
+        known = (*NATIVE_ALGOS, *QA_ALGOS)
+        if self.algo not in known and not self.algo.startswith(D3RLPY_PREFIX):
             raise ConfigError(
-                f"algo: unknown algorithm {self.algo!r}{_suggest(self.algo, list(NATIVE_ALGOS))}; "
-                "use bc, iql, cql or d3rlpy.NAME (e.g. d3rlpy.IQL)"
+                f"algo: unknown algorithm {self.algo!r}{_suggest(self.algo, list(known))}; "
+                "use bc, iql, cql, d3rlpy.NAME (e.g. d3rlpy.IQL), qa_supervised or qa_hybrid"
             )
         _need_int("steps", self.steps, 1, "gradient steps in this stage")
         if not isinstance(self.name, str) or (self.name and not _NAME_RE.match(self.name)):
@@ -156,6 +159,10 @@ class StageConfig:
     @property
     def is_d3rlpy(self) -> bool:
         return self.algo.startswith(D3RLPY_PREFIX)
+
+    @property
+    def is_qa(self) -> bool:
+        return self.algo in QA_ALGOS
 
     def algo_config(self) -> dict[str, Any]:
         """The mapping handed to the algorithm: its hyper-parameters plus ``grad_clip``."""
@@ -312,6 +319,9 @@ class TrainConfig:
     # The store's content hash; the resolved config.yaml records it, and a run whose store
     # no longer has this hash stops with an error (null: not checked).
     store_hash: str | None = None
+    # QA runs (segment store, qa_* stages): the reader's sizes and the QA evaluation, checked
+    # by trainer.qa.runner.QASettings (null: its defaults).
+    qa: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for key in ("store", "out"):
@@ -345,7 +355,24 @@ class TrainConfig:
             raise ConfigError(
                 f"store_hash: must be a content hash string or null, got {self.store_hash!r}"
             )
+        if self.qa is not None and not isinstance(self.qa, dict):
+            raise ConfigError(
+                f"qa: must be a mapping such as {{model: {{d_model: 64}}}}, got {self.qa!r}"
+            )
+        qa = [st.is_qa for st in self.stages]
+        if any(qa) and not all(qa):
+            i = qa.index(not qa[0])
+            raise ConfigError(
+                f"stages.{i}.algo: {self.stages[i].algo!r} cannot share a run with "
+                f"{self.stages[0].algo!r}; QA stages (qa_supervised, qa_hybrid) train on a segment "
+                "store, the others on a transition store"
+            )
         self._name_stages()
+
+    @property
+    def is_qa(self) -> bool:
+        """True when the stages are QA stages (qa_supervised / qa_hybrid)."""
+        return any(st.is_qa for st in self.stages)
 
     def _name_stages(self) -> None:
         seen: dict[str, int] = {}

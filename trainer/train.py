@@ -43,7 +43,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m trainer.train",
-        description="Train BC / IQL / CQL (native or d3rlpy) on a transition store.",
+        description="Train BC / IQL / CQL (native or d3rlpy) on a transition store, or the "
+        "QA reader (qa_supervised, qa_hybrid) on a segment store.",
     )
     p.add_argument("config", help="a training config (YAML), e.g. configs/pendulum-bc-iql.yaml")
     p.add_argument(
@@ -95,9 +96,15 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
 
         from trainer.loop import Interrupted, RunError, Trainer
+        from trainer.qa import wants_qa_runner
 
+        runner: Any = Trainer
+        if wants_qa_runner(cfg):
+            from trainer.qa.runner import QATrainer
+
+            runner = QATrainer
         try:
-            summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).run()
+            summary = runner(cfg, resume=args.resume, overwrite=args.overwrite).run()
         except Interrupted as e:
             print(f"trainer.train: {e}", file=sys.stderr)
             return EXIT_INTERRUPTED

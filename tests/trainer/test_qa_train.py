@@ -1,0 +1,247 @@
+"""QA training through ``trainer.train``: the run directory, exact resume, init-from, early
+stopping with best-model restore, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from trainer.checkpoint import load_checkpoint
+from trainer.config import ConfigError, load_config
+from trainer.loop import Interrupted
+from trainer.qa import wants_qa_runner
+from trainer.qa.runner import HybridStage, QATrainer
+from trainer.train import main
+
+from .test_qa_data import build_tiny_store
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "qa-demo.yaml"
+TINY = [
+    "qa.model.d_model=16",
+    "qa.model.n_layers=1",
+    "qa.model.n_heads=2",
+    "qa.model.ffn_dim=32",
+    "qa.model.memory_dim=8",
+    "qa.model.head_hidden=8",
+    "stages.0.batch_size=4",
+    "stages.1.batch_size=4",
+    "stages.0.steps=4",
+    "stages.1.steps=4",
+    "eval.every=2",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=20",
+    "log_every=1",
+    "tensorboard=false",
+    "progress=false",
+    "num_threads=1",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_store(tmp_path_factory.mktemp("qa_train_store"))
+
+
+def overrides(store: Path, out: Path, *extra: str) -> list[str]:
+    return [f"store={store}", f"out={out}", *TINY, *extra]
+
+
+def rows(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_cli_trains_both_stages_and_writes_the_run_directory(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.train", str(CONFIG), *overrides(tiny_store, out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "supervised" in proc.stdout and "hybrid" in proc.stdout
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (out / name).is_file(), name
+    ckpts = {p.name for p in (out / "checkpoints").iterdir()}
+    assert {"final-supervised.pt", "final-hybrid.pt", "best-supervised.pt"} <= ckpts
+    evals = [r for r in rows(out) if r["kind"] == "eval"]
+    assert {r["stage"] for r in evals} == {"supervised", "hybrid"}
+    for r in evals:
+        for key in ("eval/f1", "eval/exact_match", "eval/fraction_read", "step", "algo"):
+            assert key in r, key
+        assert 0 <= r["eval/f1"] <= 100 and 0 < r["eval/fraction_read"] <= 1
+    sup = [r for r in evals if r["stage"] == "supervised"]
+    assert all(r["eval/fraction_read"] == 1.0 for r in sup)  # reads everything
+    assert any(r["kind"] == "baseline" for r in rows(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["supervised", "hybrid"]
+    for s in summary["stages"]:
+        assert s["steps"] == 4 and s["final_eval"] is not None and s["examples_per_s"] > 0
+        assert set(s["read_everything"]) == {"f1", "exact_match"}
+    assert summary["baseline"]["fraction_read"] == 1.0
+    assert {"f1", "exact_match"} <= set(summary["baseline"])
+    assert summary["hybrid"]["segment_cost"] == 0.01
+    assert "f1_delta" in summary["hybrid_vs_baseline"]
+    cfg = (out / "config.yaml").read_text()
+    assert "qa_hybrid" in cfg and summary["store_hash"] in cfg
+    ck = load_checkpoint(out / "checkpoints" / "final-hybrid.pt")
+    assert ck["meta"]["kind"] == "qa" and bool(ck["algo_state"]["policy_trained"])
+
+
+def _state(run: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / name)["algo_state"]
+
+
+def _comparable(run: Path) -> list[dict[str, Any]]:
+    drop = {"time", "steps_per_s", "examples_per_s"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows(run)]
+
+
+def test_resume_after_a_signal_ends_with_the_same_weights_and_metrics(
+    tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("stages.1.steps=6",)
+    whole = tmp_path / "whole"
+    QATrainer(load_config(CONFIG, overrides(tiny_store, whole, *extra)), log=lambda m: None).run()
+
+    cut = tmp_path / "cut"
+    real = HybridStage.update
+
+    def update_then_signal(self: HybridStage, batch: Any, step: int) -> dict[str, Any]:
+        out = real(self, batch, step)
+        if step == 2:  # hybrid stage step 3: a SIGTERM between two checkpoints
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(HybridStage, "update", update_then_signal)
+    with pytest.raises(Interrupted):
+        QATrainer(load_config(CONFIG, overrides(tiny_store, cut, *extra)), log=lambda m: None).run()
+    monkeypatch.setattr(HybridStage, "update", real)
+    QATrainer(
+        load_config(CONFIG, overrides(tiny_store, cut, *extra)), resume=True, log=lambda m: None
+    ).run()
+
+    a, b = _state(whole, "final-hybrid.pt"), _state(cut, "final-hybrid.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _comparable(whole) == _comparable(cut)
+    sa = json.loads((whole / "summary.json").read_text())
+    sb = json.loads((cut / "summary.json").read_text())
+    assert sa["hybrid"] == sb["hybrid"] and sa["baseline"] == sb["baseline"]
+
+
+def test_init_from_a_qa_checkpoint_starts_a_hybrid_only_run(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    first = tmp_path / "first"
+    QATrainer(load_config(CONFIG, overrides(tiny_store, first)), log=lambda m: None).run()
+    ckpt = first / "checkpoints" / "final-supervised.pt"
+    out = tmp_path / "sweep"
+    cfg = load_config(
+        CONFIG,
+        overrides(
+            tiny_store,
+            out,
+            "stages=[{algo: qa_hybrid, name: hybrid, steps: 2, batch_size: 4, segment_cost: 0.05}]",
+            f"init_from={ckpt}",
+        ),
+    )
+    summary = QATrainer(cfg, log=lambda m: None).run()
+    base = _state(first, "final-supervised.pt")
+    baseline_row = next(r for r in rows(out) if r["kind"] == "baseline")
+    sup_final = json.loads((first / "summary.json").read_text())["stages"][0]
+    handed = sup_final["best_eval"] if sup_final["handed_on"] == "best" else sup_final["final_eval"]
+    # the baseline is the supervised model, reading everything
+    assert baseline_row["baseline/f1"] == pytest.approx(handed["eval/f1"])
+    assert summary["hybrid"]["segment_cost"] == 0.05
+    assert "encoder.layers.0.linear1.weight" in base
+
+
+def test_early_stopping_stops_and_hands_on_the_best_weights(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "es"
+    cfg = load_config(
+        CONFIG,
+        overrides(
+            tiny_store,
+            out,
+            "stages.0.steps=10",
+            "eval.every=1",
+            "early_stopping.metric=eval/full_segments_read",  # constant: the first eval stays best
+            "early_stopping.mode=min",
+            "early_stopping.patience=2",
+        ),
+    )
+    summary = QATrainer(cfg, log=lambda m: None).run()
+    sup = summary["stages"][0]
+    assert sup["stopped_early"] and sup["steps"] == 3
+    assert sup["best_eval"]["stage_step"] == 1 and sup["handed_on"] == "best"
+    best, final = _state(out, "best-supervised.pt"), _state(out, "final-supervised.pt")
+    for k in best:
+        assert torch.equal(best[k], final[k]), k
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def _err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_user_errors_are_one_line(
+    tiny_store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = [str(CONFIG), *overrides(tiny_store, tmp_path / "e")]
+    assert "segment store" in _err(capsys, [*base, "stages.0.algo=bc", "stages.1.algo=bc"])
+    assert "stages.1.algo" in _err(capsys, [*base, "stages.1.algo=iql"])
+    assert "stages.1.advantage" in _err(capsys, [*base, "stages.1.advantage=ppo"])
+    assert "qa.model.n_heads" in _err(capsys, [*base, "qa.model.n_heads=3"])
+    assert "qa.eval_split" in _err(capsys, [*base, "qa.eval_split=test"])
+    from pipeline.build import build
+
+    monkeypatch.chdir(ROOT)  # the golden spec's paths are relative to the repository
+    transitions = build("tests/data/golden/golden.yaml", tmp_path / "s", progress=False).path
+    err = _err(capsys, [str(CONFIG), *overrides(transitions, tmp_path / "t")])
+    assert "not segments" in err and "qa_supervised" in err
+
+
+def test_dispatch_and_config_checks(tiny_store: Path, tmp_path: Path) -> None:
+    cfg = load_config(CONFIG, overrides(tiny_store, tmp_path / "x"))
+    assert cfg.is_qa and wants_qa_runner(cfg)
+    with pytest.raises(ConfigError, match="qa: must be a mapping"):
+        load_config(CONFIG, [*overrides(tiny_store, tmp_path / "x"), "qa=3"])
+    shutil.rmtree(tmp_path / "x", ignore_errors=True)

@@ -1,0 +1,1162 @@
+"""QA training on a segment store: supervised reading, then hybrid supervised + REINFORCE halting.
+
+``python -m trainer.train configs/qa-demo.yaml`` lands here when the stages are
+``qa_supervised`` / ``qa_hybrid`` (:class:`QATrainer`). It shares the trajectory trainer's
+config, run directory, checkpoints (:mod:`trainer.checkpoint`), metrics files
+(:mod:`trainer.logging`), stop-on-signal and resume rules (:mod:`trainer.loop`).
+
+Stages (hyper-parameters beside ``algo`` / ``steps`` in the stage mapping):
+
+``qa_supervised`` (:class:`SupervisedParams`)
+    Every segment of every document is read; span cross-entropy on each segment (a segment
+    without the answer targets [CLS]). The initialisation of the hybrid stage.
+``qa_hybrid`` (:class:`HybridParams`)
+    The span loss goes on (same pass, every segment) while the halting policy learns by
+    REINFORCE from episodes sampled on the same pass: after each segment the policy samples
+    HALT or CONTINUE, and the episode's return is the F1 of the answer at the halt minus
+    ``segment_cost`` per segment read. Advantages from GAE(gamma, gae_lambda) over a learned
+    value (or the plain return minus the value), normalised per batch; an entropy bonus that
+    decays to a floor; separate optimizers for the QA part and the policy.
+
+Both stages draw their examples through a curriculum (:class:`trainer.qa.data.CurriculumSampler`):
+documents of at most ``curriculum.start_segments`` segments first, then longer ones, all of
+them from ``curriculum.full_at`` of the stage on.
+
+Evaluation (every ``eval.every`` stage steps and at each stage's end, on the ``qa.eval_split``
+examples): F1 and exact match (SQuAD, in points 0-100), has-answer / no-answer accuracy, mean
+segments read and fraction read, with halting (hybrid stages) and with reading everything
+(``eval/full_*``), and the combined score ``f1_weight * F1/100 + (1 - f1_weight) * (1 -
+fraction_read)``, which picks the best checkpoint and drives early stopping by default. At a
+stage's end the best checkpoint's weights are restored (``qa.restore_best``) and handed on.
+At the start of a hybrid stage its initial model is evaluated reading everything: the
+read-everything baseline in ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.format import StoreError
+from pipeline.qa_store import SegmentStore, open_segment_store
+from trainer.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointDir,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+)
+from trainer.config import ConfigError, StageConfig, TrainConfig, _build, dump_yaml, yaml_load
+from trainer.logging import MetricsWriter, Progress, read_metrics
+from trainer.loop import (
+    CONFIG_FILE,
+    CURVES_FILE,
+    SUMMARY_FILE,
+    Interrupted,
+    LoopState,
+    LRFactor,
+    RunError,
+    StageProgress,
+    _mean_metrics,
+    _StopFlag,
+)
+from trainer.qa.data import CurriculumSampler, QAArrays, QABatch, collate
+from trainer.qa.losses import (
+    discounted_returns,
+    entropy_bonus,
+    entropy_coefficient,
+    gae_advantages,
+    halting_episodes,
+    masked_mean,
+    normalize_advantages,
+    policy_gradient_loss,
+    span_loss,
+    value_loss,
+)
+from trainer.qa.metrics import best_over_golds, span_f1
+from trainer.qa.model import MemoryReader, ReaderConfig, prefix_answers
+from trainer.samplers import step_seed
+
+QA_METRIC = "eval/combined"
+_RESUME_FIXED = ("store", "seed", "stages", "qa", "store_hash")
+
+
+def _number(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise ConfigError(f"{name}: must be a number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{name}: must be in {rng}, got {v}")
+    return float(v)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class QASettings:
+    """The ``qa`` section of a training config: the reader's sizes and the QA evaluation."""
+
+    # The reader's sizes (trainer.qa.model.ReaderConfig); vocab and positions come from the store.
+    model: ReaderConfig = field(default_factory=ReaderConfig)
+    # The store split to train on (source.splits of the store's spec).
+    train_split: str = "train"
+    # The split evaluated during training (F1, exact match, segments read).
+    eval_split: str = "dev"
+    # Evaluate on the first N examples of eval_split only (null: all of them).
+    eval_max_examples: int | None = None
+    # Examples per forward pass in evaluation.
+    eval_batch_size: int = 32
+    # combined = f1_weight * F1 / 100 + (1 - f1_weight) * (1 - fraction_read).
+    f1_weight: float = 0.7
+    # Answer only when the best span's score beats the no-answer score by more than this.
+    answer_threshold: float = 0.0
+    # Evaluation halts after a segment when P(HALT) exceeds this (greedy at 0.5).
+    halt_threshold: float = 0.5
+    # At a stage's end, hand on the best evaluation's weights rather than the last ones.
+    restore_best: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("train_split", "eval_split"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"{key}: must be a split name such as train or dev")
+        if self.eval_max_examples is not None and (
+            not isinstance(self.eval_max_examples, int) or self.eval_max_examples < 1
+        ):
+            raise ConfigError(
+                f"eval_max_examples: must be an integer >= 1 or null, got {self.eval_max_examples!r}"
+            )
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise ConfigError(
+                f"eval_batch_size: must be an integer >= 1, got {self.eval_batch_size!r}"
+            )
+        self.f1_weight = _number("f1_weight", self.f1_weight, 0.0, 1.0)
+        self.answer_threshold = _number("answer_threshold", self.answer_threshold)
+        self.halt_threshold = _number("halt_threshold", self.halt_threshold, 0.0, 1.0)
+        if not isinstance(self.restore_best, bool):
+            raise ConfigError(f"restore_best: must be true or false, got {self.restore_best!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_settings(raw: dict[str, Any] | None) -> QASettings:
+    """Check the ``qa`` section (errors are prefixed ``qa.``)."""
+    raw = dict(raw or {})
+    if "model" in raw:
+        model = dict(raw["model"] or {}) if isinstance(raw["model"], dict) else raw["model"]
+        if isinstance(model, dict):
+            model.pop("vocab_size", None)  # always the store's
+            model.pop("max_positions", None)
+        raw["model"] = _build(ReaderConfig, model, "qa.model")
+    return _build(QASettings, raw, "qa")
+
+
+@dataclass
+class Curriculum:
+    """Which documents a stage trains on as it goes: short ones first."""
+
+    # Documents of at most this many segments at the stage's first step (null: no curriculum).
+    start_segments: int | None = None
+    # From this fraction of the stage's steps on, every document is admitted (linear growth).
+    full_at: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.start_segments is not None and (
+            not isinstance(self.start_segments, int) or self.start_segments < 1
+        ):
+            raise ConfigError(
+                f"start_segments: must be an integer >= 1 or null, got {self.start_segments!r}"
+            )
+        self.full_at = _number("full_at", self.full_at, 0.0, 1.0)
+
+
+@dataclass
+class SupervisedParams:
+    """``qa_supervised``: span cross-entropy over every segment."""
+
+    # AdamW learning rate of the reader.
+    lr: float = 1e-3
+    # AdamW weight decay.
+    weight_decay: float = 0.01
+    # Short documents first (see Curriculum).
+    curriculum: Curriculum = field(default_factory=Curriculum)
+    # Max global gradient norm (the stage's grad_clip; null: none).
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        self.lr = _number("lr", self.lr, 0.0)
+        self.weight_decay = _number("weight_decay", self.weight_decay, 0.0)
+
+
+@dataclass
+class HybridParams:
+    """``qa_hybrid``: span loss plus a REINFORCE halting policy (see the module docstring)."""
+
+    # AdamW learning rate of the reader (the QA part: encoder, span head, memory).
+    qa_lr: float = 3e-4
+    # Adam learning rate of the policy part (halting and value heads).
+    policy_lr: float = 3e-3
+    # AdamW weight decay of the QA part.
+    weight_decay: float = 0.01
+    # lambda: reward = F1 at the halt - segment_cost * segments read.
+    segment_cost: float = 0.01
+    # Discount over decisions (1: the episode's return as such).
+    gamma: float = 1.0
+    # gae: GAE(gamma, gae_lambda) over the value head; reinforce: return minus the value.
+    advantage: str = "gae"
+    # GAE's lambda (1 = Monte Carlo return minus baseline, 0 = one-step TD).
+    gae_lambda: float = 0.95
+    # Normalise advantages over the batch's decisions (mean 0, std 1).
+    normalize_advantages: bool = True
+    # Weight of the value loss in the policy part's loss.
+    value_coef: float = 0.5
+    # Entropy bonus at the stage's first step ...
+    entropy_coef: float = 0.05
+    # ... multiplied by this every step ...
+    entropy_decay: float = 0.995
+    # ... never below this.
+    entropy_floor: float = 0.001
+    # Weight of the span loss (it keeps going for stability).
+    sl_weight: float = 1.0
+    # A fresh halting head starts with P(HALT) = sigmoid(halt_bias_init) after every segment.
+    halt_bias_init: float = -2.0
+    # Short documents first (see Curriculum).
+    curriculum: Curriculum = field(default_factory=Curriculum)
+    # Max gradient norm, applied to each part separately (the stage's grad_clip; null: none).
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("qa_lr", "policy_lr", "weight_decay", "segment_cost", "value_coef"):
+            setattr(self, key, _number(key, getattr(self, key), 0.0))
+        for key in ("gamma", "gae_lambda"):
+            setattr(self, key, _number(key, getattr(self, key), 0.0, 1.0))
+        if self.advantage not in ("gae", "reinforce"):
+            raise ConfigError(f"advantage: must be gae or reinforce, got {self.advantage!r}")
+        if not isinstance(self.normalize_advantages, bool):
+            raise ConfigError("normalize_advantages: must be true or false")
+        self.entropy_coef = _number("entropy_coef", self.entropy_coef, 0.0)
+        self.entropy_decay = _number("entropy_decay", self.entropy_decay, 0.0, 1.0)
+        self.entropy_floor = _number("entropy_floor", self.entropy_floor, 0.0)
+        self.sl_weight = _number("sl_weight", self.sl_weight, 0.0)
+        self.halt_bias_init = _number("halt_bias_init", self.halt_bias_init)
+
+
+StageParams = SupervisedParams | HybridParams
+
+
+def stage_params(cfg: TrainConfig, index: int) -> StageParams:
+    """The checked hyper-parameters of stage ``index`` (errors name ``stages.i.key``)."""
+    st = cfg.stages[index]
+    where = f"stages.{index}"
+    if not st.is_qa:
+        raise ConfigError(
+            f"{where}.algo: {st.algo!r} does not train on a segment store; "
+            "use qa_supervised or qa_hybrid"
+        )
+    cls: type = SupervisedParams if st.algo == "qa_supervised" else HybridParams
+    raw = dict(st.params)
+    if isinstance(raw.get("curriculum"), dict) or raw.get("curriculum") is None:
+        raw["curriculum"] = _build(Curriculum, raw.get("curriculum"), f"{where}.curriculum")
+    raw["grad_clip"] = st.grad_clip
+    return _build(cls, raw, where)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _adamw(params: list[torch.nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
+
+
+class SupervisedStage:
+    """``qa_supervised``: one optimizer over the reader, span loss on every segment."""
+
+    def __init__(self, model: MemoryReader, p: SupervisedParams) -> None:
+        self.model, self.p = model, p
+        self.qa_params = model.qa_parameters()
+        self.optimizers = {"qa": _adamw(self.qa_params, p.lr, p.weight_decay)}
+
+    def loss(self, batch: QABatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The span loss of ``batch`` (one pass over every segment) and its metrics."""
+        out = self.model.read(batch)
+        loss = span_loss(
+            out.start_logits,
+            out.end_logits,
+            batch.start_target,
+            batch.end_target,
+            batch.span_mask,
+            batch.segment_mask,
+        )
+        return loss, {"loss/span": loss.detach()}
+
+    def update(self, batch: QABatch, step: int) -> dict[str, Any]:
+        """One gradient step; metrics are 0-dim tensors (no host sync)."""
+        loss, m = self.loss(batch)
+        opt = self.optimizers["qa"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = _clip(self.qa_params, self.p.grad_clip)
+        opt.step()
+        if norm is not None:
+            m["grad_norm/qa"] = norm.detach()
+        return m
+
+
+class HybridStage:
+    """``qa_hybrid``: span loss for the reader, REINFORCE for the halting policy."""
+
+    def __init__(
+        self,
+        model: MemoryReader,
+        p: HybridParams,
+        *,
+        seed: int,
+        stream: int,
+        answer_threshold: float,
+    ) -> None:
+        self.model, self.p = model, p
+        self.seed, self.stream = seed, stream
+        self.answer_threshold = answer_threshold
+        self.qa_params = model.qa_parameters()
+        self.policy_params = model.policy_parameters()
+        self.optimizers = {
+            "qa": _adamw(self.qa_params, p.qa_lr, p.weight_decay),
+            "policy": torch.optim.Adam(self.policy_params, lr=p.policy_lr),
+        }
+
+    def loss(self, batch: QABatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The hybrid loss at stage step ``step`` and its metrics, in the update's order:
+        read every segment; span loss; decisions sampled from the policy (a generator seeded
+        by the step); episodes, each ending at its first HALT; rewards from the F1 at the
+        halt and the segments read; advantages (GAE or return - value), normalised; policy,
+        entropy and value losses."""
+        p = self.p
+        out = self.model.read(batch)
+        sl = span_loss(
+            out.start_logits,
+            out.end_logits,
+            batch.start_target,
+            batch.end_target,
+            batch.span_mask,
+            batch.segment_mask,
+        )
+        with torch.no_grad():
+            ps, pe = prefix_answers(out, batch, self.answer_threshold)
+            prefix_f1 = span_f1(ps, pe, batch.gold_start[:, None], batch.gold_end[:, None])
+            dev = out.halt_logit.device
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(step_seed(self.seed, step, stream=0xEB150DE + self.stream))
+            u = torch.rand(out.halt_logit.shape, generator=gen, device=dev)
+            halt = u < torch.sigmoid(out.halt_logit)
+            ep = halting_episodes(halt, batch.n_segments, prefix_f1, p.segment_cost)
+        mask = ep.decision_mask
+        if p.advantage == "gae":
+            adv, targets = gae_advantages(
+                ep.rewards, out.value, ep.dones, mask, p.gamma, p.gae_lambda
+            )
+        else:
+            targets = discounted_returns(ep.rewards, ep.dones, mask, p.gamma)
+            adv = torch.where(mask, targets - out.value.detach(), torch.zeros_like(targets))
+        if p.normalize_advantages:
+            adv = normalize_advantages(adv, mask)
+        pg = policy_gradient_loss(out.halt_logit, ep.actions, adv, mask)
+        ent = entropy_bonus(out.halt_logit, mask)
+        vl = value_loss(out.value, targets, mask)
+        beta = entropy_coefficient(step, p.entropy_coef, p.entropy_decay, p.entropy_floor)
+        loss = p.sl_weight * sl + pg - beta * ent + p.value_coef * vl
+        n_read = ep.n_read.to(prefix_f1.dtype)
+        m: dict[str, Any] = {
+            "loss/span": sl.detach(),
+            "loss/policy": pg.detach(),
+            "loss/value": vl.detach(),
+            "policy/entropy": ent.detach(),
+            "policy/entropy_coef": beta,
+            "policy/halt_prob": masked_mean(torch.sigmoid(out.halt_logit.detach()), mask),
+            "episode/return": ep.returns.mean(),
+            "episode/f1": ep.final_f1.mean(),
+            "episode/segments_read": n_read.mean(),
+            "episode/fraction_read": (n_read / batch.n_segments.to(n_read.dtype)).mean(),
+        }
+        return loss, m
+
+    def update(self, batch: QABatch, step: int) -> dict[str, Any]:
+        """One gradient step: the hybrid loss, one backward (the two parts have disjoint
+        parameters), each part clipped and stepped by its own optimizer."""
+        loss, m = self.loss(batch, step)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        qa_norm = _clip(self.qa_params, self.p.grad_clip)
+        pol_norm = _clip(self.policy_params, self.p.grad_clip)
+        for opt in self.optimizers.values():
+            opt.step()
+        self.model.policy_trained.fill_(True)
+        if qa_norm is not None and pol_norm is not None:
+            m["grad_norm/qa"], m["grad_norm/policy"] = qa_norm.detach(), pol_norm.detach()
+        return m
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """Per-example answers of one evaluation pass (host arrays, in evaluation order)."""
+
+    example: np.ndarray  # (N,) example rows
+    n_segments: np.ndarray  # (N,)
+    n_read: np.ndarray  # (N,) segments read with halting (= n_segments without)
+    halt_span: np.ndarray  # (N, 2) document-token answer at the halt, -1 = no answer
+    full_span: np.ndarray  # (N, 2) answer after reading everything
+
+
+class QAEvaluator:
+    """F1 / exact match / segments read of a reader on a fixed set of examples."""
+
+    def __init__(
+        self,
+        store: SegmentStore,
+        arrays: QAArrays,
+        examples: np.ndarray,
+        settings: QASettings,
+        device: torch.device,
+    ) -> None:
+        self.store, self.arrays, self.settings, self.device = store, arrays, settings, device
+        self.examples = np.asarray(examples, dtype=np.int64)
+        ex = store.examples
+        self.golds = {
+            int(e): ([] if ex.is_impossible[e] else list(ex.answers[e])) for e in self.examples
+        }
+
+    def read(self, model: MemoryReader, halting: bool) -> _Reads:
+        """One pass over the examples: every segment read, halts taken greedily."""
+        s = self.settings
+        was_training = model.training
+        model.eval()
+        parts: list[list[np.ndarray]] = [[], [], [], [], []]
+        try:
+            with torch.no_grad():
+                for i in range(0, len(self.examples), s.eval_batch_size):
+                    batch = collate(self.arrays, self.examples[i : i + s.eval_batch_size])
+                    batch = batch.to(self.device)
+                    out = model.read(batch)
+                    ps, pe = prefix_answers(out, batch, s.answer_threshold)
+                    n = batch.n_segments
+                    last = (n - 1)[:, None]
+                    if halting:
+                        halt = torch.sigmoid(out.halt_logit) > s.halt_threshold
+                        h = halting_episodes(halt, n, torch.zeros_like(out.margin), 0.0).n_read - 1
+                    else:
+                        h = n - 1
+                    at = h[:, None]
+                    halt_span = torch.cat([ps.gather(1, at), pe.gather(1, at)], dim=1)
+                    full_span = torch.cat([ps.gather(1, last), pe.gather(1, last)], dim=1)
+                    for acc, v in zip(parts, (batch.example_index, n, h + 1, halt_span, full_span)):
+                        acc.append(v.cpu().numpy())
+        finally:
+            model.train(was_training)
+        ex_a, n_a, read_a, hs_a, fs_a = (np.concatenate(p) for p in parts)
+        return _Reads(ex_a, n_a, read_a, hs_a, fs_a)
+
+    def _scores(self, example: np.ndarray, spans: np.ndarray) -> dict[str, float]:
+        f1s, ems, answered = [], [], []
+        for e, (a, b) in zip(example.tolist(), spans.tolist()):
+            text = self.store.answer_text(e, a, b) if a >= 0 else ""
+            f, m = best_over_golds(text, self.golds[e])
+            f1s.append(f)
+            ems.append(m)
+            answered.append(a >= 0)
+        f1a, ema, ans = np.array(f1s), np.array(ems), np.array(answered)
+        has = np.array([bool(self.golds[e]) for e in example.tolist()])
+        out = {"f1": 100 * f1a.mean(), "exact_match": 100 * ema.mean()}
+        out["has_answer_f1"] = 100 * f1a[has].mean() if has.any() else float("nan")
+        out["has_answer_accuracy"] = ans[has].mean() if has.any() else float("nan")
+        out["no_answer_accuracy"] = (~ans[~has]).mean() if (~has).any() else float("nan")
+        return {k: float(v) for k, v in out.items()}
+
+    def __call__(self, model: MemoryReader, *, halting: bool) -> dict[str, float]:
+        """The evaluation row: ``eval/...`` with halting (if asked), ``eval/full_...`` without."""
+        r = self.read(model, halting)
+        halt = self._scores(r.example, r.halt_span)
+        full = self._scores(r.example, r.full_span) if halting else halt
+        frac = float(np.mean(r.n_read / r.n_segments))
+        row: dict[str, float] = {f"eval/{k}": v for k, v in halt.items()}
+        row["eval/segments_read"] = float(r.n_read.mean())
+        row["eval/fraction_read"] = frac
+        row["eval/fraction_read_total"] = float(r.n_read.sum() / r.n_segments.sum())
+        w = self.settings.f1_weight
+        row["eval/combined"] = w * halt["f1"] / 100 + (1 - w) * (1 - frac)
+        row.update({f"eval/full_{k}": v for k, v in full.items()})
+        row["eval/full_segments_read"] = float(r.n_segments.mean())
+        row["eval/examples"] = float(len(r.example))
+        return row
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _StageExtra:
+    """QA bookkeeping per stage that a checkpoint carries beside StageProgress."""
+
+    examples: int = 0
+    segments: int = 0
+    baseline_eval: dict[str, Any] | None = None
+    handed_on: str = "final"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _StageExtra:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+class QATrainer:
+    """Runs a QA training config in its run directory (the same layout as :class:`Trainer`)."""
+
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
+    ) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.overwrite = overwrite
+        self.run_dir = Path(cfg.out)
+        self.ckpts = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.settings = parse_settings(cfg.qa)
+        self.params = [stage_params(cfg, i) for i in range(len(cfg.stages))]
+        es = cfg.early_stopping
+        self.metric = QA_METRIC if es.metric == "auto" else es.metric
+        self.mode = "max" if es.metric == "auto" else es.mode
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_dir(self) -> dict[str, Any] | None:
+        cfg_path = self.run_dir / CONFIG_FILE
+        has_run = self.ckpts.latest() is not None or (self.run_dir / "metrics.jsonl").exists()
+        if self.resume:
+            if cfg_path.exists():
+                self._check_same_config(cfg_path)
+            latest = self.ckpts.latest()
+            if latest is None:
+                self._log(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
+                return None
+            ckpt = load_checkpoint(latest)
+            if ckpt.get("meta", {}).get("kind") != "qa":
+                raise RunError(f"--resume: {latest} is not a QA checkpoint; start a new run")
+            self._log(f"resuming {self.run_dir} from {latest.name} (step {ckpt['step']})")
+            return ckpt
+        if has_run and not self.overwrite:
+            raise RunError(
+                f"out: {self.run_dir} already holds a run; pass --resume to continue it, "
+                "--overwrite to start it again, or choose another out=..."
+            )
+        if self.overwrite:
+            self.ckpts.clear()
+        return None
+
+    def _check_same_config(self, cfg_path: Path) -> None:
+        import yaml
+
+        try:
+            saved = yaml_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RunError(
+                f"{cfg_path}: unreadable ({e}); cannot check the resumed config"
+            ) from None
+        now = self.cfg.to_dict()
+        for key in _RESUME_FIXED:
+            if key == "store_hash" and saved.get(key) is not None and now.get(key) is None:
+                continue
+            if key in saved and saved[key] != now.get(key):
+                raise RunError(
+                    f"--resume: `{key}` differs from {cfg_path} ({saved[key]!r} there, "
+                    f"{now.get(key)!r} now); resume with the run's own config or start a new run"
+                )
+
+    def _open_store(self) -> SegmentStore:
+        try:
+            store = open_segment_store(self.cfg.store)
+        except StoreError as e:
+            msg = str(e)
+            if "not segments" in msg:
+                msg += "; qa_supervised / qa_hybrid stages need a segment store (kind: segments)"
+            raise RunError(f"store: {msg}") from None
+        if self.cfg.store_hash is not None and self.cfg.store_hash != store.content_hash:
+            raise RunError(
+                f"store: {self.cfg.store} has content hash {store.content_hash}, the config "
+                f"expects {self.cfg.store_hash}; the store was rebuilt from other data "
+                "(drop store_hash to accept it)"
+            )
+        return store
+
+    def _reader_config(self, store: SegmentStore) -> ReaderConfig:
+        m = self.settings.model.to_dict()
+        m["vocab_size"] = int(store.manifest["tokenizer"]["vocab_size"])
+        m["max_positions"] = int(
+            store.manifest["segments"].get("max_input_width", store.input_width)
+        )
+        return ReaderConfig(**m)
+
+    def _split(self, store: SegmentStore, name: str, key: str) -> np.ndarray:
+        idx = store.split_indices(name)
+        if len(idx) == 0:
+            have = sorted(set(store.examples.split.tolist()))
+            raise RunError(
+                f"qa.{key}: the store has no {name!r} examples; its splits are: {', '.join(have)}"
+            )
+        return idx
+
+    def _write_config(self, store: SegmentStore, device: torch.device) -> None:
+        resolved = self.cfg.to_dict()
+        resolved["store_hash"] = store.content_hash
+        resolved["device"] = str(device) if self.cfg.device == "auto" else self.cfg.device
+        header = (
+            "# Resolved training config, written by trainer.train; run it again with\n"
+            f"#   python -m trainer.train {self.run_dir / CONFIG_FILE} out=NEW_DIR\n"
+        )
+        (self.run_dir / CONFIG_FILE).write_text(header + dump_yaml(resolved), encoding="utf-8")
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        device = torch.device(cfg.resolved_device())
+        self.device = device
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self._prepare_dir()
+        store = self._open_store()
+        if ckpt is not None and ckpt["meta"]["store_hash"] != store.content_hash:
+            raise RunError(
+                f"--resume: the checkpoint was trained on store content {ckpt['meta']['store_hash']}, "
+                f"{cfg.store} now holds {store.content_hash}; start a new run"
+            )
+        self.store = store
+        self.reader_cfg = self._reader_config(store)
+        self.arrays = QAArrays.from_store(store)
+        self.train_pool = self._split(store, self.settings.train_split, "train_split")
+        eval_pool = self._split(store, self.settings.eval_split, "eval_split")
+        if self.settings.eval_max_examples is not None:
+            eval_pool = eval_pool[: self.settings.eval_max_examples]
+        self.evaluator = QAEvaluator(store, self.arrays, eval_pool, self.settings, device)
+        self._write_config(store, device)
+        init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
+
+        state = LoopState(stages=[StageProgress(s.name, s.algo, s.steps) for s in cfg.stages])
+        self.extra = [_StageExtra() for _ in cfg.stages]
+        if ckpt is not None:
+            state.step = int(ckpt["step"])
+            state.stage_index = int(ckpt["stage_index"])
+            state.stages = [StageProgress.from_dict(d) for d in ckpt["loop"]["stages"]]
+            self.extra = [_StageExtra.from_dict(d) for d in ckpt["loop"]["qa"]]
+        self.writer = MetricsWriter(
+            self.run_dir,
+            resume_offset=int(ckpt["loop"]["metrics_offset"]) if ckpt is not None else None,
+            tensorboard=cfg.tensorboard,
+            purge_step=state.step if ckpt is not None else None,
+        )
+        self.progress = Progress(sum(s.steps for s in cfg.stages), state.step, cfg.progress)
+        self.state = state
+        self._final_states: dict[str, dict[str, Any]] = {}
+        try:
+            with _StopFlag() as stop:
+                self._stop = stop
+                for i in range(state.stage_index, len(cfg.stages)):
+                    if state.stages[i].done:
+                        continue
+                    resume_ckpt = (
+                        ckpt if ckpt is not None and int(ckpt["stage_index"]) == i else None
+                    )
+                    self._run_stage(i, resume_ckpt, init_state if i == 0 else None)
+                    ckpt = None
+        finally:
+            self.progress.close()
+            self.writer.close()
+        return self._finish()
+
+    def _init_from_state(self, path: str) -> dict[str, Any]:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            raise RunError(f"--init-from: {e}") from None
+        meta = ckpt.get("meta", {})
+        if meta.get("kind") != "qa":
+            raise RunError(f"--init-from: {path} is not a QA checkpoint (trained by a QA run)")
+        if meta.get("reader") != self.reader_cfg.to_dict():
+            raise RunError(
+                f"--init-from: {path} holds a reader of sizes {meta.get('reader')}, this run "
+                f"builds {self.reader_cfg.to_dict()}; set qa.model to match"
+            )
+        return dict(ckpt["algo_state"])
+
+    def _build(self, index: int, model: MemoryReader) -> SupervisedStage | HybridStage:
+        p = self.params[index]
+        if isinstance(p, SupervisedParams):
+            return SupervisedStage(model, p)
+        return HybridStage(
+            model,
+            p,
+            seed=self.cfg.seed,
+            stream=index,
+            answer_threshold=self.settings.answer_threshold,
+        )
+
+    # ------------------------------------------------------------------ one stage
+    def _run_stage(
+        self, index: int, ckpt: dict[str, Any] | None, init_state: dict[str, Any] | None
+    ) -> None:
+        cfg, state = self.cfg, self.state
+        stage = cfg.stages[index]
+        p = self.params[index]
+        sp, extra = state.stages[index], self.extra[index]
+        state.stage_index = index
+        if ckpt is None:
+            seed_everything(step_seed(cfg.seed, index, stream=0x57A6E))
+        model = MemoryReader(self.reader_cfg).to(self.device)
+        model.train()
+        sampler = CurriculumSampler(
+            self.arrays.n_segments,
+            self.train_pool,
+            stage.batch_size,
+            cfg.seed,
+            stream=index,
+            total_steps=stage.steps,
+            start_segments=p.curriculum.start_segments,
+            full_at=p.curriculum.full_at,
+        )
+        if ckpt is not None:
+            model.load_state_dict(ckpt["algo_state"])
+            algo = self._build(index, model)
+            for name, opt in algo.optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][name])
+            schedulers = self._schedulers(algo, stage)
+            for name, sch in schedulers.items():
+                sch.load_state_dict(ckpt["schedulers"][name])
+            sampler.load_state_dict(ckpt["sampler"])
+            set_rng_state(ckpt["rng"])
+        else:
+            sp.start_step = state.step
+            source = self._stage_final_state(stage.init) if stage.init else init_state
+            if source is not None:
+                try:
+                    model.load_state_dict(source)
+                except RuntimeError as e:
+                    where = f"stages.{index}.init" if stage.init else "--init-from"
+                    first = str(e).strip().splitlines()[0]
+                    raise RunError(
+                        f"{where}: the weights do not fit this reader ({first})"
+                    ) from None
+            if isinstance(p, HybridParams) and not bool(model.policy_trained):
+                model.reset_policy(p.halt_bias_init)
+            algo = self._build(index, model)
+            schedulers = self._schedulers(algo, stage)
+            self.writer.write(
+                {"step": state.step, "stage": stage.name, "algo": stage.algo, "kind": "stage_start"}
+            )
+            if isinstance(p, HybridParams):
+                base = self.evaluator(model, halting=False)
+                extra.baseline_eval = {"step": state.step, **base}
+                self.writer.write(
+                    {
+                        "step": state.step,
+                        "stage": stage.name,
+                        "algo": stage.algo,
+                        "kind": "baseline",
+                        **{"baseline/" + k.split("/", 1)[1]: v for k, v in base.items()},
+                    }
+                )
+
+        every_eval, every_ckpt, log_every = cfg.eval.every, cfg.checkpoint.every, cfg.log_every
+        buf: list[dict[str, Any]] = []
+        if ckpt is not None:
+            buf = [
+                {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in m.items()}
+                for m in ckpt["loop"]["pending_metrics"]
+            ]
+        wall0 = sp.wall_time_s
+        t_stage = t_row = time.perf_counter()
+        row_steps, row_pause = 0, 0.0
+        stop_now = False
+
+        def elapsed() -> float:
+            return wall0 + time.perf_counter() - t_stage
+
+        while sp.steps_done < stage.steps:
+            s0 = sp.steps_done
+            examples = sampler.sample()
+            extra.examples += len(examples)
+            extra.segments += int(self.arrays.n_segments[examples].sum())
+            batch = collate(self.arrays, examples).to(self.device)
+            metrics = algo.update(batch, s0)
+            metrics["curriculum/max_segments"] = float(sampler.limit(s0))
+            buf.append(metrics)
+            for sch in schedulers.values():
+                sch.step()
+            sp.steps_done += 1
+            state.step += 1
+            row_steps += 1
+            s = sp.steps_done
+            last = s == stage.steps
+            if s % log_every == 0 or last:
+                row_metrics = _mean_metrics(buf)
+                buf.clear()
+                now = time.perf_counter()
+                dt = max(now - t_row - row_pause, 1e-9)
+                sp.train_time_s += dt
+                row: dict[str, Any] = {
+                    "step": state.step,
+                    "stage": stage.name,
+                    "algo": stage.algo,
+                    "kind": "train",
+                    **row_metrics,
+                    "lr": float(algo.optimizers["qa"].param_groups[0]["lr"]),
+                    "steps_per_s": round(row_steps / dt, 3),
+                    "examples_per_s": round(row_steps * stage.batch_size / dt, 2),
+                    "time": round(elapsed(), 3),
+                }
+                self.writer.write(row)
+                self.progress.update(state.step, row_metrics, stage.name)
+                t_row, row_steps, row_pause = now, 0, 0.0
+            if (every_eval and s % every_eval == 0) or last:
+                t0 = time.perf_counter()
+                stop_now = self._evaluate(model, index)
+                row_pause += time.perf_counter() - t0
+            if self._stop.signum is not None:
+                sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
+                sp.wall_time_s = elapsed()
+                self._save_step(model, algo, schedulers, sampler, index, buf)
+                raise Interrupted(
+                    f"stopped by signal {self._stop.signum} at step {state.step}; "
+                    f"continue with --resume (out={self.run_dir})"
+                )
+            if stop_now or last:
+                break
+            if s % every_ckpt == 0:
+                t0 = time.perf_counter()
+                sp.wall_time_s = elapsed()
+                self._save_step(model, algo, schedulers, sampler, index, buf)
+                row_pause += time.perf_counter() - t0
+        if row_steps:
+            sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
+        sp.stopped_early = stop_now and sp.steps_done < stage.steps
+        if sp.stopped_early:
+            self._log(
+                f"{stage.name}: early stop at stage step {sp.steps_done} "
+                f"({self.metric} did not improve for {cfg.early_stopping.patience} evaluations)"
+            )
+        self._restore_best(model, index)
+        sp.done = True
+        sp.wall_time_s = elapsed()
+        self._final_states[stage.name] = {k: v.clone() for k, v in model.state_dict().items()}
+        ckpt_obj = self._checkpoint(model, algo, schedulers, sampler, index, [])
+        save_atomic(ckpt_obj, self.ckpts.final_path(stage.name))
+        self.ckpts.save_step(ckpt_obj, state.step)
+
+    def _schedulers(
+        self, algo: SupervisedStage | HybridStage, stage: StageConfig
+    ) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+        if stage.lr_schedule.is_constant:
+            return {}
+        return {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(stage.lr_schedule, stage.steps))
+            for name, opt in algo.optimizers.items()
+        }
+
+    def _restore_best(self, model: MemoryReader, index: int) -> None:
+        """Hand on the best evaluation's weights (qa.restore_best) when they are not the last."""
+        sp, extra = self.state.stages[index], self.extra[index]
+        best, final = sp.best_eval, sp.final_eval
+        if not self.settings.restore_best or best is None or final is None:
+            extra.handed_on = "final"
+            return
+        if best["step"] == final["step"]:
+            extra.handed_on = "final"
+            return
+        path = self.ckpts.best_path(sp.name)
+        try:
+            model.load_state_dict(load_checkpoint(path)["algo_state"])
+        except CheckpointError as e:
+            raise RunError(f"restore_best: {e}") from None
+        extra.handed_on = "best"
+        self._log(
+            f"{sp.name}: restored the best weights (step {best['step']}, "
+            f"{self.metric} {best.get(self.metric, float('nan')):.4f})"
+        )
+
+    def _stage_final_state(self, name: str) -> dict[str, Any]:
+        if name in self._final_states:
+            return self._final_states[name]
+        try:
+            return dict(load_checkpoint(self.ckpts.final_path(name))["algo_state"])
+        except CheckpointError as e:
+            raise RunError(f"init: stage {name!r} has no final checkpoint ({e})") from None
+
+    def _evaluate(self, model: MemoryReader, index: int) -> bool:
+        """Evaluate, log, keep the best checkpoint; True when early stopping says stop."""
+        stage = self.cfg.stages[index]
+        sp = self.state.stages[index]
+        metrics = self.evaluator(model, halting=stage.algo == "qa_hybrid")
+        row = {
+            "step": self.state.step,
+            "stage": stage.name,
+            "algo": stage.algo,
+            "kind": "eval",
+            **metrics,
+        }
+        self.writer.write(row)
+        self.progress.update(self.state.step, metrics, stage.name)
+        record = {"step": self.state.step, "stage_step": sp.steps_done, **metrics}
+        sp.final_eval = record
+        value = metrics.get(self.metric)
+        if value is None:
+            raise RunError(
+                f"early_stopping.metric: {self.metric!r} is not among the QA evaluation metrics "
+                f"({', '.join(sorted(metrics))})"
+            )
+        if not math.isfinite(value):
+            return False
+        delta = self.cfg.early_stopping.min_delta
+        better = sp.best_value is None or (
+            value > sp.best_value + delta if self.mode == "max" else value < sp.best_value - delta
+        )
+        if better:
+            sp.best_value = float(value)
+            sp.best_eval = record
+            sp.evals_since_best = 0
+            save_atomic(
+                self._checkpoint(model, None, None, None, index, []),
+                self.ckpts.best_path(stage.name),
+            )
+        else:
+            sp.evals_since_best += 1
+        patience = self.cfg.early_stopping.patience
+        return patience is not None and sp.evals_since_best >= patience
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(
+        self,
+        model: MemoryReader,
+        algo: SupervisedStage | HybridStage | None,
+        schedulers: dict[str, Any] | None,
+        sampler: CurriculumSampler | None,
+        index: int,
+        pending: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        st = self.state
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "step": st.step,
+            "stage_index": index,
+            "stage_name": self.cfg.stages[index].name,
+            "algo": self.cfg.stages[index].algo,
+            "algo_state": model.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in (algo.optimizers if algo else {}).items()},
+            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+            "sampler": sampler.state_dict() if sampler is not None else None,
+            "rng": rng_state(),
+            "loop": {
+                "stages": [s.to_dict() for s in st.stages],
+                "qa": [asdict(e) for e in self.extra],
+                "metrics_offset": self.writer.offset(),
+                "pending_metrics": [
+                    {
+                        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else float(v))
+                        for k, v in m.items()
+                    }
+                    for m in pending
+                ],
+            },
+            "meta": {
+                "kind": "qa",
+                "store_hash": self.store.content_hash,
+                "reader": self.reader_cfg.to_dict(),
+                "config": self.cfg.to_dict(),
+            },
+        }
+
+    def _save_step(
+        self,
+        model: MemoryReader,
+        algo: SupervisedStage | HybridStage,
+        schedulers: dict[str, Any],
+        sampler: CurriculumSampler,
+        index: int,
+        pending: list[dict[str, Any]],
+    ) -> None:
+        self.ckpts.save_step(
+            self._checkpoint(model, algo, schedulers, sampler, index, pending), self.state.step
+        )
+
+    # ------------------------------------------------------------------ end
+    def _handed_on_eval(self, index: int) -> dict[str, Any] | None:
+        sp = self.state.stages[index]
+        return sp.best_eval if self.extra[index].handed_on == "best" else sp.final_eval
+
+    def _finish(self) -> dict[str, Any]:
+        st = self.state
+        stages = []
+        for i, (sp, ex) in enumerate(zip(st.stages, self.extra)):
+            d = sp.summary(self.metric)
+            bs = self.cfg.stages[i].batch_size
+            d["batch_size"] = bs
+            d["examples_per_s"] = (
+                round(sp.steps_done * bs / sp.train_time_s, 2) if sp.train_time_s > 0 else None
+            )
+            d["segments_per_s"] = (
+                round(ex.segments / sp.train_time_s, 1) if sp.train_time_s > 0 else None
+            )
+            d["handed_on"] = ex.handed_on
+            d["handed_on_eval"] = self._handed_on_eval(i)
+            ev = d["handed_on_eval"] or {}
+            d["read_everything"] = {
+                "f1": ev.get("eval/full_f1"),
+                "exact_match": ev.get("eval/full_exact_match"),
+            }
+            if ex.baseline_eval is not None:
+                d["baseline_eval"] = ex.baseline_eval
+            p = self.params[i]
+            if isinstance(p, HybridParams):
+                d["segment_cost"] = p.segment_cost
+            stages.append(d)
+        summary: dict[str, Any] = {
+            "run": str(self.run_dir),
+            "kind": "qa",
+            "store": self.cfg.store,
+            "store_hash": self.store.content_hash,
+            "seed": self.cfg.seed,
+            "device": str(self.device),
+            "total_steps": st.step,
+            "wall_time_s": round(sum(s.wall_time_s for s in st.stages), 3),
+            "metric": self.metric,
+            "f1_weight": self.settings.f1_weight,
+            "model": {**self.reader_cfg.to_dict(), "parameters": self._n_params()},
+            "split": {
+                "train_split": self.settings.train_split,
+                "train_examples": int(len(self.train_pool)),
+                "eval_split": self.settings.eval_split,
+                "eval_examples": int(len(self.evaluator.examples)),
+            },
+            "stages": stages,
+            **self._comparison(stages),
+        }
+        (self.run_dir / SUMMARY_FILE).write_text(
+            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+        )
+        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        title = f"{self.run_dir.name}: " + " -> ".join(s.name for s in self.cfg.stages)
+        plot_qa_curves(rows, self.run_dir / CURVES_FILE, title=title)
+        return summary
+
+    def _n_params(self) -> int:
+        return sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
+
+    def _comparison(self, stages: list[dict[str, Any]]) -> dict[str, Any]:
+        """The read-everything baseline and the last hybrid stage's reader, side by side."""
+        keys = (
+            "f1",
+            "exact_match",
+            "has_answer_f1",
+            "has_answer_accuracy",
+            "no_answer_accuracy",
+            "segments_read",
+            "fraction_read",
+            "fraction_read_total",
+            "combined",
+        )
+        baseline: dict[str, Any] | None = None
+        hybrid: dict[str, Any] | None = None
+        for d in stages:
+            if d["algo"] == "qa_hybrid":
+                src = d.get("baseline_eval")
+                if src is not None and baseline is None:
+                    baseline = {"source": f"{d['name']} initial weights, reading everything"}
+                    baseline.update({k: src.get(f"eval/{k}") for k in keys})
+                ev = d["handed_on_eval"]
+                if ev is not None:
+                    hybrid = {"stage": d["name"], "segment_cost": d.get("segment_cost")}
+                    hybrid.update({k: ev.get(f"eval/{k}") for k in keys})
+                    hybrid["read_everything_f1"] = ev.get("eval/full_f1")
+                    hybrid["read_everything_exact_match"] = ev.get("eval/full_exact_match")
+            elif d["algo"] == "qa_supervised" and d["handed_on_eval"] is not None:
+                ev = d["handed_on_eval"]
+                baseline = {"source": f"{d['name']} (read everything)"}
+                baseline.update({k: ev.get(f"eval/{k}") for k in keys})
+        out: dict[str, Any] = {"baseline": baseline, "hybrid": hybrid}
+        if baseline and hybrid and baseline["f1"] is not None and hybrid["f1"] is not None:
+            out["hybrid_vs_baseline"] = {
+                "f1_delta": round(hybrid["f1"] - baseline["f1"], 3),
+                "exact_match_delta": round(hybrid["exact_match"] - baseline["exact_match"], 3),
+                "fewer_segments_read": round(1 - hybrid["fraction_read_total"], 4),
+                "fraction_read": hybrid["fraction_read"],
+            }
+        return out
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def plot_qa_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """One PNG: F1 / exact match (with halting and reading everything), fraction read, the
+    combined score, then every training metric, against the global step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    train = [r for r in rows if r.get("kind") == "train"]
+    panels: list[tuple[str, list[dict[str, Any]], list[str]]] = [
+        ("F1 / exact match", evals, ["eval/f1", "eval/full_f1", "eval/exact_match"]),
+        ("fraction of segments read", evals, ["eval/fraction_read"]),
+        (QA_METRIC, evals, [QA_METRIC]),
+    ]
+    skip = {"step", "stage", "algo", "kind", "time", "lr", "steps_per_s", "examples_per_s"}
+    keys = sorted(
+        {k for r in train for k, v in r.items() if k not in skip and isinstance(v, int | float)}
+    )
+    panels += [(k, train, [k]) for k in keys]
+    ncols = 3
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.0 * nrows), squeeze=False)
+    starts = [(int(r["step"]), str(r["stage"])) for r in rows if r.get("kind") == "stage_start"]
+    for ax, (name, data, ks) in zip(axes.flat, panels):
+        for k in ks:
+            pts = [(r["step"], r[k]) for r in data if isinstance(r.get(k), int | float)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if data is evals else None, ms=3, lw=1.2, label=k)
+        if len(ks) > 1:
+            ax.legend(fontsize=7)
+        for step, stage in starts[1:]:
+            ax.axvline(step, color="grey", lw=0.8, ls="--")
+            ax.text(
+                step, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7, va="top"
+            )
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
