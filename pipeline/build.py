@@ -79,7 +79,7 @@ from pipeline.writer import (
 
 DUPLICATE_EPISODE = "duplicate_episode"
 BUCKET_TARGET_BYTES = 96 << 20  # parsed step rows per spill bucket (memory per bucket ~3x)
-IN_MEMORY_INPUT_BYTES = 640 << 20  # step_per_line inputs up to this size are not spilled
+IN_MEMORY_INPUT_BYTES = 256 << 20  # step_per_line inputs up to this size are not spilled
 
 
 @dataclass
