@@ -21,7 +21,13 @@ import yaml
 from pipeline.build import build
 from pipeline.qa_store import SegmentStore, open_segment_store
 from trainer.qa.data import IGNORE, CurriculumSampler, QAArrays, QABatch, collate, curriculum_limit
-from trainer.qa.model import MemoryReader, ReaderConfig, best_spans, prefix_answers
+from trainer.qa.model import (
+    MemoryReader,
+    ReaderConfig,
+    best_spans,
+    prefix_answers,
+    question_match,
+)
 from trainer.qa.runner import HybridParams, HybridStage, SupervisedParams, SupervisedStage
 
 ADJ = ("amber", "azure", "brave", "bronze", "crimson", "silent", "golden", "hollow")
@@ -285,6 +291,25 @@ def test_prefix_answers_map_the_best_segment_to_document_tokens(
                 assert (int(ps[i, t]), int(pe[i, t])) == (-1, -1)
             else:
                 assert (int(ps[i, t]), int(pe[i, t])) == (int(b.gold_start[i]), int(b.gold_end[i]))
+
+
+def test_question_match_equals_the_plain_loop(store: SegmentStore, arrays: QAArrays) -> None:
+    b = collate(arrays, np.arange(len(store.examples)))
+    n, t, w = b.input_ids.shape
+    ids, tok = b.input_ids.reshape(n * t, w), b.token_mask.reshape(n * t, w)
+    cs = b.context_start.reshape(-1)
+    is_q = torch.arange(w)[None, :] < cs[:, None]
+    got = question_match(ids, is_q, tok)
+    seen = set()
+    for r in range(n * t):
+        c = int(cs[r])
+        qtoks = set(ids[r, 1 : c - 1].tolist())  # between [CLS] and [SEP]
+        row = ids[r].tolist()
+        for p in range(w):
+            want = int(p >= c and bool(tok[r, p]) and row[p] in qtoks)
+            assert int(got[r, p]) == want, (r, p)
+            seen.add(want)
+    assert seen == {0, 1}
 
 
 # --------------------------------------------------------------------------- curriculum

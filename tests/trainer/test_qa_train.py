@@ -245,3 +245,42 @@ def test_dispatch_and_config_checks(tiny_store: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="qa: must be a mapping"):
         load_config(CONFIG, [*overrides(tiny_store, tmp_path / "x"), "qa=3"])
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_hybrid_then_resume_matches_an_uninterrupted_run(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """A real process killed with SIGKILL (no handler runs) resumes from its last checkpoint."""
+    import time
+
+    extra = ["stages.1.steps=40", "checkpoint.every=3", "log_every=5", "eval.every=10"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def cmd(out: Path, *flags: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "trainer.train",
+            str(CONFIG),
+            *overrides(tiny_store, out, *extra),
+            *flags,
+        ]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(cmd(whole), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd(cut), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    target = cut / "checkpoints" / "step-000000016.pt"  # hybrid stage step 12
+    deadline = time.monotonic() + 300
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "summary.json").exists(), "the run finished before it was killed"
+    subprocess.run(
+        cmd(cut, "--resume"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600
+    )
+    a, b = _state(whole, "final-hybrid.pt"), _state(cut, "final-hybrid.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _comparable(whole) == _comparable(cut)

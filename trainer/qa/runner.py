@@ -648,6 +648,7 @@ class QATrainer:
             )
         self.store = store
         self.reader_cfg = self._reader_config(store)
+        self._n_params = sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
         self.arrays = QAArrays.from_store(store)
         self.train_pool = self._split(store, self.settings.train_split, "train_split")
         eval_pool = self._split(store, self.settings.eval_split, "eval_split")
@@ -1045,7 +1046,7 @@ class QATrainer:
             "wall_time_s": round(sum(s.wall_time_s for s in st.stages), 3),
             "metric": self.metric,
             "f1_weight": self.settings.f1_weight,
-            "model": {**self.reader_cfg.to_dict(), "parameters": self._n_params()},
+            "model": {**self.reader_cfg.to_dict(), "parameters": self._n_params},
             "split": {
                 "train_split": self.settings.train_split,
                 "train_examples": int(len(self.train_pool)),
@@ -1062,9 +1063,6 @@ class QATrainer:
         title = f"{self.run_dir.name}: " + " -> ".join(s.name for s in self.cfg.stages)
         plot_qa_curves(rows, self.run_dir / CURVES_FILE, title=title)
         return summary
-
-    def _n_params(self) -> int:
-        return sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
 
     def _comparison(self, stages: list[dict[str, Any]]) -> dict[str, Any]:
         """The read-everything baseline and the last hybrid stage's reader, side by side."""
@@ -1121,8 +1119,9 @@ def plot_qa_curves(rows: list[dict[str, Any]], path: str | Path, title: str = ""
 
     evals = [r for r in rows if r.get("kind") == "eval"]
     train = [r for r in rows if r.get("kind") == "train"]
+    baselines = [r for r in rows if r.get("kind") == "baseline"]
     panels: list[tuple[str, list[dict[str, Any]], list[str]]] = [
-        ("F1 / exact match", evals, ["eval/f1", "eval/full_f1", "eval/exact_match"]),
+        ("F1 / exact match (dev)", evals, ["eval/f1", "eval/exact_match", "eval/full_f1"]),
         ("fraction of segments read", evals, ["eval/fraction_read"]),
         (QA_METRIC, evals, [QA_METRIC]),
     ]
@@ -1135,13 +1134,25 @@ def plot_qa_curves(rows: list[dict[str, Any]], path: str | Path, title: str = ""
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.0 * nrows), squeeze=False)
     starts = [(int(r["step"]), str(r["stage"])) for r in rows if r.get("kind") == "stage_start"]
-    for ax, (name, data, ks) in zip(axes.flat, panels):
+    for i, (ax, (name, data, ks)) in enumerate(zip(axes.flat, panels)):
         for k in ks:
             pts = [(r["step"], r[k]) for r in data if isinstance(r.get(k), int | float)]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if data is evals else None, ms=3, lw=1.2, label=k)
-        if len(ks) > 1:
+                style = "--" if k == "eval/full_f1" else "-"
+                ax.plot(xs, ys, style, marker="o" if data is evals else None, ms=3, lw=1.2, label=k)
+                if k.startswith("loss/span") and min(ys) > 0:
+                    ax.set_yscale("log")
+        if i == 0:
+            for r in baselines:
+                ax.plot(
+                    [r["step"]],
+                    [r["baseline/f1"]],
+                    "*",
+                    ms=10,
+                    color="C3",
+                    label="read-everything baseline",
+                )
             ax.legend(fontsize=7)
         for step, stage in starts[1:]:
             ax.axvline(step, color="grey", lw=0.8, ls="--")
@@ -1155,7 +1166,7 @@ def plot_qa_curves(rows: list[dict[str, Any]], path: str | Path, title: str = ""
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     out = Path(path)
     fig.savefig(out, dpi=100)
     plt.close(fig)
