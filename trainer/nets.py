@@ -92,6 +92,47 @@ def is_low_precision(dtype: torch.dtype | None) -> bool:
     return dtype is not None and dtype != torch.float32
 
 
+# Below this many rows the custom function's Python overhead eats what it saves.
+SCALAR_OUTPUT_MIN_ROWS = 2048
+
+
+class _ScalarOutput(torch.autograd.Function):
+    """``y_k = h_k @ w_k + b_k`` with ONE output: (K, N, H), (K, H, 1), (K, 1, 1) -> (K, N, 1).
+
+    A batched matmul with a single output column runs far below memory speed on CPU (the
+    forward, and worse the outer-product input gradient and the weight gradient). Per
+    member matrix-vector products and a broadcast multiply compute the same values ~5-20x
+    faster: it pays on large batches such as CQL's sampled-action penalty (~15% of a step).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(h, w)
+        out = h.new_empty(h.shape[0], h.shape[1])
+        for k in range(h.shape[0]):
+            torch.addmv(b[k, 0], h[k], w[k, :, 0], out=out[k])
+        return out.unsqueeze(-1)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        h, w = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_h = grad_w = grad_b = None
+        if needs[0]:
+            grad_h = grad * w.transpose(1, 2)  # (K, N, 1) * (K, 1, H)
+        if needs[1]:
+            g = grad[..., 0]
+            grad_w = torch.stack([torch.mv(h[k].t(), g[k]) for k in range(h.shape[0])])
+            grad_w = grad_w.unsqueeze(-1)
+        if needs[2]:
+            grad_b = grad.sum(dim=1, keepdim=True)
+        return grad_h, grad_w, grad_b
+
+
 class EnsembleLinear(nn.Module):
     """K independent linear layers, ``y_k = x_k @ W_k + b_k``, weights (K, in, out)."""
 
@@ -113,6 +154,8 @@ class EnsembleLinear(nn.Module):
             w, b = w.detach(), b.detach()
         if is_low_precision(dtype):
             w, b = w.to(dtype), b.to(dtype)
+        if w.shape[2] == 1 and x.shape[1] >= SCALAR_OUTPUT_MIN_ROWS:
+            return _ScalarOutput.apply(x, w, b)
         return torch.baddbmm(b, x, w)
 
 

@@ -334,3 +334,16 @@ def test_bf16_penalty_matches_float32() -> None:
     assert float((q32 - q16).abs().mean()) < 1e-3 * float(q32.abs().mean())
     torch.testing.assert_close(gap16, gap32, rtol=0, atol=1e-2)
     assert float(torch.nn.functional.cosine_similarity(grad32, grad16, dim=0)) > 0.99
+
+
+def test_scalar_output_layer_matches_batched_matmul() -> None:
+    """The fast single-output layer (large batches) equals baddbmm in value and gradient."""
+    from trainer.nets import _ScalarOutput
+
+    torch.manual_seed(0)
+    for k, n in [(2, 7), (1, 5), (3, 40)]:
+        h = torch.randn(k, n, 16, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(k, 16, 1, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(k, 1, 1, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_ScalarOutput.apply, (h, w, b))
+        torch.testing.assert_close(_ScalarOutput.apply(h, w, b), torch.baddbmm(b, h, w))
