@@ -6,7 +6,8 @@
 One synthetic dataset per action type is generated in memory (>= 1M transitions; obs 17;
 6 continuous actions in [-1, 1], or 6 discrete actions), in episodes of 1000 steps with
 some early terminations. Both sides use d3rlpy's default network sizes (256 x 256 hidden,
-twin critics for IQL / CQL, one for discrete CQL), batch 256, and each step includes
+twin critics for IQL / CQL, one for discrete CQL), batch 256, one CPU thread by default
+(the training configs' setting; ``--threads``), and each step includes
 drawing its batch: ours one index draw and one gather from the data packed in one
 matrix, d3rlpy ``sample_transition_batch`` on its replay buffer. Ours and d3rlpy's take
 turns in short rounds so a noisy machine slows both alike; what matters is the ratio.
@@ -438,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         "--transitions", type=int, default=1_000_000, help="dataset size (>= 1M for the report)"
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1, as the training configs use; 0 = torch's default)",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--algos", nargs="*", choices=["bc", "iql", "cql"], help="only these")
@@ -448,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds = 2.0 if args.quick else 15.0
     if args.rounds is None:
         args.rounds = 2 if args.quick else 10
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     if not args.no_d3rlpy:
         try:
