@@ -160,7 +160,7 @@ class EnsembleLinear(nn.Module):
 
 
 class EnsembleMLP(nn.Module):
-    """K MLPs evaluated together: (B, in) shared or (K, B, in) -> (K, B, out).
+    """K MLPs evaluated together on one input: (B, in) -> (K, B, out).
 
     ``compute_dtype`` (e.g. ``torch.bfloat16``; None = float32) is the dtype of the hidden
     layers' matmuls: weights stay float32 (the optimizer's master copy) and are cast per
