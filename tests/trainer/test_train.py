@@ -602,8 +602,12 @@ def test_shipped_configs_are_valid(path: Path) -> None:
 
     cfg = load_config(path)
     assert cfg.store.startswith("stores/") and cfg.out.startswith("runs/")
-    for stage in cfg.stages:  # every hyper-parameter is one the algorithm knows
-        if stage.is_d3rlpy:
+    for index, stage in enumerate(cfg.stages):  # every hyper-parameter is one the algorithm knows
+        if stage.is_qa:
+            from trainer.qa.runner import stage_params
+
+            stage_params(cfg, index)
+        elif stage.is_d3rlpy:
             from trainer.d3rlpy_adapter import build_config
 
             space = ActionSpace("continuous", None, 1, np.array([-2.0]), np.array([2.0]))
