@@ -336,14 +336,24 @@ def test_bf16_penalty_matches_float32() -> None:
     assert float(torch.nn.functional.cosine_similarity(grad32, grad16, dim=0)) > 0.99
 
 
-def test_scalar_output_layer_matches_batched_matmul() -> None:
+def test_scalar_output_layer_matches_batched_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast single-output layer (large batches) equals baddbmm in value and gradient."""
-    from trainer.nets import _ScalarOutput
+    from trainer import nets
 
+    monkeypatch.setattr(nets, "SCALAR_OUTPUT_CHUNK", 3)  # several chunks, a ragged last one
     torch.manual_seed(0)
     for k, n in [(2, 7), (1, 5), (3, 40)]:
         h = torch.randn(k, n, 16, dtype=torch.float64, requires_grad=True)
         w = torch.randn(k, 16, 1, dtype=torch.float64, requires_grad=True)
         b = torch.randn(k, 1, 1, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(_ScalarOutput.apply, (h, w, b))
-        torch.testing.assert_close(_ScalarOutput.apply(h, w, b), torch.baddbmm(b, h, w))
+        assert torch.autograd.gradcheck(nets._ScalarOutput.apply, (h, w, b))
+        torch.testing.assert_close(nets._ScalarOutput.apply(h, w, b), torch.baddbmm(b, h, w))
+    # bfloat16 activations: float32 output, input gradient back in bfloat16
+    h = torch.randn(2, 10, 16).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(2, 16, 1, requires_grad=True)
+    b = torch.randn(2, 1, 1, requires_grad=True)
+    y = nets._ScalarOutput.apply(h, w, b)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, torch.baddbmm(b, h.float(), w))
+    y.sum().backward()
+    assert h.grad is not None and h.grad.dtype == torch.bfloat16
