@@ -1,7 +1,7 @@
 """F1 against the fraction of segments read, across lambda (the price of reading a segment).
 
     python scripts/qa_sweep.py                                   # configs/qa-demo.yaml
-    python scripts/qa_sweep.py --lambdas 0 0.01 0.03 --init runs/qa-demo/checkpoints/final-supervised.pt
+    python scripts/qa_sweep.py --lambdas 0,0.01,0.03 --init runs/qa-demo/checkpoints/final-supervised.pt
     python scripts/qa_sweep.py --out runs/qa-sweep stages.1.steps=200    # + config overrides
 
 One supervised reader is the starting point of every point of the sweep: ``--init`` names
@@ -34,6 +34,15 @@ from trainer.config import (  # noqa: E402
     yaml_load,
 )
 from trainer.qa.runner import QATrainer  # noqa: E402
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0,0.01,0.02, got {text!r}"
+        ) from None
 
 
 def _raw_config(path: str, overrides: list[str]) -> dict[str, Any]:
@@ -123,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/qa-demo.yaml")
     ap.add_argument("--out", default="runs/qa-sweep")
     ap.add_argument(
-        "--lambdas", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.04, 0.08]
+        "--lambdas",
+        type=_floats,
+        default=[0.0, 0.005, 0.01, 0.02, 0.05, 0.1],
+        help="comma-separated segment costs (default 0,0.005,0.01,0.02,0.05,0.1)",
     )
     ap.add_argument(
         "--init", help="a supervised checkpoint (default: train one into OUT/supervised)"

@@ -193,7 +193,7 @@ def test_early_stopping_stops_and_hands_on_the_best_weights(
             tiny_store,
             out,
             "stages.0.steps=10",
-            "eval.every=1",
+            "stages.0.eval_every=1",  # the stage's own schedule (eval.every=2 elsewhere)
             "early_stopping.metric=eval/full_segments_read",  # constant: the first eval stays best
             "early_stopping.mode=min",
             "early_stopping.patience=2",
@@ -203,6 +203,9 @@ def test_early_stopping_stops_and_hands_on_the_best_weights(
     sup = summary["stages"][0]
     assert sup["stopped_early"] and sup["steps"] == 3
     assert sup["best_eval"]["stage_step"] == 1 and sup["handed_on"] == "best"
+    evals = [r for r in rows(out) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals if r["stage"] == "supervised"] == [1, 2, 3]
+    assert [r["step"] for r in evals if r["stage"] == "hybrid"] == [5, 7]
     best, final = _state(out, "best-supervised.pt"), _state(out, "final-supervised.pt")
     for k in best:
         assert torch.equal(best[k], final[k]), k
@@ -284,3 +287,26 @@ def test_sigkill_mid_hybrid_then_resume_matches_an_uninterrupted_run(
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert _comparable(whole) == _comparable(cut)
+
+
+@pytest.mark.slow
+def test_sweep_and_bench_scripts_run_on_a_tiny_store(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_qa
+        import qa_sweep
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "sweep"
+    tiny = [t for t in TINY if not t.startswith("checkpoint.keep_last")]
+    argv = ["--out", str(out), "--lambdas", "0,0.2", "--quiet", f"store={tiny_store}", *tiny]
+    assert qa_sweep.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| 0.2 |" in table and (out / "qa-sweep.png").read_bytes()[:4] == b"\x89PNG"
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["lambda"] for r in sweep["rows"]] == [0.0, 0.2]
+    assert sweep["init"].endswith("final-supervised.pt")
+    assert bench_qa.main(["--store", str(tiny_store), "--quick"]) == 0
+    assert "| supervised |" in capsys.readouterr().out

@@ -5,6 +5,7 @@ Reading a document is a loop over its segments ``t = 0, 1, ...``::
 
     memory_{-1} = 0
     h_t      = Encoder([MEM(memory_{t-1}), CLS, question, SEP, segment_t, SEP])   # (W+1, d)
+               # token + position + type (question / segment) + exact match with the question
     start_t, end_t = SpanHead(h_t[1:])                        # answer logits over positions
     margin_t = best span score - no-answer score ([CLS])      # how sure an answer is here
     x_t      = features(margin_t, max_{k<=t} margin_k, t, n)  # detached, see FEATURES

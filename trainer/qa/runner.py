@@ -16,18 +16,23 @@ Stages (hyper-parameters beside ``algo`` / ``steps`` in the stage mapping):
     HALT or CONTINUE, and the episode's return is the F1 of the answer at the halt minus
     ``segment_cost`` per segment read. Advantages from GAE(gamma, gae_lambda) over a learned
     value (or the plain return minus the value), normalised per batch; an entropy bonus that
-    decays to a floor; separate optimizers for the QA part and the policy.
+    decays to a floor; separate optimizers for the QA part and the policy. The episodes are
+    exact samples of a reader that stops: what it computes for a segment does not depend on
+    its decisions, so an episode halted after segment h is the prefix 0..h of the pass. The
+    training reward's F1 is the token-span F1 against the gold span (on the device); the
+    evaluation uses SQuAD's text F1.
 
 Both stages draw their examples through a curriculum (:class:`trainer.qa.data.CurriculumSampler`):
 documents of at most ``curriculum.start_segments`` segments first, then longer ones, all of
 them from ``curriculum.full_at`` of the stage on.
 
-Evaluation (every ``eval.every`` stage steps and at each stage's end, on the ``qa.eval_split``
-examples): F1 and exact match (SQuAD, in points 0-100), has-answer / no-answer accuracy, mean
-segments read and fraction read, with halting (hybrid stages) and with reading everything
-(``eval/full_*``), and the combined score ``f1_weight * F1/100 + (1 - f1_weight) * (1 -
-fraction_read)``, which picks the best checkpoint and drives early stopping by default. At a
-stage's end the best checkpoint's weights are restored (``qa.restore_best``) and handed on.
+Evaluation (every ``eval.every`` stage steps, or the stage's own ``eval_every``, and at each
+stage's end, on the ``qa.eval_split`` examples): F1 and exact match (SQuAD, in points
+0-100), has-answer / no-answer accuracy, mean segments read and fraction read, with halting
+(hybrid stages) and with reading everything (``eval/full_*``), and the combined score
+``f1_weight * F1/100 + (1 - f1_weight) * (1 - fraction_read)``, which picks the best
+checkpoint and drives early stopping by default. At a stage's end the best checkpoint's
+weights are restored (``qa.restore_best``) and handed on.
 At the start of a hybrid stage its initial model is evaluated reading everything: the
 read-everything baseline in ``summary.json``.
 """
@@ -183,6 +188,11 @@ class Curriculum:
         self.full_at = _number("full_at", self.full_at, 0.0, 1.0)
 
 
+def _check_eval_every(v: Any) -> None:
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        raise ConfigError(f"eval_every: must be an integer >= 0 or null (eval.every), got {v!r}")
+
+
 @dataclass
 class SupervisedParams:
     """``qa_supervised``: span cross-entropy over every segment."""
@@ -193,12 +203,15 @@ class SupervisedParams:
     weight_decay: float = 0.01
     # Short documents first (see Curriculum).
     curriculum: Curriculum = field(default_factory=Curriculum)
+    # Evaluate every N steps of this stage (null: eval.every).
+    eval_every: int | None = None
     # Max global gradient norm (the stage's grad_clip; null: none).
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         self.lr = _number("lr", self.lr, 0.0)
         self.weight_decay = _number("weight_decay", self.weight_decay, 0.0)
+        _check_eval_every(self.eval_every)
 
 
 @dataclass
@@ -235,6 +248,8 @@ class HybridParams:
     halt_bias_init: float = -2.0
     # Short documents first (see Curriculum).
     curriculum: Curriculum = field(default_factory=Curriculum)
+    # Evaluate every N steps of this stage (null: eval.every).
+    eval_every: int | None = None
     # Max gradient norm, applied to each part separately (the stage's grad_clip; null: none).
     grad_clip: float | None = None
 
@@ -252,6 +267,7 @@ class HybridParams:
         self.entropy_floor = _number("entropy_floor", self.entropy_floor, 0.0)
         self.sl_weight = _number("sl_weight", self.sl_weight, 0.0)
         self.halt_bias_init = _number("halt_bias_init", self.halt_bias_init)
+        _check_eval_every(self.eval_every)
 
 
 StageParams = SupervisedParams | HybridParams
@@ -782,7 +798,8 @@ class QATrainer:
                     }
                 )
 
-        every_eval, every_ckpt, log_every = cfg.eval.every, cfg.checkpoint.every, cfg.log_every
+        every_eval = cfg.eval.every if p.eval_every is None else p.eval_every
+        every_ckpt, log_every = cfg.checkpoint.every, cfg.log_every
         buf: list[dict[str, Any]] = []
         if ckpt is not None:
             buf = [
