@@ -133,6 +133,7 @@ class CQL(AlgorithmBase):
         d = ctx.obs_dim
         k = config.n_critics or (1 if self.discrete else 2)
         dtype = resolve_dtype(config.compute_dtype, self.device)
+        self.compute_dtype = dtype
         hidden = config.critic_hidden
         self.critic: Critic
         self.target_critic: Critic
@@ -250,8 +251,14 @@ class CQL(AlgorithmBase):
             sampled = torch.cat([random_actions, pi_actions, next_pi_actions], dim=1)  # (B, 3n, A)
             random_log_density = torch.full_like(pi_log_prob, -self.act_dim * LOG_2)
             log_density = torch.cat([random_log_density, pi_log_prob, next_pi_log_prob], dim=1)
-        q_data = self.critic(obs, actions)  # (K, B)
-        q_sampled = self.critic(obs, sampled, dtype=self.penalty_dtype)  # (K, B, 3n)
+        if self.penalty_dtype == self.compute_dtype:
+            # Same arithmetic either way: one pass over [a_data, sampled] saves a call.
+            both = torch.cat([actions.unsqueeze(1), sampled], dim=1)  # (B, 1 + 3n, A)
+            q_both = self.critic(obs, both, dtype=self.penalty_dtype)  # (K, B, 1 + 3n)
+            q_data, q_sampled = q_both[..., 0], q_both[..., 1:]
+        else:
+            q_data = self.critic(obs, actions)  # (K, B)
+            q_sampled = self.critic(obs, sampled, dtype=self.penalty_dtype)  # (K, B, 3n)
         gap = cql_logsumexp_penalty(q_data, q_sampled, log_density)  # (K,)
         td_loss = q_regression_loss(q_data, target)
         loss = td_loss + self._penalty_weight() * gap.sum()
