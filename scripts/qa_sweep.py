@@ -8,8 +8,8 @@ One supervised reader is the starting point of every point of the sweep: ``--ini
 its checkpoint, or the config's ``qa_supervised`` stage is trained once into
 ``OUT/supervised`` (and reused by later sweeps into the same OUT). Then, for each lambda,
 the config's ``qa_hybrid`` stage is trained from it with ``segment_cost = lambda`` into
-``OUT/lambda-<value>`` (a finished run is reused unless ``--overwrite``), and its
-evaluation on the dev split is read from its ``summary.json``.
+``OUT/lambda-<value>`` (a finished run from the same checkpoint is reused unless
+``--overwrite``), and its evaluation on the dev split is read from its ``summary.json``.
 
 Writes ``OUT/qa-sweep.png`` (F1 against fraction read, one point per lambda, the
 read-everything baseline at 1.0, the "F1 within 2 points" band and the "30% fewer
@@ -80,8 +80,11 @@ def train_hybrid(
     """One hybrid run from ``init`` with ``segment_cost = lam``; its summary."""
     summary = out / "summary.json"
     if summary.is_file() and not overwrite:
-        log(f"reusing {out}")
-        return dict(json.loads(summary.read_text(encoding="utf-8")))
+        done = yaml_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+        if done.get("init_from") == str(init) and done["stages"][0]["segment_cost"] == lam:
+            log(f"reusing {out}")
+            return dict(json.loads(summary.read_text(encoding="utf-8")))
+        log(f"{out} was trained from another checkpoint; training it again")
     r = copy.deepcopy(raw)
     hyb = _stage(r, "qa_hybrid")
     hyb.pop("init", None)
@@ -134,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--lambdas",
         type=_floats,
-        default=[0.0, 0.005, 0.01, 0.02, 0.05, 0.1],
-        help="comma-separated segment costs (default 0,0.005,0.01,0.02,0.05,0.1)",
+        default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3],
+        help="comma-separated segment costs (default 0,0.01,0.02,0.05,0.1,0.2,0.3)",
     )
     ap.add_argument(
         "--init", help="a supervised checkpoint (default: train one into OUT/supervised)"
