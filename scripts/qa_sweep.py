@@ -93,34 +93,55 @@ def train_hybrid(
     return QATrainer(config_from_dict(r), overwrite=True, log=log).run()
 
 
+def _groups(rows: list[dict[str, Any]]) -> list[tuple[float, float, list[float]]]:
+    """Points that land on the same (fraction read, F1), with their lambdas."""
+    out: list[tuple[float, float, list[float]]] = []
+    for r in rows:
+        for x, y, lams in out:
+            if abs(x - r["fraction_read"]) < 0.01 and abs(y - r["f1"]) < 0.3:
+                lams.append(r["lambda"])
+                break
+        else:
+            out.append((r["fraction_read"], r["f1"], [r["lambda"]]))
+    return out
+
+
 def plot(rows: list[dict[str, Any]], baseline: dict[str, Any], path: Path, title: str) -> None:
+    """F1 against fraction read: the whole range, and a zoom on the region of the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    xs = [r["fraction_read"] for r in rows]
-    ys = [r["f1"] for r in rows]
-    ax.plot(xs, ys, "o-", color="C0", label="hybrid reader (halting)")
-    for r in rows:
-        ax.annotate(
-            f"λ={r['lambda']:g}",
-            (r["fraction_read"], r["f1"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
     bf = baseline["f1"]
-    ax.plot([1.0], [bf], "*", ms=12, color="C3", label=f"read everything (F1 {bf:.1f})")
-    ax.axhspan(bf - 2, bf, color="C3", alpha=0.1, label="within 2 F1 points")
-    ax.axvline(0.7, color="grey", ls="--", lw=0.8, label="30% fewer segments")
-    ax.set_xlabel("fraction of segments read (mean over questions)")
-    ax.set_ylabel("F1 (dev)")
-    ax.set_xlim(0, 1.05)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, zoom in zip(axes, (False, True)):
+        pts = sorted(rows, key=lambda r: r["fraction_read"])
+        ax.plot(
+            [r["fraction_read"] for r in pts],
+            [r["f1"] for r in pts],
+            "o-",
+            color="C0",
+            lw=0.8,
+            label="hybrid reader (halting)",
+        )
+        for x, y, lams in _groups(rows):
+            label = "λ=" + ", ".join(f"{v:g}" for v in sorted(lams))
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        ax.plot([1.0], [bf], "*", ms=13, color="C3", label=f"read everything (F1 {bf:.1f})")
+        ax.axhspan(bf - 2, bf + 2, color="C3", alpha=0.1, label="within 2 F1 points")
+        ax.axvline(0.7, color="grey", ls="--", lw=0.8, label="30% fewer segments")
+        ax.set_xlabel("fraction of segments read (mean over questions)")
+        ax.set_ylabel("F1 (dev)")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_xlim(0.4, 1.05)
+            ax.set_ylim(bf - 10, bf + 4)
+            ax.set_title("zoom on the target region", fontsize=10)
+        else:
+            ax.set_xlim(0, 1.05)
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
