@@ -38,6 +38,7 @@ TINY = [
     "stages.1.batch_size=4",
     "stages.0.steps=4",
     "stages.1.steps=4",
+    "stages.1.eval_every=null",  # the demo config's hybrid schedule; the tests use eval.every
     "eval.every=2",
     "checkpoint.every=2",
     "checkpoint.keep_last=20",
