@@ -16,7 +16,8 @@ Stages (hyper-parameters beside ``algo`` / ``steps`` in the stage mapping):
     HALT or CONTINUE, and the episode's return is the F1 of the answer at the halt minus
     ``segment_cost`` per segment read. Advantages from GAE(gamma, gae_lambda) over a learned
     value (or the plain return minus the value), normalised per batch; an entropy bonus that
-    decays to a floor; separate optimizers for the QA part and the policy. The episodes are
+    decays to a floor; separate optimizers for the QA part and the policy;
+    ``episodes_per_question`` episodes sampled from each question's pass. The episodes are
     exact samples of a reader that stops: what it computes for a segment does not depend on
     its decisions, so an episode halted after segment h is the prefix 0..h of the pass. The
     training reward's F1 is the token-span F1 against the gold span (on the device); the
@@ -244,6 +245,10 @@ class HybridParams:
     entropy_floor: float = 0.001
     # Weight of the span loss (it keeps going for stability).
     sl_weight: float = 1.0
+    # Halting episodes sampled per question from one read of its document: the reader's
+    # pass is the cost of a step and sampling decisions is free, so more episodes lower the
+    # variance of the policy gradient at almost no price.
+    episodes_per_question: int = 1
     # A fresh halting head starts with P(HALT) = sigmoid(halt_bias_init) after every segment.
     halt_bias_init: float = -2.0
     # Short documents first (see Curriculum).
@@ -267,6 +272,9 @@ class HybridParams:
         self.entropy_floor = _number("entropy_floor", self.entropy_floor, 0.0)
         self.sl_weight = _number("sl_weight", self.sl_weight, 0.0)
         self.halt_bias_init = _number("halt_bias_init", self.halt_bias_init)
+        k = self.episodes_per_question
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"episodes_per_question: must be an integer >= 1, got {k!r}")
         _check_eval_every(self.eval_every)
 
 
@@ -373,28 +381,30 @@ class HybridStage:
             batch.span_mask,
             batch.segment_mask,
         )
+        # K episodes per question: rows k * B + b of the (K * B, T) tensors below
+        k = p.episodes_per_question
+        halt_logit, value = out.halt_logit.repeat(k, 1), out.value.repeat(k, 1)
+        n_segments = batch.n_segments.repeat(k)
         with torch.no_grad():
             ps, pe = prefix_answers(out, batch, self.answer_threshold)
             prefix_f1 = span_f1(ps, pe, batch.gold_start[:, None], batch.gold_end[:, None])
-            dev = out.halt_logit.device
+            dev = halt_logit.device
             gen = torch.Generator(device=dev)
             gen.manual_seed(step_seed(self.seed, step, stream=0xEB150DE + self.stream))
-            u = torch.rand(out.halt_logit.shape, generator=gen, device=dev)
-            halt = u < torch.sigmoid(out.halt_logit)
-            ep = halting_episodes(halt, batch.n_segments, prefix_f1, p.segment_cost)
+            u = torch.rand(halt_logit.shape, generator=gen, device=dev)
+            halt = u < torch.sigmoid(halt_logit)
+            ep = halting_episodes(halt, n_segments, prefix_f1.repeat(k, 1), p.segment_cost)
         mask = ep.decision_mask
         if p.advantage == "gae":
-            adv, targets = gae_advantages(
-                ep.rewards, out.value, ep.dones, mask, p.gamma, p.gae_lambda
-            )
+            adv, targets = gae_advantages(ep.rewards, value, ep.dones, mask, p.gamma, p.gae_lambda)
         else:
             targets = discounted_returns(ep.rewards, ep.dones, mask, p.gamma)
-            adv = torch.where(mask, targets - out.value.detach(), torch.zeros_like(targets))
+            adv = torch.where(mask, targets - value.detach(), torch.zeros_like(targets))
         if p.normalize_advantages:
             adv = normalize_advantages(adv, mask)
-        pg = policy_gradient_loss(out.halt_logit, ep.actions, adv, mask)
-        ent = entropy_bonus(out.halt_logit, mask)
-        vl = value_loss(out.value, targets, mask)
+        pg = policy_gradient_loss(halt_logit, ep.actions, adv, mask)
+        ent = entropy_bonus(halt_logit, mask)
+        vl = value_loss(value, targets, mask)
         beta = entropy_coefficient(step, p.entropy_coef, p.entropy_decay, p.entropy_floor)
         loss = p.sl_weight * sl + pg - beta * ent + p.value_coef * vl
         n_read = ep.n_read.to(prefix_f1.dtype)
@@ -404,11 +414,11 @@ class HybridStage:
             "loss/value": vl.detach(),
             "policy/entropy": ent.detach(),
             "policy/entropy_coef": beta,
-            "policy/halt_prob": masked_mean(torch.sigmoid(out.halt_logit.detach()), mask),
+            "policy/halt_prob": masked_mean(torch.sigmoid(halt_logit.detach()), mask),
             "episode/return": ep.returns.mean(),
             "episode/f1": ep.final_f1.mean(),
             "episode/segments_read": n_read.mean(),
-            "episode/fraction_read": (n_read / batch.n_segments.to(n_read.dtype)).mean(),
+            "episode/fraction_read": (n_read / n_segments.to(n_read.dtype)).mean(),
         }
         return loss, m
 
