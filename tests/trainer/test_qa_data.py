@@ -282,6 +282,24 @@ def test_reader_is_causal_and_carries_its_memory(store: SegmentStore, arrays: QA
     assert not torch.equal(out.start_logits[0, 3:], out2.start_logits[0, 3:])  # memory carries
 
 
+@pytest.mark.parametrize("reads_memory", [False, True])
+def test_the_halting_head_reads_the_memory_only_when_asked(reads_memory: bool) -> None:
+    torch.manual_seed(0)
+    model = MemoryReader(
+        ReaderConfig(vocab_size=50, max_positions=20, d_model=16, n_layers=1, n_heads=2,
+                     ffn_dim=32, memory_dim=8, head_hidden=8, halt_reads_memory=reads_memory)
+    )  # fmt: skip
+    feats, mem = torch.rand(6, 5), torch.randn(6, 8)
+    halt, value = model.policy(mem, feats)
+    halt2, value2 = model.policy(mem + torch.randn(6, 8), feats)
+    assert not torch.allclose(value, value2)  # the value head always reads the memory
+    assert torch.equal(halt, halt2) != reads_memory
+    halt3, _ = model.policy(mem, feats.flip(0))
+    assert not torch.allclose(halt, halt3)  # and the features, always
+    with pytest.raises(ConfigError, match="halt_reads_memory"):
+        ReaderConfig(halt_reads_memory="yes")  # type: ignore[arg-type]
+
+
 def test_reader_output_does_not_depend_on_batch_order(
     store: SegmentStore, arrays: QAArrays
 ) -> None:

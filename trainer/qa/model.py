@@ -10,13 +10,14 @@ Reading a document is a loop over its segments ``t = 0, 1, ...``::
     margin_t = best span score - no-answer score ([CLS])      # how sure an answer is here
     x_t      = features(margin_t, max_{k<=t} margin_k, t, n)  # detached, see FEATURES
     memory_t = GRUCell([h_t[MEM], x_t], memory_{t-1})          # carried to segment t+1
-    halt_t   = HaltHead([memory_t, x_t])                       # logit of HALT after segment t
+    halt_t   = HaltHead(x_t)                # logit of HALT after segment t ([memory_t, x_t]
+                                            # with halt_reads_memory)
     value_t  = ValueHead([memory_t, x_t])
 
 The memory enters the next segment's encoding as an extra token in front of [CLS], so the
 encoder, the span head and the memory cell are trained together by the span loss through
 the segments (back-propagation through the whole document). The halting and value heads
-read the memory and the features *detached*: the policy's gradient never reaches the
+read the features and the memory *detached*: the policy's gradient never reaches the
 reader, which keeps the two optimizers (QA part, policy part) on disjoint parameters.
 
 Because what the reader computes for segment ``t`` does not depend on whether it halts,
@@ -73,6 +74,12 @@ class ReaderConfig:
     head_hidden: int = 64
     # Longest answer span considered when predicting, in document tokens.
     max_answer_tokens: int = 16
+    # The halting head reads the memory beside the hand-made features. Off by default: with
+    # the memory's many inputs, REINFORCE found a direction that moved every state's HALT
+    # logit at once, and the early, costly halts before the answer drove P(HALT) to 0
+    # everywhere (on 2 seeds of 3 on the demo data) before the head could learn that halting
+    # pays once the answer is found. The value head always reads both.
+    halt_reads_memory: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "ffn_dim", "memory_dim", "head_hidden"):
@@ -86,6 +93,10 @@ class ReaderConfig:
             )
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.halt_reads_memory, bool):
+            raise ConfigError(
+                f"halt_reads_memory: must be true or false, got {self.halt_reads_memory!r}"
+            )
         if not isinstance(self.max_answer_tokens, int) or self.max_answer_tokens < 1:
             raise ConfigError(
                 f"max_answer_tokens: must be an integer >= 1, got {self.max_answer_tokens!r}"
@@ -198,7 +209,8 @@ class MemoryReader(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.span_head = nn.Linear(d, 2)
         self.memory_cell = nn.GRUCell(d + N_FEATURES, cfg.memory_dim)
-        self.halt_head = _mlp(cfg.memory_dim + N_FEATURES, cfg.head_hidden)
+        halt_in = N_FEATURES + (cfg.memory_dim if cfg.halt_reads_memory else 0)
+        self.halt_head = _mlp(halt_in, cfg.head_hidden)
         self.value_head = _mlp(cfg.memory_dim + N_FEATURES, cfg.head_hidden)
         # Set once a hybrid stage has trained the halting head (a fresh head is re-initialised).
         self.register_buffer("policy_trained", torch.zeros((), dtype=torch.bool))
@@ -254,9 +266,12 @@ class MemoryReader(nn.Module):
         return h[:, 1:], h[:, 0]
 
     def policy(self, memory: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(halt logit, value) from the memory and features, both detached: (...,) each."""
-        x = torch.cat([memory.detach(), features.detach()], dim=-1)
-        return self.halt_head(x).squeeze(-1), self.value_head(x).squeeze(-1)
+        """(halt logit, value) from the memory and features, both detached: (...,) each.
+        The halting head reads the features alone unless ``halt_reads_memory``."""
+        feats = features.detach()
+        x = torch.cat([memory.detach(), feats], dim=-1)
+        halt = self.halt_head(x if self.cfg.halt_reads_memory else feats)
+        return halt.squeeze(-1), self.value_head(x).squeeze(-1)
 
     # ------------------------------------------------------------------ a whole batch
     def read(self, batch: QABatch) -> ReadOutput:

@@ -17,7 +17,8 @@ Stages (hyper-parameters beside ``algo`` / ``steps`` in the stage mapping):
     ``segment_cost`` per segment read. Advantages from GAE(gamma, gae_lambda) over a learned
     value (or the plain return minus the value), normalised per batch; an entropy bonus that
     decays to a floor; separate optimizers for the QA part and the policy;
-    ``episodes_per_question`` episodes sampled from each question's pass. The episodes are
+    ``episodes_per_question`` episodes sampled from each question's pass; the value head
+    alone learns for the first ``value_warmup_steps``. The episodes are
     exact samples of a reader that stops: what it computes for a segment does not depend on
     its decisions, so an episode halted after segment h is the prefix 0..h of the pass. The
     training reward's F1 is the token-span F1 against the gold span (on the device); the
@@ -249,6 +250,11 @@ class HybridParams:
     # pass is the cost of a step and sampling decisions is free, so more episodes lower the
     # variance of the policy gradient at almost no price.
     episodes_per_question: int = 1
+    # Steps at the stage's start where only the value head learns (the policy samples but
+    # is not updated): a fresh value head predicts ~0, which makes every CONTINUE look far
+    # better than it is and drives the halting policy to never halt before it can learn
+    # where halting pays. The entropy schedule starts after the warm-up.
+    value_warmup_steps: int = 0
     # A fresh halting head starts with P(HALT) = sigmoid(halt_bias_init) after every segment.
     halt_bias_init: float = -2.0
     # Short documents first (see Curriculum).
@@ -275,6 +281,9 @@ class HybridParams:
         k = self.episodes_per_question
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"episodes_per_question: must be an integer >= 1, got {k!r}")
+        w = self.value_warmup_steps
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"value_warmup_steps: must be an integer >= 0, got {w!r}")
         _check_eval_every(self.eval_every)
 
 
@@ -405,15 +414,20 @@ class HybridStage:
         pg = policy_gradient_loss(halt_logit, ep.actions, adv, mask)
         ent = entropy_bonus(halt_logit, mask)
         vl = value_loss(value, targets, mask)
-        beta = entropy_coefficient(step, p.entropy_coef, p.entropy_decay, p.entropy_floor)
-        loss = p.sl_weight * sl + pg - beta * ent + p.value_coef * vl
+        policy_step = step - p.value_warmup_steps
+        beta = entropy_coefficient(
+            max(policy_step, 0), p.entropy_coef, p.entropy_decay, p.entropy_floor
+        )
+        loss = p.sl_weight * sl + p.value_coef * vl
+        if policy_step >= 0:
+            loss = loss + pg - beta * ent
         n_read = ep.n_read.to(prefix_f1.dtype)
         m: dict[str, Any] = {
             "loss/span": sl.detach(),
             "loss/policy": pg.detach(),
             "loss/value": vl.detach(),
             "policy/entropy": ent.detach(),
-            "policy/entropy_coef": beta,
+            "policy/entropy_coef": beta if policy_step >= 0 else 0.0,
             "policy/halt_prob": masked_mean(torch.sigmoid(halt_logit.detach()), mask),
             "episode/return": ep.returns.mean(),
             "episode/f1": ep.final_f1.mean(),
