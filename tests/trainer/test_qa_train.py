@@ -13,14 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+from pipeline.qa_store import open_segment_store
 from trainer.checkpoint import load_checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.loop import Interrupted
-from trainer.qa import wants_qa_runner
-from trainer.qa.runner import HybridStage, QATrainer
+from trainer.qa import runner, wants_qa_runner
+from trainer.qa.runner import HybridStage, QATrainer, holdout_mask
 from trainer.train import main
 
 from .test_qa_data import build_tiny_store
@@ -212,6 +214,42 @@ def test_early_stopping_stops_and_hands_on_the_best_weights(
         assert torch.equal(best[k], final[k]), k
 
 
+def test_holdout_is_stable_per_document_and_near_its_fraction() -> None:
+    ids = [f"doc-{i}" for i in range(4000)]
+    held = holdout_mask(ids, 0.25)
+    assert 0.22 < held.mean() < 0.28
+    assert np.array_equal(held, holdout_mask(list(ids), 0.25))  # a function of the ids
+    assert not holdout_mask(ids, 0.0).any()
+    assert (held <= holdout_mask(ids, 0.5)).all()  # a larger fraction holds out a superset
+    twice = holdout_mask([*ids[:10], *ids[:10]], 0.5)
+    assert np.array_equal(twice[:10], twice[10:])
+
+
+def test_hybrid_stages_read_the_held_out_documents_and_supervised_ones_the_rest(
+    tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pools: dict[int, np.ndarray] = {}
+    real = runner.CurriculumSampler
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, n_segments: Any, pool: Any, *a: Any, stream: int, **kw: Any) -> None:
+            pools[stream] = np.asarray(pool)
+            super().__init__(n_segments, pool, *a, stream=stream, **kw)
+
+    monkeypatch.setattr(runner, "CurriculumSampler", Recording)
+    out = tmp_path / "held"
+    cfg = load_config(CONFIG, overrides(tiny_store, out, "qa.policy_holdout=0.4"))
+    summary = QATrainer(cfg, log=lambda m: None).run()
+    store = open_segment_store(tiny_store)
+    train = store.split_indices("train")
+    sup, hyb = pools[0], pools[1]
+    assert len(sup) and len(hyb) and not set(sup.tolist()) & set(hyb.tolist())
+    assert sorted([*sup.tolist(), *hyb.tolist()]) == sorted(train.tolist())
+    docs = store.examples.doc_id
+    assert not {docs[e] for e in sup} & {docs[e] for e in hyb}  # whole documents
+    assert summary["split"]["train_examples"] == {"qa_supervised": len(sup), "qa_hybrid": len(hyb)}
+
+
 # --------------------------------------------------------------------------- user errors
 
 
@@ -235,6 +273,8 @@ def test_user_errors_are_one_line(
     assert "stages.1.advantage" in _err(capsys, [*base, "stages.1.advantage=ppo"])
     assert "qa.model.n_heads" in _err(capsys, [*base, "qa.model.n_heads=3"])
     assert "qa.eval_split" in _err(capsys, [*base, "qa.eval_split=test"])
+    assert "qa.policy_holdout" in _err(capsys, [*base, "qa.policy_holdout=1"])
+    assert "qa.policy_holdout" in _err(capsys, [*base, "qa.policy_holdout=0.001"])  # none held
     from pipeline.build import build
 
     monkeypatch.chdir(ROOT)  # the golden spec's paths are relative to the repository

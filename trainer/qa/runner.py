@@ -24,7 +24,9 @@ Stages (hyper-parameters beside ``algo`` / ``steps`` in the stage mapping):
     training reward's F1 is the token-span F1 against the gold span (on the device); the
     evaluation uses SQuAD's text F1.
 
-Both stages draw their examples through a curriculum (:class:`trainer.qa.data.CurriculumSampler`):
+Both stages draw questions of ``qa.train_split``; with ``qa.policy_holdout`` the supervised
+stages draw from its documents outside a held-out fraction and the hybrid stages from the
+held-out ones. Both draw through a curriculum (:class:`trainer.qa.data.CurriculumSampler`):
 documents of at most ``curriculum.start_segments`` segments first, then longer ones, all of
 them from ``curriculum.full_at`` of the stage on.
 
@@ -41,6 +43,7 @@ read-everything baseline in ``summary.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -134,6 +137,13 @@ class QASettings:
     halt_threshold: float = 0.5
     # At a stage's end, hand on the best evaluation's weights rather than the last ones.
     restore_best: bool = True
+    # Fraction of the training split's documents that qa_supervised stages never read;
+    # qa_hybrid stages draw their questions from these documents only, so the halting
+    # policy learns how sure the reader is on text it has not memorised. (On the documents
+    # it was trained on, the reader's first answer is almost always right, and a policy
+    # trained there learns to halt on any answer.) The part is a fixed function of the
+    # document ids, the same for every seed. 0: every stage reads the whole split.
+    policy_holdout: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("train_split", "eval_split"):
@@ -154,6 +164,11 @@ class QASettings:
         self.halt_threshold = _number("halt_threshold", self.halt_threshold, 0.0, 1.0)
         if not isinstance(self.restore_best, bool):
             raise ConfigError(f"restore_best: must be true or false, got {self.restore_best!r}")
+        self.policy_holdout = _number("policy_holdout", self.policy_holdout, 0.0, 1.0)
+        if self.policy_holdout >= 1.0:
+            raise ConfigError(
+                "policy_holdout: must be below 1 (the supervised stages need documents too)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,6 +323,19 @@ def stage_params(cfg: TrainConfig, index: int) -> StageParams:
 
 
 # --------------------------------------------------------------------------- stages
+
+
+def holdout_mask(doc_ids: list[str], fraction: float) -> np.ndarray:
+    """(n,) bool: the entries whose document falls in the held-out ``fraction``.
+
+    A document's place is a hash of its id (stable across runs, seeds and machines), so
+    every question on one document lands on the same side.
+    """
+    u = np.array(
+        [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest()) for d in doc_ids],
+        dtype=np.float64,
+    )
+    return u / 2.0**64 < fraction
 
 
 def _adamw(params: list[torch.nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
@@ -661,6 +689,22 @@ class QATrainer:
             )
         return idx
 
+    def _pools(self, store: SegmentStore) -> dict[str, np.ndarray]:
+        """The training questions of each stage kind (see ``qa.policy_holdout``)."""
+        pool = self._split(store, self.settings.train_split, "train_split")
+        frac = self.settings.policy_holdout
+        if frac == 0.0:
+            return {"qa_supervised": pool, "qa_hybrid": pool}
+        held = holdout_mask([store.examples.doc_id[int(e)] for e in pool], frac)
+        fit, out = pool[~held], pool[held]
+        if len(fit) == 0 or len(out) == 0:
+            raise RunError(
+                f"qa.policy_holdout: {frac} leaves {len(fit)} of the {len(pool)} training "
+                f"questions to the supervised stages and {len(out)} to the hybrid ones; "
+                "pick a fraction that leaves some to both"
+            )
+        return {"qa_supervised": fit, "qa_hybrid": out}
+
     def _write_config(self, store: SegmentStore, device: torch.device) -> None:
         resolved = self.cfg.to_dict()
         resolved["store_hash"] = store.content_hash
@@ -690,7 +734,7 @@ class QATrainer:
         self.reader_cfg = self._reader_config(store)
         self._n_params = sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
         self.arrays = QAArrays.from_store(store)
-        self.train_pool = self._split(store, self.settings.train_split, "train_split")
+        self.pools = self._pools(store)
         eval_pool = self._split(store, self.settings.eval_split, "eval_split")
         if self.settings.eval_max_examples is not None:
             eval_pool = eval_pool[: self.settings.eval_max_examples]
@@ -772,7 +816,7 @@ class QATrainer:
         model.train()
         sampler = CurriculumSampler(
             self.arrays.n_segments,
-            self.train_pool,
+            self.pools[stage.algo],
             stage.batch_size,
             cfg.seed,
             stream=index,
@@ -1090,7 +1134,8 @@ class QATrainer:
             "model": {**self.reader_cfg.to_dict(), "parameters": self._n_params},
             "split": {
                 "train_split": self.settings.train_split,
-                "train_examples": int(len(self.train_pool)),
+                "train_examples": {k: int(len(v)) for k, v in self.pools.items()},
+                "policy_holdout": self.settings.policy_holdout,
                 "eval_split": self.settings.eval_split,
                 "eval_examples": int(len(self.evaluator.examples)),
             },
