@@ -47,6 +47,12 @@ demo: data
 	$(PYTHON) -m trainer.train configs/pendulum-bc-iql.yaml --overwrite
 	$(PYTHON) -m trainer.compare runs/pendulum-bc-iql --out runs/compare.png
 
+# F1 against the fraction of segments read across lambda: one supervised reader, one hybrid
+# run per lambda (LAMBDAS), runs/qa-sweep/qa-sweep.png and the table in Markdown.
+LAMBDAS ?= 0,0.005,0.01,0.02,0.05,0.1,0.2
+qa-sweep: data
+	$(PYTHON) scripts/qa_sweep.py --lambdas $(LAMBDAS) --out runs/qa-sweep $(ARGS)
+
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
@@ -58,11 +64,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy pipeline trainer data_specs scripts
 
-bench: $(STAMP)
+bench: data
 	$(PYTHON) scripts/bench_build.py
 	$(PYTHON) scripts/bench_segments.py
 	$(PYTHON) scripts/bench_sampler.py
 	$(PYTHON) scripts/bench_train.py
+	$(PYTHON) scripts/bench_qa.py
 
 clean:
 	rm -rf stores runs data/raw .pytest_cache .mypy_cache .ruff_cache

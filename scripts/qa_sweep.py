@@ -8,8 +8,8 @@ One supervised reader is the starting point of every point of the sweep: ``--ini
 its checkpoint, or the config's ``qa_supervised`` stage is trained once into
 ``OUT/supervised`` (and reused by later sweeps into the same OUT). Then, for each lambda,
 the config's ``qa_hybrid`` stage is trained from it with ``segment_cost = lambda`` into
-``OUT/lambda-<value>`` (a finished run from the same checkpoint is reused unless
-``--overwrite``), and its evaluation on the dev split is read from its ``summary.json``.
+``OUT/lambda-<value>`` (a finished run from the same checkpoint bytes and config is
+reused unless ``--overwrite``), and its evaluation on the dev split is read from its ``summary.json``.
 
 Writes ``OUT/qa-sweep.png`` (F1 against fraction read, one point per lambda, the
 read-everything baseline at 1.0, the "F1 within 2 points" band and the "30% fewer
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -59,38 +60,66 @@ def _stage(raw: dict[str, Any], algo: str) -> dict[str, Any]:
     raise ConfigError(f"the config has no {algo} stage")
 
 
-def train_supervised(raw: dict[str, Any], out: Path, log: Any) -> Path:
-    """The supervised stage alone into ``out``; its final checkpoint (reused if present)."""
-    ckpt = out / "checkpoints" / "final-supervised.pt"
-    summary = out / "summary.json"
-    if ckpt.is_file() and summary.is_file():
-        log(f"reusing {ckpt}")
-        return ckpt
+def _config_key(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def supervised_config(raw: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The config of the supervised-only run into ``out``."""
     r = copy.deepcopy(raw)
     sup = _stage(r, "qa_supervised")
     sup["name"] = "supervised"
     r.update(stages=[sup], out=str(out))
+    return r
+
+
+def train_supervised(raw: dict[str, Any], out: Path, log: Any) -> Path:
+    """The supervised stage alone into ``out``; its final checkpoint (reused when a finished
+    run there has the same config)."""
+    ckpt = out / "checkpoints" / "final-supervised.pt"
+    r = supervised_config(raw, out)
+    key, key_file = _config_key(r), out / "sweep-key.txt"
+    if ckpt.is_file() and (out / "summary.json").is_file():
+        if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
+            log(f"reusing {ckpt}")
+            return ckpt
+        log(f"{out} was trained with another config; training it again")
     QATrainer(config_from_dict(r), overwrite=True, log=log).run()
+    key_file.write_text(key + "\n", encoding="utf-8")
     return ckpt
+
+
+def _run_key(init: Path, config: dict[str, Any]) -> str:
+    """What a finished run was trained from: the init checkpoint's bytes and the config."""
+    h = hashlib.sha256()
+    with init.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(_config_key(config).encode())
+    return h.hexdigest()
 
 
 def train_hybrid(
     raw: dict[str, Any], init: Path, lam: float, out: Path, overwrite: bool, log: Any
 ) -> dict[str, Any]:
-    """One hybrid run from ``init`` with ``segment_cost = lam``; its summary."""
-    summary = out / "summary.json"
-    if summary.is_file() and not overwrite:
-        done = yaml_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
-        if done.get("init_from") == str(init) and done["stages"][0]["segment_cost"] == lam:
-            log(f"reusing {out}")
-            return dict(json.loads(summary.read_text(encoding="utf-8")))
-        log(f"{out} was trained from another checkpoint; training it again")
+    """One hybrid run from ``init`` with ``segment_cost = lam``; its summary. A finished
+    run in ``out`` is reused when it was trained from the same checkpoint bytes and the same
+    config; otherwise it is trained again."""
     r = copy.deepcopy(raw)
     hyb = _stage(r, "qa_hybrid")
     hyb.pop("init", None)
     hyb.update(name="hybrid", segment_cost=lam)
     r.update(stages=[hyb], out=str(out), init_from=str(init))
-    return QATrainer(config_from_dict(r), overwrite=True, log=log).run()
+    key = _run_key(init, r)
+    summary, key_file = out / "summary.json", out / "sweep-key.txt"
+    if summary.is_file() and not overwrite:
+        if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
+            log(f"reusing {out}")
+            return dict(json.loads(summary.read_text(encoding="utf-8")))
+        log(f"{out} was trained from another checkpoint or config; training it again")
+    result = QATrainer(config_from_dict(r), overwrite=True, log=log).run()
+    key_file.write_text(key + "\n", encoding="utf-8")
+    return result
 
 
 def _groups(rows: list[dict[str, Any]]) -> list[tuple[float, float, list[float]]]:
@@ -158,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--lambdas",
         type=_floats,
-        default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3],
-        help="comma-separated segment costs (default 0,0.01,0.02,0.05,0.1,0.2,0.3)",
+        default=[0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
+        help="comma-separated segment costs (default 0,0.005,0.01,0.02,0.05,0.1,0.2)",
     )
     ap.add_argument(
         "--init", help="a supervised checkpoint (default: train one into OUT/supervised)"

@@ -349,5 +349,19 @@ def test_sweep_and_bench_scripts_run_on_a_tiny_store(
     sweep = json.loads((out / "sweep.json").read_text())
     assert [r["lambda"] for r in sweep["rows"]] == [0.0, 0.2]
     assert sweep["init"].endswith("final-supervised.pt")
+
+    def stamps() -> dict[str, int]:
+        return {
+            d.name: (d / "summary.json").stat().st_mtime_ns for d in out.iterdir() if d.is_dir()
+        }
+
+    first = stamps()
+    assert qa_sweep.main(argv) == 0  # the same sweep again: every run is reused
+    assert stamps() == first
+    assert qa_sweep.main([*argv, "stages.1.entropy_coef=0.02"]) == 0  # the hybrid stage changed
+    again = stamps()
+    assert again["supervised"] == first["supervised"]
+    assert again["lambda-0"] != first["lambda-0"] and again["lambda-0.2"] != first["lambda-0.2"]
+    capsys.readouterr()
     assert bench_qa.main(["--store", str(tiny_store), "--quick"]) == 0
     assert "| supervised |" in capsys.readouterr().out
