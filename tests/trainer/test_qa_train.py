@@ -41,6 +41,7 @@ TINY = [
     "stages.0.steps=4",
     "stages.1.steps=4",
     "stages.1.eval_every=null",  # the demo config's hybrid schedule; the tests use eval.every
+    "stages.1.value_warmup_steps=1",  # the demo's 20 would leave the policy untrained here
     "eval.every=2",
     "checkpoint.every=2",
     "checkpoint.keep_last=20",
@@ -101,6 +102,8 @@ def test_cli_trains_both_stages_and_writes_the_run_directory(
     sup = [r for r in evals if r["stage"] == "supervised"]
     assert all(r["eval/fraction_read"] == 1.0 for r in sup)  # reads everything
     assert any(r["kind"] == "baseline" for r in rows(out))
+    hybrid_train = [r for r in rows(out) if r["kind"] == "train" and r["stage"] == "hybrid"]
+    assert [r["policy/entropy_coef"] > 0 for r in hybrid_train] == [False, True, True, True]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["supervised", "hybrid"]
     for s in summary["stages"]:
