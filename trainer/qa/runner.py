@@ -266,9 +266,9 @@ class HybridParams:
     # variance of the policy gradient at almost no price.
     episodes_per_question: int = 1
     # Steps at the stage's start where only the value head learns (the policy samples but
-    # is not updated): a fresh value head predicts ~0, which makes every CONTINUE look far
-    # better than it is and drives the halting policy to never halt before it can learn
-    # where halting pays. The entropy schedule starts after the warm-up.
+    # is not updated): a fresh value head predicts ~0, so the first advantages would be
+    # mostly its error; the warm-up lets it fit the initial policy's returns first. The
+    # entropy schedule starts after the warm-up.
     value_warmup_steps: int = 0
     # A fresh halting head starts with P(HALT) = sigmoid(halt_bias_init) after every segment.
     halt_bias_init: float = -2.0
