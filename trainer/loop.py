@@ -24,6 +24,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -370,8 +371,22 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------- the trainer
 
 
-class Trainer:
-    """Runs one training config in its run directory (``cfg.out``)."""
+class StagedTrainer:
+    """What every trainer of a run directory shares: the directory and its resume checks,
+    the resolved config, the stages in order under a stop-on-signal flag, the step loop of
+    a stage (metrics rows, evaluation, periodic checkpoints, stop on signal) and the
+    checkpoint record. :class:`Trainer` trains on transition stores,
+    :class:`trainer.qa.runner.QATrainer` on segment stores."""
+
+    # Keys that must not change when a run is resumed (they change what is trained).
+    resume_fixed: tuple[str, ...] = _RESUME_FIXED
+    # Set by a subclass's run() before the stages start.
+    metric: str | None
+    state: LoopState
+    writer: MetricsWriter
+    progress: Progress
+    _stop: _StopFlag
+    _final_states: dict[str, dict[str, Any]]
 
     def __init__(
         self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
@@ -396,6 +411,7 @@ class Trainer:
                 self._log(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
                 return None
             ckpt = load_checkpoint(latest)
+            self._check_resumed(ckpt, latest)
             self._log(f"resuming {self.run_dir} from {latest.name} (step {ckpt['step']})")
             return ckpt
         if has_run and not self.overwrite:
@@ -407,6 +423,9 @@ class Trainer:
             self.ckpts.clear()
         return None
 
+    def _check_resumed(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint this trainer did not write (a subclass's check)."""
+
     def _check_same_config(self, cfg_path: Path) -> None:
         import yaml
 
@@ -417,7 +436,7 @@ class Trainer:
                 f"{cfg_path}: unreadable ({e}); cannot check the resumed config"
             ) from None
         now = self.cfg.to_dict()
-        for key in _RESUME_FIXED:
+        for key in self.resume_fixed:
             if key == "store_hash" and saved.get(key) is not None and now.get(key) is None:
                 continue  # the resolved hash is filled in below and checked against the store
             if key in saved and saved[key] != now.get(key):
@@ -426,17 +445,229 @@ class Trainer:
                     "now); resume with the run's own config or start a new run (another out=)"
                 )
 
-    def _write_config(self, data: RunData) -> None:
+    def _check_resumed_store(self, ckpt: dict[str, Any] | None, content_hash: str) -> None:
+        if ckpt is not None and ckpt["meta"]["store_hash"] != content_hash:
+            raise RunError(
+                f"--resume: the checkpoint was trained on store content {ckpt['meta']['store_hash']}, "
+                f"{self.cfg.store} now holds {content_hash}; start a new run"
+            )
+
+    def _write_config(self, store_hash: str, device: torch.device) -> None:
         resolved = self.cfg.to_dict()
-        resolved["store_hash"] = data.store.content_hash
-        resolved["device"] = str(data.device) if self.cfg.device == "auto" else self.cfg.device
+        resolved["store_hash"] = store_hash
+        resolved["device"] = str(device) if self.cfg.device == "auto" else self.cfg.device
         header = (
             "# Resolved training config, written by trainer.train; run it again with\n"
             f"#   python -m trainer.train {self.run_dir / CONFIG_FILE} out=NEW_DIR\n"
         )
         (self.run_dir / CONFIG_FILE).write_text(header + dump_yaml(resolved), encoding="utf-8")
 
-    # ------------------------------------------------------------------ run
+    # ------------------------------------------------------------------ the stages
+    def _run_stages(self, ckpt: dict[str, Any] | None, init_state: dict[str, Any] | None) -> None:
+        """Every stage not done yet, in order; the first one resumes from ``ckpt``."""
+        cfg = self.cfg
+        state = LoopState(stages=[StageProgress(s.name, s.algo, s.steps) for s in cfg.stages])
+        if ckpt is not None:
+            state.step = int(ckpt["step"])
+            state.stage_index = int(ckpt["stage_index"])
+            state.stages = [StageProgress.from_dict(d) for d in ckpt["loop"]["stages"]]
+        self.writer = MetricsWriter(
+            self.run_dir,
+            resume_offset=int(ckpt["loop"]["metrics_offset"]) if ckpt is not None else None,
+            tensorboard=cfg.tensorboard,
+            purge_step=state.step if ckpt is not None else None,
+        )
+        self.progress = Progress(sum(s.steps for s in cfg.stages), state.step, cfg.progress)
+        self.state = state
+        self._final_states = {}
+        try:
+            with _StopFlag() as stop:
+                self._stop = stop
+                for i in range(state.stage_index, len(cfg.stages)):
+                    if state.stages[i].done:
+                        continue
+                    resume_ckpt = (
+                        ckpt if ckpt is not None and int(ckpt["stage_index"]) == i else None
+                    )
+                    self._run_stage(i, resume_ckpt, init_state if i == 0 else None)
+                    ckpt = None
+        finally:
+            self.progress.close()
+            self.writer.close()
+
+    def _run_stage(
+        self, index: int, ckpt: dict[str, Any] | None, init_state: dict[str, Any] | None
+    ) -> None:
+        raise NotImplementedError
+
+    def _stage_final_state(self, name: str) -> dict[str, Any]:
+        if name in self._final_states:
+            return self._final_states[name]
+        path = self.ckpts.final_path(name)
+        try:
+            return dict(load_checkpoint(path)["algo_state"])
+        except CheckpointError as e:
+            raise RunError(f"init: stage {name!r} has no final checkpoint ({e})") from None
+
+    def _write_stage_start(self, stage: StageConfig) -> None:
+        self.writer.write(
+            {
+                "step": self.state.step,
+                "stage": stage.name,
+                "algo": stage.algo,
+                "kind": "stage_start",
+            }
+        )
+
+    @staticmethod
+    def _pending_metrics(ckpt: dict[str, Any] | None, device: torch.device) -> list[dict[str, Any]]:
+        """The metrics of the steps after the checkpoint's last row (0-dim tensors)."""
+        if ckpt is None:
+            return []
+        return [
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in m.items()}
+            for m in ckpt["loop"]["pending_metrics"]
+        ]
+
+    def _train_steps(
+        self,
+        index: int,
+        buf: list[dict[str, Any]],
+        *,
+        step: Callable[[int], dict[str, Any]],
+        schedulers: dict[str, Any],
+        row_rates: Callable[[int, float], dict[str, Any]],
+        evaluate: Callable[[], bool],
+        save: Callable[[list[dict[str, Any]]], None],
+        every_eval: int,
+    ) -> Callable[[], float]:
+        """The steps of stage ``index`` from where it stands to its end or an early stop.
+
+        Per step: ``step(stage_step)`` (its metrics go to ``buf``), one LR-scheduler step;
+        a metrics row every ``log_every`` steps (``row_rates(steps, seconds)`` adds the
+        learning rate and throughput), ``evaluate()`` every ``every_eval`` steps and at the
+        end (true: stop early), ``save(buf)`` every ``checkpoint.every`` steps and on a stop
+        signal (then :class:`Interrupted`). Sets the stage's train time and
+        ``stopped_early``; returns the stage's wall clock.
+        """
+        cfg, state = self.cfg, self.state
+        stage, sp = cfg.stages[index], state.stages[index]
+        every_ckpt, log_every = cfg.checkpoint.every, cfg.log_every
+        wall0 = sp.wall_time_s
+        t_stage = t_row = time.perf_counter()
+        row_steps, row_pause = 0, 0.0  # steps and seconds of eval / checkpoints since the last row
+        stop_now = False
+
+        def elapsed() -> float:
+            return wall0 + time.perf_counter() - t_stage
+
+        while sp.steps_done < stage.steps:
+            buf.append(step(sp.steps_done))
+            for sch in schedulers.values():
+                sch.step()
+            sp.steps_done += 1
+            state.step += 1
+            row_steps += 1
+            s = sp.steps_done
+            last = s == stage.steps
+            if s % log_every == 0 or last:
+                row_metrics = _mean_metrics(buf)  # the only host sync of the hot loop
+                buf.clear()
+                now = time.perf_counter()
+                dt = max(now - t_row - row_pause, 1e-9)
+                sp.train_time_s += dt
+                row: dict[str, Any] = {
+                    "step": state.step,
+                    "stage": stage.name,
+                    "algo": stage.algo,
+                    "kind": "train",
+                    **row_metrics,
+                    **row_rates(row_steps, dt),
+                    "time": round(elapsed(), 3),
+                }
+                self.writer.write(row)
+                self.progress.update(state.step, row_metrics, stage.name)
+                t_row, row_steps, row_pause = now, 0, 0.0
+            if (every_eval and s % every_eval == 0) or last:
+                t0 = time.perf_counter()
+                stop_now = evaluate()
+                row_pause += time.perf_counter() - t0
+            if self._stop.signum is not None:
+                sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
+                sp.wall_time_s = elapsed()
+                save(buf)
+                raise Interrupted(
+                    f"stopped by signal {self._stop.signum} at step {state.step}; "
+                    f"continue with --resume (out={self.run_dir})"
+                )
+            if stop_now or last:
+                break
+            if s % every_ckpt == 0:
+                t0 = time.perf_counter()
+                sp.wall_time_s = elapsed()
+                save(buf)
+                row_pause += time.perf_counter() - t0
+        if row_steps:  # an early stop between two rows
+            sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
+        sp.stopped_early = stop_now and sp.steps_done < stage.steps
+        if sp.stopped_early:
+            self._log(
+                f"{stage.name}: early stop at stage step {sp.steps_done} "
+                f"({self.metric} did not improve for {cfg.early_stopping.patience} evaluations)"
+            )
+        return elapsed
+
+    def _checkpoint_record(
+        self,
+        index: int,
+        algo_state: dict[str, Any],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any] | None,
+        sampler: Any,
+        pending: list[dict[str, Any]],
+        *,
+        meta: dict[str, Any],
+        loop: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A checkpoint of stage ``index`` at the current step; ``loop`` adds the
+        trainer's own loop state, ``meta`` what its runs are checked against."""
+        st = self.state
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "step": st.step,
+            "stage_index": index,
+            "stage_name": self.cfg.stages[index].name,
+            "algo": self.cfg.stages[index].algo,
+            "algo_state": algo_state,
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+            "sampler": sampler.state_dict() if sampler is not None else None,
+            "rng": rng_state(),
+            "loop": {
+                "stages": [s.to_dict() for s in st.stages],
+                **(loop or {}),
+                "metrics_offset": self.writer.offset(),
+                "pending_metrics": [
+                    {
+                        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else float(v))
+                        for k, v in m.items()
+                    }
+                    for m in pending
+                ],
+            },
+            "meta": meta,
+        }
+
+    def _save_final(self, index: int, ckpt: dict[str, Any]) -> None:
+        """A stage's final checkpoint, and the same as the step checkpoint of its last step."""
+        save_atomic(ckpt, self.ckpts.final_path(self.cfg.stages[index].name))
+        self.ckpts.save_step(ckpt, self.state.step)
+
+
+class Trainer(StagedTrainer):
+    """Runs one training config in its run directory (``cfg.out``)."""
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.num_threads:
@@ -445,12 +676,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._prepare_dir()
         data = load_run_data(cfg, device)
-        if ckpt is not None and ckpt["meta"]["store_hash"] != data.store.content_hash:
-            raise RunError(
-                f"--resume: the checkpoint was trained on store content {ckpt['meta']['store_hash']}, "
-                f"{cfg.store} now holds {data.store.content_hash}; start a new run"
-            )
-        self._write_config(data)
+        self._check_resumed_store(ckpt, data.store.content_hash)
+        self._write_config(data.store.content_hash, data.device)
         self.data = data
         self.ctx = algo_context(data.store, device)
         self.evaluator = make_evaluator(cfg, data)
@@ -461,37 +688,7 @@ class Trainer:
         for st in cfg.stages:
             build_algorithm(st, self.ctx, data)
         init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
-
-        state = LoopState(stages=[StageProgress(s.name, s.algo, s.steps) for s in cfg.stages])
-        if ckpt is not None:
-            state.step = int(ckpt["step"])
-            state.stage_index = int(ckpt["stage_index"])
-            state.stages = [StageProgress.from_dict(d) for d in ckpt["loop"]["stages"]]
-        writer = MetricsWriter(
-            self.run_dir,
-            resume_offset=int(ckpt["loop"]["metrics_offset"]) if ckpt is not None else None,
-            tensorboard=cfg.tensorboard,
-            purge_step=state.step if ckpt is not None else None,
-        )
-        total = sum(s.steps for s in cfg.stages)
-        progress = Progress(total, state.step, cfg.progress)
-        self.writer, self.progress, self.state = writer, progress, state
-        self._final_states: dict[str, dict[str, Any]] = {}
-        try:
-            with _StopFlag() as stop:
-                self._stop = stop
-                for i in range(state.stage_index, len(cfg.stages)):
-                    sp = state.stages[i]
-                    if sp.done:
-                        continue
-                    resume_ckpt = (
-                        ckpt if ckpt is not None and int(ckpt["stage_index"]) == i else None
-                    )
-                    self._run_stage(i, resume_ckpt, init_state if i == 0 else None)
-                    ckpt = None
-        finally:
-            progress.close()
-            writer.close()
+        self._run_stages(ckpt, init_state)
         return self._finish()
 
     def _init_from_state(self, path: str) -> dict[str, Any]:
@@ -544,101 +741,31 @@ class Trainer:
                 except ValueError as e:
                     where = f"stages.{index}.init" if stage.init is not None else "--init-from"
                     raise RunError(f"{where}: {e}") from None
-            self.writer.write(
-                {"step": state.step, "stage": stage.name, "algo": stage.algo, "kind": "stage_start"}
-            )
+            self._write_stage_start(stage)
 
-        every_eval = cfg.eval.every
-        every_ckpt = cfg.checkpoint.every
-        log_every = cfg.log_every
-        # Metrics of the steps since the last row (0-dim tensors; restored on resume).
-        buf: list[dict[str, Any]] = []
-        if ckpt is not None:
-            buf = [
-                {k: v.to(data.device) if isinstance(v, torch.Tensor) else v for k, v in m.items()}
-                for m in ckpt["loop"]["pending_metrics"]
-            ]
         lr_opt = next(iter(algo.optimizers.values()), None)
-        wall0 = sp.wall_time_s
-        t_stage = t_row = time.perf_counter()
-        row_steps, row_pause = 0, 0.0  # steps and seconds of eval / checkpoints since the last row
-        stop_now = False
 
-        def elapsed() -> float:
-            return wall0 + time.perf_counter() - t_stage
+        def row_rates(steps: int, seconds: float) -> dict[str, Any]:
+            rates: dict[str, Any] = {}
+            if lr_opt is not None:
+                rates["lr"] = float(lr_opt.param_groups[0]["lr"])
+            rates["steps_per_s"] = round(steps / seconds, 2)
+            return rates
 
-        while sp.steps_done < stage.steps:
-            batch = sampler.sample()
-            buf.append(algo.update(batch))
-            for sch in schedulers.values():
-                sch.step()
-            sp.steps_done += 1
-            state.step += 1
-            row_steps += 1
-            s = sp.steps_done
-            last = s == stage.steps
-            if s % log_every == 0 or last:
-                row_metrics = _mean_metrics(buf)  # the only host sync of the hot loop
-                buf.clear()
-                now = time.perf_counter()
-                dt = max(now - t_row - row_pause, 1e-9)
-                sp.train_time_s += dt
-                row: dict[str, Any] = {
-                    "step": state.step,
-                    "stage": stage.name,
-                    "algo": stage.algo,
-                    "kind": "train",
-                    **row_metrics,
-                }
-                if lr_opt is not None:
-                    row["lr"] = float(lr_opt.param_groups[0]["lr"])
-                row["steps_per_s"] = round(row_steps / dt, 2)
-                row["time"] = round(elapsed(), 3)
-                self.writer.write(row)
-                self.progress.update(state.step, row_metrics, stage.name)
-                t_row, row_steps, row_pause = now, 0, 0.0
-            if (every_eval and s % every_eval == 0) or last:
-                t0 = time.perf_counter()
-                stop_now = self._evaluate(algo, stage, sp, index)
-                row_pause += time.perf_counter() - t0
-            if self._stop.signum is not None:
-                sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
-                sp.wall_time_s = elapsed()
-                self._save_step(algo, schedulers, sampler, index, buf)
-                raise Interrupted(
-                    f"stopped by signal {self._stop.signum} at step {state.step}; "
-                    f"continue with --resume (out={self.run_dir})"
-                )
-            if stop_now or last:
-                break
-            if s % every_ckpt == 0:
-                t0 = time.perf_counter()
-                sp.wall_time_s = elapsed()
-                self._save_step(algo, schedulers, sampler, index, buf)
-                row_pause += time.perf_counter() - t0
-        if row_steps:  # an early stop between two rows
-            sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
-        sp.stopped_early = stop_now and sp.steps_done < stage.steps
+        elapsed = self._train_steps(
+            index,
+            self._pending_metrics(ckpt, data.device),
+            step=lambda s0: algo.update(sampler.sample()),
+            schedulers=schedulers,
+            row_rates=row_rates,
+            evaluate=lambda: self._evaluate(algo, stage, sp, index),
+            save=lambda buf: self._save_step(algo, schedulers, sampler, index, buf),
+            every_eval=cfg.eval.every,
+        )
         sp.done = True
         sp.wall_time_s = elapsed()
-        if sp.stopped_early:
-            self._log(
-                f"{stage.name}: early stop at stage step {sp.steps_done} "
-                f"({self.metric} did not improve for {cfg.early_stopping.patience} evaluations)"
-            )
         self._final_states[stage.name] = algo.state_dict()
-        ckpt_obj = self._checkpoint(algo, schedulers, sampler, index, [])
-        save_atomic(ckpt_obj, self.ckpts.final_path(stage.name))
-        self.ckpts.save_step(ckpt_obj, state.step)
-
-    def _stage_final_state(self, name: str) -> dict[str, Any]:
-        if name in self._final_states:
-            return self._final_states[name]
-        path = self.ckpts.final_path(name)
-        try:
-            return dict(load_checkpoint(path)["algo_state"])
-        except CheckpointError as e:
-            raise RunError(f"init: stage {name!r} has no final checkpoint ({e})") from None
+        self._save_final(index, self._checkpoint(algo, schedulers, sampler, index, []))
 
     def _evaluate(self, algo: Algorithm, stage: StageConfig, sp: StageProgress, index: int) -> bool:
         """Evaluate, log, track the best checkpoint; True when early stopping says stop."""
@@ -691,38 +818,21 @@ class Trainer:
         index: int,
         pending: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        st = self.state
         store = self.data.store
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "step": st.step,
-            "stage_index": index,
-            "stage_name": self.cfg.stages[index].name,
-            "algo": self.cfg.stages[index].algo,
-            "algo_state": algo.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in algo.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
-            "sampler": sampler.state_dict() if sampler is not None else None,
-            "rng": rng_state(),
-            "loop": {
-                "stages": [s.to_dict() for s in st.stages],
-                "metrics_offset": self.writer.offset(),
-                "pending_metrics": [
-                    {
-                        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else float(v))
-                        for k, v in m.items()
-                    }
-                    for m in pending
-                ],
-            },
-            "meta": {
+        return self._checkpoint_record(
+            index,
+            algo.state_dict(),
+            algo.optimizers,
+            schedulers,
+            sampler,
+            pending,
+            meta={
                 "store_hash": store.content_hash,
                 "obs_dim": store.obs_dim,
                 "action_space": _space_dict(store.action_space),
                 "config": self.cfg.to_dict(),
             },
-        }
+        )
 
     def _save_step(
         self,

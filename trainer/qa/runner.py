@@ -46,8 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,29 +56,20 @@ import torch
 from pipeline.format import StoreError
 from pipeline.qa_store import SegmentStore, open_segment_store
 from trainer.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    CheckpointDir,
     CheckpointError,
     load_checkpoint,
-    rng_state,
     save_atomic,
     seed_everything,
     set_rng_state,
 )
-from trainer.config import ConfigError, StageConfig, TrainConfig, _build, dump_yaml, yaml_load
-from trainer.logging import MetricsWriter, Progress, read_metrics
+from trainer.config import ConfigError, StageConfig, TrainConfig, _build
+from trainer.logging import read_metrics
 from trainer.loop import (
-    CONFIG_FILE,
     CURVES_FILE,
     SUMMARY_FILE,
-    Interrupted,
-    LoopState,
     LRFactor,
     RunError,
-    StageProgress,
-    _mean_metrics,
-    _StopFlag,
+    StagedTrainer,
 )
 from trainer.qa.data import CurriculumSampler, QAArrays, QABatch, collate
 from trainer.qa.losses import (
@@ -594,18 +583,16 @@ class _StageExtra:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-class QATrainer:
+class QATrainer(StagedTrainer):
     """Runs a QA training config in its run directory (the same layout as :class:`Trainer`)."""
+
+    resume_fixed = _RESUME_FIXED
+    metric: str
 
     def __init__(
         self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
     ) -> None:
-        self.cfg = cfg
-        self.resume = resume
-        self.overwrite = overwrite
-        self.run_dir = Path(cfg.out)
-        self.ckpts = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
-        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        super().__init__(cfg, resume=resume, overwrite=overwrite, log=log)
         self.settings = parse_settings(cfg.qa)
         self.params = [stage_params(cfg, i) for i in range(len(cfg.stages))]
         es = cfg.early_stopping
@@ -613,48 +600,9 @@ class QATrainer:
         self.mode = "max" if es.metric == "auto" else es.mode
 
     # ------------------------------------------------------------------ setup
-    def _prepare_dir(self) -> dict[str, Any] | None:
-        cfg_path = self.run_dir / CONFIG_FILE
-        has_run = self.ckpts.latest() is not None or (self.run_dir / "metrics.jsonl").exists()
-        if self.resume:
-            if cfg_path.exists():
-                self._check_same_config(cfg_path)
-            latest = self.ckpts.latest()
-            if latest is None:
-                self._log(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
-                return None
-            ckpt = load_checkpoint(latest)
-            if ckpt.get("meta", {}).get("kind") != "qa":
-                raise RunError(f"--resume: {latest} is not a QA checkpoint; start a new run")
-            self._log(f"resuming {self.run_dir} from {latest.name} (step {ckpt['step']})")
-            return ckpt
-        if has_run and not self.overwrite:
-            raise RunError(
-                f"out: {self.run_dir} already holds a run; pass --resume to continue it, "
-                "--overwrite to start it again, or choose another out=..."
-            )
-        if self.overwrite:
-            self.ckpts.clear()
-        return None
-
-    def _check_same_config(self, cfg_path: Path) -> None:
-        import yaml
-
-        try:
-            saved = yaml_load(cfg_path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise RunError(
-                f"{cfg_path}: unreadable ({e}); cannot check the resumed config"
-            ) from None
-        now = self.cfg.to_dict()
-        for key in _RESUME_FIXED:
-            if key == "store_hash" and saved.get(key) is not None and now.get(key) is None:
-                continue
-            if key in saved and saved[key] != now.get(key):
-                raise RunError(
-                    f"--resume: `{key}` differs from {cfg_path} ({saved[key]!r} there, "
-                    f"{now.get(key)!r} now); resume with the run's own config or start a new run"
-                )
+    def _check_resumed(self, ckpt: dict[str, Any], path: Path) -> None:
+        if ckpt.get("meta", {}).get("kind") != "qa":
+            raise RunError(f"--resume: {path} is not a QA checkpoint; start a new run")
 
     def _open_store(self) -> SegmentStore:
         try:
@@ -705,16 +653,6 @@ class QATrainer:
             )
         return {"qa_supervised": fit, "qa_hybrid": out}
 
-    def _write_config(self, store: SegmentStore, device: torch.device) -> None:
-        resolved = self.cfg.to_dict()
-        resolved["store_hash"] = store.content_hash
-        resolved["device"] = str(device) if self.cfg.device == "auto" else self.cfg.device
-        header = (
-            "# Resolved training config, written by trainer.train; run it again with\n"
-            f"#   python -m trainer.train {self.run_dir / CONFIG_FILE} out=NEW_DIR\n"
-        )
-        (self.run_dir / CONFIG_FILE).write_text(header + dump_yaml(resolved), encoding="utf-8")
-
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -725,11 +663,7 @@ class QATrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._prepare_dir()
         store = self._open_store()
-        if ckpt is not None and ckpt["meta"]["store_hash"] != store.content_hash:
-            raise RunError(
-                f"--resume: the checkpoint was trained on store content {ckpt['meta']['store_hash']}, "
-                f"{cfg.store} now holds {store.content_hash}; start a new run"
-            )
+        self._check_resumed_store(ckpt, store.content_hash)
         self.store = store
         self.reader_cfg = self._reader_config(store)
         self._n_params = sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
@@ -739,39 +673,13 @@ class QATrainer:
         if self.settings.eval_max_examples is not None:
             eval_pool = eval_pool[: self.settings.eval_max_examples]
         self.evaluator = QAEvaluator(store, self.arrays, eval_pool, self.settings, device)
-        self._write_config(store, device)
+        self._write_config(store.content_hash, device)
         init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
-
-        state = LoopState(stages=[StageProgress(s.name, s.algo, s.steps) for s in cfg.stages])
-        self.extra = [_StageExtra() for _ in cfg.stages]
-        if ckpt is not None:
-            state.step = int(ckpt["step"])
-            state.stage_index = int(ckpt["stage_index"])
-            state.stages = [StageProgress.from_dict(d) for d in ckpt["loop"]["stages"]]
+        if ckpt is None:
+            self.extra = [_StageExtra() for _ in cfg.stages]
+        else:
             self.extra = [_StageExtra.from_dict(d) for d in ckpt["loop"]["qa"]]
-        self.writer = MetricsWriter(
-            self.run_dir,
-            resume_offset=int(ckpt["loop"]["metrics_offset"]) if ckpt is not None else None,
-            tensorboard=cfg.tensorboard,
-            purge_step=state.step if ckpt is not None else None,
-        )
-        self.progress = Progress(sum(s.steps for s in cfg.stages), state.step, cfg.progress)
-        self.state = state
-        self._final_states: dict[str, dict[str, Any]] = {}
-        try:
-            with _StopFlag() as stop:
-                self._stop = stop
-                for i in range(state.stage_index, len(cfg.stages)):
-                    if state.stages[i].done:
-                        continue
-                    resume_ckpt = (
-                        ckpt if ckpt is not None and int(ckpt["stage_index"]) == i else None
-                    )
-                    self._run_stage(i, resume_ckpt, init_state if i == 0 else None)
-                    ckpt = None
-        finally:
-            self.progress.close()
-            self.writer.close()
+        self._run_stages(ckpt, init_state)
         return self._finish()
 
     def _init_from_state(self, path: str) -> dict[str, Any]:
@@ -850,9 +758,7 @@ class QATrainer:
                 model.reset_policy(p.halt_bias_init)
             algo = self._build(index, model)
             schedulers = self._schedulers(algo, stage)
-            self.writer.write(
-                {"step": state.step, "stage": stage.name, "algo": stage.algo, "kind": "stage_start"}
-            )
+            self._write_stage_start(stage)
             if isinstance(p, HybridParams):
                 base = self.evaluator(model, halting=False)
                 extra.baseline_eval = {"step": state.step, **base}
@@ -866,92 +772,37 @@ class QATrainer:
                     }
                 )
 
-        every_eval = cfg.eval.every if p.eval_every is None else p.eval_every
-        every_ckpt, log_every = cfg.checkpoint.every, cfg.log_every
-        buf: list[dict[str, Any]] = []
-        if ckpt is not None:
-            buf = [
-                {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in m.items()}
-                for m in ckpt["loop"]["pending_metrics"]
-            ]
-        wall0 = sp.wall_time_s
-        t_stage = t_row = time.perf_counter()
-        row_steps, row_pause = 0, 0.0
-        stop_now = False
-
-        def elapsed() -> float:
-            return wall0 + time.perf_counter() - t_stage
-
-        while sp.steps_done < stage.steps:
-            s0 = sp.steps_done
+        def step(s0: int) -> dict[str, Any]:
             examples = sampler.sample()
             extra.examples += len(examples)
             extra.segments += int(self.arrays.n_segments[examples].sum())
             batch = collate(self.arrays, examples).to(self.device)
             metrics = algo.update(batch, s0)
             metrics["curriculum/max_segments"] = float(sampler.limit(s0))
-            buf.append(metrics)
-            for sch in schedulers.values():
-                sch.step()
-            sp.steps_done += 1
-            state.step += 1
-            row_steps += 1
-            s = sp.steps_done
-            last = s == stage.steps
-            if s % log_every == 0 or last:
-                row_metrics = _mean_metrics(buf)
-                buf.clear()
-                now = time.perf_counter()
-                dt = max(now - t_row - row_pause, 1e-9)
-                sp.train_time_s += dt
-                row: dict[str, Any] = {
-                    "step": state.step,
-                    "stage": stage.name,
-                    "algo": stage.algo,
-                    "kind": "train",
-                    **row_metrics,
-                    "lr": float(algo.optimizers["qa"].param_groups[0]["lr"]),
-                    "steps_per_s": round(row_steps / dt, 3),
-                    "examples_per_s": round(row_steps * stage.batch_size / dt, 2),
-                    "time": round(elapsed(), 3),
-                }
-                self.writer.write(row)
-                self.progress.update(state.step, row_metrics, stage.name)
-                t_row, row_steps, row_pause = now, 0, 0.0
-            if (every_eval and s % every_eval == 0) or last:
-                t0 = time.perf_counter()
-                stop_now = self._evaluate(model, index)
-                row_pause += time.perf_counter() - t0
-            if self._stop.signum is not None:
-                sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
-                sp.wall_time_s = elapsed()
-                self._save_step(model, algo, schedulers, sampler, index, buf)
-                raise Interrupted(
-                    f"stopped by signal {self._stop.signum} at step {state.step}; "
-                    f"continue with --resume (out={self.run_dir})"
-                )
-            if stop_now or last:
-                break
-            if s % every_ckpt == 0:
-                t0 = time.perf_counter()
-                sp.wall_time_s = elapsed()
-                self._save_step(model, algo, schedulers, sampler, index, buf)
-                row_pause += time.perf_counter() - t0
-        if row_steps:
-            sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
-        sp.stopped_early = stop_now and sp.steps_done < stage.steps
-        if sp.stopped_early:
-            self._log(
-                f"{stage.name}: early stop at stage step {sp.steps_done} "
-                f"({self.metric} did not improve for {cfg.early_stopping.patience} evaluations)"
-            )
+            return metrics
+
+        def row_rates(steps: int, seconds: float) -> dict[str, Any]:
+            return {
+                "lr": float(algo.optimizers["qa"].param_groups[0]["lr"]),
+                "steps_per_s": round(steps / seconds, 3),
+                "examples_per_s": round(steps * stage.batch_size / seconds, 2),
+            }
+
+        elapsed = self._train_steps(
+            index,
+            self._pending_metrics(ckpt, self.device),
+            step=step,
+            schedulers=schedulers,
+            row_rates=row_rates,
+            evaluate=lambda: self._evaluate(model, index),
+            save=lambda buf: self._save_step(model, algo, schedulers, sampler, index, buf),
+            every_eval=cfg.eval.every if p.eval_every is None else p.eval_every,
+        )
         self._restore_best(model, index)
         sp.done = True
         sp.wall_time_s = elapsed()
         self._final_states[stage.name] = {k: v.clone() for k, v in model.state_dict().items()}
-        ckpt_obj = self._checkpoint(model, algo, schedulers, sampler, index, [])
-        save_atomic(ckpt_obj, self.ckpts.final_path(stage.name))
-        self.ckpts.save_step(ckpt_obj, state.step)
+        self._save_final(index, self._checkpoint(model, algo, schedulers, sampler, index, []))
 
     def _schedulers(
         self, algo: SupervisedStage | HybridStage, stage: StageConfig
@@ -983,14 +834,6 @@ class QATrainer:
             f"{sp.name}: restored the best weights (step {best['step']}, "
             f"{self.metric} {best.get(self.metric, float('nan')):.4f})"
         )
-
-    def _stage_final_state(self, name: str) -> dict[str, Any]:
-        if name in self._final_states:
-            return self._final_states[name]
-        try:
-            return dict(load_checkpoint(self.ckpts.final_path(name))["algo_state"])
-        except CheckpointError as e:
-            raise RunError(f"init: stage {name!r} has no final checkpoint ({e})") from None
 
     def _evaluate(self, model: MemoryReader, index: int) -> bool:
         """Evaluate, log, keep the best checkpoint; True when early stopping says stop."""
@@ -1043,38 +886,21 @@ class QATrainer:
         index: int,
         pending: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        st = self.state
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "step": st.step,
-            "stage_index": index,
-            "stage_name": self.cfg.stages[index].name,
-            "algo": self.cfg.stages[index].algo,
-            "algo_state": model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in (algo.optimizers if algo else {}).items()},
-            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
-            "sampler": sampler.state_dict() if sampler is not None else None,
-            "rng": rng_state(),
-            "loop": {
-                "stages": [s.to_dict() for s in st.stages],
-                "qa": [asdict(e) for e in self.extra],
-                "metrics_offset": self.writer.offset(),
-                "pending_metrics": [
-                    {
-                        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else float(v))
-                        for k, v in m.items()
-                    }
-                    for m in pending
-                ],
-            },
-            "meta": {
+        return self._checkpoint_record(
+            index,
+            model.state_dict(),
+            algo.optimizers if algo else {},
+            schedulers,
+            sampler,
+            pending,
+            loop={"qa": [asdict(e) for e in self.extra]},
+            meta={
                 "kind": "qa",
                 "store_hash": self.store.content_hash,
                 "reader": self.reader_cfg.to_dict(),
                 "config": self.cfg.to_dict(),
             },
-        }
+        )
 
     def _save_step(
         self,
