@@ -65,9 +65,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _need_int(name: str, v: Any, minimum: int, what: str) -> None:
+def _need_int(name: str, v: Any, minimum: int, what: str = "") -> None:
     if not _is_int(v) or v < minimum:
-        raise ConfigError(f"{name}: must be an integer >= {minimum} ({what}), got {v!r}")
+        why = f" ({what})" if what else ""
+        raise ConfigError(f"{name}: must be an integer >= {minimum}{why}, got {v!r}")
 
 
 def _need_number(name: str, v: Any, what: str) -> None:

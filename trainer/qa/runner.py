@@ -62,7 +62,7 @@ from trainer.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from trainer.config import ConfigError, StageConfig, TrainConfig, _build
+from trainer.config import ConfigError, StageConfig, TrainConfig, _build, _need_int
 from trainer.logging import read_metrics
 from trainer.loop import (
     CURVES_FILE,
@@ -144,10 +144,7 @@ class QASettings:
             raise ConfigError(
                 f"eval_max_examples: must be an integer >= 1 or null, got {self.eval_max_examples!r}"
             )
-        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
-            raise ConfigError(
-                f"eval_batch_size: must be an integer >= 1, got {self.eval_batch_size!r}"
-            )
+        _need_int("eval_batch_size", self.eval_batch_size, 1)
         self.f1_weight = _number("f1_weight", self.f1_weight, 0.0, 1.0)
         self.answer_threshold = _number("answer_threshold", self.answer_threshold)
         self.halt_threshold = _number("halt_threshold", self.halt_threshold, 0.0, 1.0)
@@ -282,12 +279,8 @@ class HybridParams:
         self.entropy_floor = _number("entropy_floor", self.entropy_floor, 0.0)
         self.sl_weight = _number("sl_weight", self.sl_weight, 0.0)
         self.halt_bias_init = _number("halt_bias_init", self.halt_bias_init)
-        k = self.episodes_per_question
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"episodes_per_question: must be an integer >= 1, got {k!r}")
-        w = self.value_warmup_steps
-        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
-            raise ConfigError(f"value_warmup_steps: must be an integer >= 0, got {w!r}")
+        _need_int("episodes_per_question", self.episodes_per_question, 1)
+        _need_int("value_warmup_steps", self.value_warmup_steps, 0)
         _check_eval_every(self.eval_every)
 
 
