@@ -85,7 +85,7 @@ from trainer.qa.losses import (
     value_loss,
 )
 from trainer.qa.metrics import best_over_golds, span_f1
-from trainer.qa.model import MemoryReader, ReaderConfig, prefix_answers
+from trainer.qa.model import MemoryReader, ReaderConfig, ReadOutput, prefix_answers
 from trainer.samplers import step_seed
 
 QA_METRIC = "eval/combined"
@@ -328,6 +328,18 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Ten
     return torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
 
 
+def _batch_span_loss(out: ReadOutput, batch: QABatch) -> torch.Tensor:
+    """The span loss of a read of ``batch`` over all of its segments."""
+    return span_loss(
+        out.start_logits,
+        out.end_logits,
+        batch.start_target,
+        batch.end_target,
+        batch.span_mask,
+        batch.segment_mask,
+    )
+
+
 class SupervisedStage:
     """``qa_supervised``: one optimizer over the reader, span loss on every segment."""
 
@@ -339,14 +351,7 @@ class SupervisedStage:
     def loss(self, batch: QABatch) -> tuple[torch.Tensor, dict[str, Any]]:
         """The span loss of ``batch`` (one pass over every segment) and its metrics."""
         out = self.model.read(batch)
-        loss = span_loss(
-            out.start_logits,
-            out.end_logits,
-            batch.start_target,
-            batch.end_target,
-            batch.span_mask,
-            batch.segment_mask,
-        )
+        loss = _batch_span_loss(out, batch)
         return loss, {"loss/span": loss.detach()}
 
     def update(self, batch: QABatch, step: int) -> dict[str, Any]:
@@ -392,14 +397,7 @@ class HybridStage:
         entropy and value losses."""
         p = self.p
         out = self.model.read(batch)
-        sl = span_loss(
-            out.start_logits,
-            out.end_logits,
-            batch.start_target,
-            batch.end_target,
-            batch.span_mask,
-            batch.segment_mask,
-        )
+        sl = _batch_span_loss(out, batch)
         # K episodes per question: rows k * B + b of the (K * B, T) tensors below
         k = p.episodes_per_question
         halt_logit, value = out.halt_logit.repeat(k, 1), out.value.repeat(k, 1)
