@@ -382,6 +382,7 @@ class StagedTrainer:
     resume_fixed: tuple[str, ...] = _RESUME_FIXED
     # Set by a subclass's run() before the stages start.
     metric: str | None
+    mode: str
     state: LoopState
     writer: MetricsWriter
     progress: Progress
@@ -617,6 +618,46 @@ class StagedTrainer:
             )
         return elapsed
 
+    def _write_eval(self, index: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """An evaluation's row and progress update; its record, now the stage's last."""
+        stage, sp = self.cfg.stages[index], self.state.stages[index]
+        row = {
+            "step": self.state.step,
+            "stage": stage.name,
+            "algo": stage.algo,
+            "kind": "eval",
+            **metrics,
+        }
+        self.writer.write(row)
+        self.progress.update(self.state.step, metrics, stage.name)
+        record = {"step": self.state.step, "stage_step": sp.steps_done, **metrics}
+        sp.final_eval = record
+        return record
+
+    def _track_best(
+        self,
+        index: int,
+        value: float,
+        record: dict[str, Any],
+        checkpoint: Callable[[], dict[str, Any]],
+    ) -> bool:
+        """Keep the best evaluation (and ``checkpoint()`` as the best checkpoint) by the
+        early-stopping metric's ``value``; True when patience has run out."""
+        stage, sp = self.cfg.stages[index], self.state.stages[index]
+        delta = self.cfg.early_stopping.min_delta
+        better = sp.best_value is None or (
+            value > sp.best_value + delta if self.mode == "max" else value < sp.best_value - delta
+        )
+        if better:
+            sp.best_value = float(value)
+            sp.best_eval = record
+            sp.evals_since_best = 0
+            save_atomic(checkpoint(), self.ckpts.best_path(stage.name))
+        else:
+            sp.evals_since_best += 1
+        patience = self.cfg.early_stopping.patience
+        return patience is not None and sp.evals_since_best >= patience
+
     def _checkpoint_record(
         self,
         index: int,
@@ -758,7 +799,7 @@ class Trainer(StagedTrainer):
             step=lambda s0: algo.update(sampler.sample()),
             schedulers=schedulers,
             row_rates=row_rates,
-            evaluate=lambda: self._evaluate(algo, stage, sp, index),
+            evaluate=lambda: self._evaluate(algo, index),
             save=lambda buf: self._save_step(algo, schedulers, sampler, index, buf),
             every_eval=cfg.eval.every,
         )
@@ -767,22 +808,12 @@ class Trainer(StagedTrainer):
         self._final_states[stage.name] = algo.state_dict()
         self._save_final(index, self._checkpoint(algo, schedulers, sampler, index, []))
 
-    def _evaluate(self, algo: Algorithm, stage: StageConfig, sp: StageProgress, index: int) -> bool:
+    def _evaluate(self, algo: Algorithm, index: int) -> bool:
         """Evaluate, log, track the best checkpoint; True when early stopping says stop."""
         metrics = self.evaluator(algo)
         if not metrics:
             return False
-        row = {
-            "step": self.state.step,
-            "stage": stage.name,
-            "algo": stage.algo,
-            "kind": "eval",
-            **metrics,
-        }
-        self.writer.write(row)
-        self.progress.update(self.state.step, metrics, stage.name)
-        record = {"step": self.state.step, "stage_step": sp.steps_done, **metrics}
-        sp.final_eval = record
+        record = self._write_eval(index, metrics)
         if self.metric is None:
             return False
         value = metrics.get(self.metric)
@@ -793,21 +824,9 @@ class Trainer(StagedTrainer):
                     f"({', '.join(sorted(metrics))})"
                 )
             return False
-        delta = self.cfg.early_stopping.min_delta
-        better = sp.best_value is None or (
-            value > sp.best_value + delta if self.mode == "max" else value < sp.best_value - delta
+        return self._track_best(
+            index, value, record, lambda: self._checkpoint(algo, None, None, index, [])
         )
-        if better:
-            sp.best_value = float(value)
-            sp.best_eval = record
-            sp.evals_since_best = 0
-            save_atomic(
-                self._checkpoint(algo, None, None, index, []), self.ckpts.best_path(stage.name)
-            )
-        else:
-            sp.evals_since_best += 1
-        patience = self.cfg.early_stopping.patience
-        return patience is not None and sp.evals_since_best >= patience
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(

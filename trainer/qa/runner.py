@@ -58,7 +58,6 @@ from pipeline.qa_store import SegmentStore, open_segment_store
 from trainer.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    save_atomic,
     seed_everything,
     set_rng_state,
 )
@@ -829,19 +828,8 @@ class QATrainer(StagedTrainer):
     def _evaluate(self, model: MemoryReader, index: int) -> bool:
         """Evaluate, log, keep the best checkpoint; True when early stopping says stop."""
         stage = self.cfg.stages[index]
-        sp = self.state.stages[index]
         metrics = self.evaluator(model, halting=stage.algo == "qa_hybrid")
-        row = {
-            "step": self.state.step,
-            "stage": stage.name,
-            "algo": stage.algo,
-            "kind": "eval",
-            **metrics,
-        }
-        self.writer.write(row)
-        self.progress.update(self.state.step, metrics, stage.name)
-        record = {"step": self.state.step, "stage_step": sp.steps_done, **metrics}
-        sp.final_eval = record
+        record = self._write_eval(index, metrics)
         value = metrics.get(self.metric)
         if value is None:
             raise RunError(
@@ -850,22 +838,9 @@ class QATrainer(StagedTrainer):
             )
         if not math.isfinite(value):
             return False
-        delta = self.cfg.early_stopping.min_delta
-        better = sp.best_value is None or (
-            value > sp.best_value + delta if self.mode == "max" else value < sp.best_value - delta
+        return self._track_best(
+            index, value, record, lambda: self._checkpoint(model, None, None, None, index, [])
         )
-        if better:
-            sp.best_value = float(value)
-            sp.best_eval = record
-            sp.evals_since_best = 0
-            save_atomic(
-                self._checkpoint(model, None, None, None, index, []),
-                self.ckpts.best_path(stage.name),
-            )
-        else:
-            sp.evals_since_best += 1
-        patience = self.cfg.early_stopping.patience
-        return patience is not None and sp.evals_since_best >= patience
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(
