@@ -510,6 +510,21 @@ class StagedTrainer:
         except CheckpointError as e:
             raise RunError(f"init: stage {name!r} has no final checkpoint ({e})") from None
 
+    @staticmethod
+    def _resume_stage(
+        ckpt: dict[str, Any],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+        sampler: Any,
+    ) -> None:
+        """A stage's optimizers, LR schedulers, sampler and every RNG as ``ckpt`` left them."""
+        for name, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        for name, sch in schedulers.items():
+            sch.load_state_dict(ckpt["schedulers"][name])
+        sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+
     def _write_stage_start(self, stage: StageConfig) -> None:
         self.writer.write(
             {
@@ -763,12 +778,7 @@ class Trainer(StagedTrainer):
         sampler = TransitionSampler(data.train, stage.batch_size, cfg.seed, stream=index)
         if ckpt is not None:
             algo.load_state_dict(ckpt["algo_state"])
-            for name, opt in algo.optimizers.items():
-                opt.load_state_dict(ckpt["optimizers"][name])
-            for name, sch in schedulers.items():
-                sch.load_state_dict(ckpt["schedulers"][name])
-            sampler.load_state_dict(ckpt["sampler"])
-            set_rng_state(ckpt["rng"])
+            self._resume_stage(ckpt, algo.optimizers, schedulers, sampler)
         else:
             sp.start_step = state.step
             source = None

@@ -59,7 +59,6 @@ from trainer.checkpoint import (
     CheckpointError,
     load_checkpoint,
     seed_everything,
-    set_rng_state,
 )
 from trainer.config import ConfigError, StageConfig, TrainConfig, _build, _need_int
 from trainer.logging import read_metrics
@@ -725,13 +724,8 @@ class QATrainer(StagedTrainer):
         if ckpt is not None:
             model.load_state_dict(ckpt["algo_state"])
             algo = self._build(index, model)
-            for name, opt in algo.optimizers.items():
-                opt.load_state_dict(ckpt["optimizers"][name])
             schedulers = self._schedulers(algo, stage)
-            for name, sch in schedulers.items():
-                sch.load_state_dict(ckpt["schedulers"][name])
-            sampler.load_state_dict(ckpt["sampler"])
-            set_rng_state(ckpt["rng"])
+            self._resume_stage(ckpt, algo.optimizers, schedulers, sampler)
         else:
             sp.start_step = state.step
             source = self._stage_final_state(stage.init) if stage.init else init_state
