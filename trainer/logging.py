@@ -165,7 +165,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False)
-    boundaries = _stage_starts(rows)
+    boundaries = stage_starts(rows)
     for ax, (name, data, keys) in zip(axes.flat, panels):
         for k in keys:
             pts = [(r["step"], r[k]) for r in data if isinstance(r.get(k), int | float)]
@@ -180,26 +180,46 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
                     lo = [y - s for y, s in zip(ys, sd)]
                     hi = [y + s for y, s in zip(ys, sd)]
                     ax.fill_between(xs, lo, hi, alpha=0.2)
-        for step, stage in boundaries:
-            ax.axvline(step, color="grey", lw=0.8, ls="--")
-            ax.text(
-                step, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7, va="top"
-            )
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
+        mark_panel(ax, name, boundaries)
+    return save_panels(fig, axes, len(panels), title, path)
+
+
+def mark_panel(ax: Any, name: str, boundaries: list[tuple[int, str]]) -> None:
+    """A curve panel's title, step axis, and a dashed line at each stage boundary."""
+    for step, stage in boundaries:
+        ax.axvline(step, color="grey", lw=0.8, ls="--")
+        ax.text(step, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def save_panels(
+    fig: Any,
+    axes: Any,
+    used: int,
+    title: str,
+    path: str | Path,
+    rect: tuple[float, float, float, float] | None = None,
+) -> Path:
+    """Blank the unused panels, add the title, write the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    if rect is None:
+        fig.tight_layout()
+    else:
+        fig.tight_layout(rect=rect)
+    out = Path(path)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
-    return path
+    return out
 
 
-def _stage_starts(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
+def stage_starts(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
     """(global step, stage name) of every stage start after the first."""
     starts = [(int(r["step"]), str(r["stage"])) for r in rows if r.get("kind") == "stage_start"]
     return starts[1:]

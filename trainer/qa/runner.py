@@ -61,7 +61,7 @@ from trainer.checkpoint import (
     seed_everything,
 )
 from trainer.config import ConfigError, StageConfig, TrainConfig, _build, _need_int
-from trainer.logging import read_metrics
+from trainer.logging import mark_panel, read_metrics, save_panels, stage_starts
 from trainer.loop import (
     CURVES_FILE,
     SUMMARY_FILE,
@@ -1005,7 +1005,7 @@ def plot_qa_curves(rows: list[dict[str, Any]], path: str | Path, title: str = ""
     ncols = 3
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.0 * nrows), squeeze=False)
-    starts = [(int(r["step"]), str(r["stage"])) for r in rows if r.get("kind") == "stage_start"]
+    boundaries = stage_starts(rows)
     for i, (ax, (name, data, ks)) in enumerate(zip(axes.flat, panels)):
         for k in ks:
             pts = [(r["step"], r[k]) for r in data if isinstance(r.get(k), int | float)]
@@ -1026,20 +1026,5 @@ def plot_qa_curves(rows: list[dict[str, Any]], path: str | Path, title: str = ""
                     label="read-everything baseline",
                 )
             ax.legend(fontsize=7)
-        for step, stage in starts[1:]:
-            ax.axvline(step, color="grey", lw=0.8, ls="--")
-            ax.text(
-                step, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7, va="top"
-            )
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+        mark_panel(ax, name, boundaries)
+    return save_panels(fig, axes, len(panels), title, path, rect=(0, 0, 1, 0.98))
