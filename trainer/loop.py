@@ -673,6 +673,16 @@ class StagedTrainer:
         patience = self.cfg.early_stopping.patience
         return patience is not None and sp.evals_since_best >= patience
 
+    def _write_summary(self, summary: dict[str, Any], plot: Callable[..., Path]) -> dict[str, Any]:
+        """``summary.json`` and the curves PNG (drawn by ``plot``) of the finished run."""
+        (self.run_dir / SUMMARY_FILE).write_text(
+            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+        )
+        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        title = f"{self.run_dir.name}: " + " -> ".join(s.name for s in self.cfg.stages)
+        plot(rows, self.run_dir / CURVES_FILE, title=title)
+        return summary
+
     def _checkpoint_record(
         self,
         index: int,
@@ -904,13 +914,7 @@ class Trainer(StagedTrainer):
             },
             "stages": [s.summary(self.metric) for s in st.stages],
         }
-        (self.run_dir / SUMMARY_FILE).write_text(
-            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
-        )
-        rows = read_metrics(self.run_dir / "metrics.jsonl")
-        title = f"{self.run_dir.name}: " + " -> ".join(s.name for s in self.cfg.stages)
-        plot_curves(rows, self.run_dir / CURVES_FILE, title=title)
-        return summary
+        return self._write_summary(summary, plot_curves)
 
 
 def _space_dict(space: ActionSpace) -> dict[str, Any]:

@@ -44,7 +44,6 @@ read-everything baseline in ``summary.json``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -61,10 +60,8 @@ from trainer.checkpoint import (
     seed_everything,
 )
 from trainer.config import ConfigError, StageConfig, TrainConfig, _build, _need_int
-from trainer.logging import mark_panel, read_metrics, save_panels, stage_starts
+from trainer.logging import mark_panel, save_panels, stage_starts
 from trainer.loop import (
-    CURVES_FILE,
-    SUMMARY_FILE,
     LRFactor,
     RunError,
     StagedTrainer,
@@ -928,13 +925,7 @@ class QATrainer(StagedTrainer):
             "stages": stages,
             **self._comparison(stages),
         }
-        (self.run_dir / SUMMARY_FILE).write_text(
-            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
-        )
-        rows = read_metrics(self.run_dir / "metrics.jsonl")
-        title = f"{self.run_dir.name}: " + " -> ".join(s.name for s in self.cfg.stages)
-        plot_qa_curves(rows, self.run_dir / CURVES_FILE, title=title)
-        return summary
+        return self._write_summary(summary, plot_qa_curves)
 
     def _comparison(self, stages: list[dict[str, Any]]) -> dict[str, Any]:
         """The read-everything baseline and the last hybrid stage's reader, side by side."""
