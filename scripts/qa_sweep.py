@@ -60,6 +60,9 @@ def _stage(raw: dict[str, Any], algo: str) -> dict[str, Any]:
     raise ConfigError(f"the config has no {algo} stage")
 
 
+KEY_FILE = "sweep-key.txt"  # what a finished run in a sweep was trained from
+
+
 def _config_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -73,53 +76,67 @@ def supervised_config(raw: dict[str, Any], out: Path) -> dict[str, Any]:
     return r
 
 
+def _finished(out: Path, key: str, log: Any) -> bool:
+    """Whether ``out`` holds a finished run that was trained under ``key``."""
+    if not (out / "summary.json").is_file():
+        return False
+    key_file = out / KEY_FILE
+    if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
+        log(f"reusing {out}")
+        return True
+    log(f"{out} was trained from another checkpoint or config; training it again")
+    return False
+
+
+def _train(config: dict[str, Any], key: str, log: Any) -> dict[str, Any]:
+    """Train ``config`` into its ``out`` (from scratch) and record ``key`` there."""
+    result = QATrainer(config_from_dict(config), overwrite=True, log=log).run()
+    (Path(config["out"]) / KEY_FILE).write_text(key + "\n", encoding="utf-8")
+    return result
+
+
 def train_supervised(raw: dict[str, Any], out: Path, log: Any) -> Path:
     """The supervised stage alone into ``out``; its final checkpoint (reused when a finished
     run there has the same config)."""
     ckpt = out / "checkpoints" / "final-supervised.pt"
     r = supervised_config(raw, out)
-    key, key_file = _config_key(r), out / "sweep-key.txt"
-    if ckpt.is_file() and (out / "summary.json").is_file():
-        if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
-            log(f"reusing {ckpt}")
-            return ckpt
-        log(f"{out} was trained with another config; training it again")
-    QATrainer(config_from_dict(r), overwrite=True, log=log).run()
-    key_file.write_text(key + "\n", encoding="utf-8")
+    key = _config_key(r)
+    if not (ckpt.is_file() and _finished(out, key, log)):
+        _train(r, key, log)
     return ckpt
 
 
-def _run_key(init: Path, config: dict[str, Any]) -> str:
-    """What a finished run was trained from: the init checkpoint's bytes and the config."""
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
     h = hashlib.sha256()
-    with init.open("rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    h.update(_config_key(config).encode())
     return h.hexdigest()
 
 
 def train_hybrid(
-    raw: dict[str, Any], init: Path, lam: float, out: Path, overwrite: bool, log: Any
+    raw: dict[str, Any],
+    init: Path,
+    init_digest: str,
+    lam: float,
+    out: Path,
+    overwrite: bool,
+    log: Any,
 ) -> dict[str, Any]:
-    """One hybrid run from ``init`` with ``segment_cost = lam``; its summary. A finished
-    run in ``out`` is reused when it was trained from the same checkpoint bytes and the same
-    config; otherwise it is trained again."""
+    """One hybrid run from ``init`` (whose bytes hash to ``init_digest``) with
+    ``segment_cost = lam``; its summary. A finished run in ``out`` is reused when it was
+    trained from the same checkpoint bytes and the same config; otherwise it is trained
+    again."""
     r = copy.deepcopy(raw)
     hyb = _stage(r, "qa_hybrid")
     hyb.pop("init", None)
     hyb.update(name="hybrid", segment_cost=lam)
     r.update(stages=[hyb], out=str(out), init_from=str(init))
-    key = _run_key(init, r)
-    summary, key_file = out / "summary.json", out / "sweep-key.txt"
-    if summary.is_file() and not overwrite:
-        if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
-            log(f"reusing {out}")
-            return dict(json.loads(summary.read_text(encoding="utf-8")))
-        log(f"{out} was trained from another checkpoint or config; training it again")
-    result = QATrainer(config_from_dict(r), overwrite=True, log=log).run()
-    key_file.write_text(key + "\n", encoding="utf-8")
-    return result
+    key = hashlib.sha256((init_digest + _config_key(r)).encode()).hexdigest()
+    if not overwrite and _finished(out, key, log):
+        return dict(json.loads((out / "summary.json").read_text(encoding="utf-8")))
+    return _train(r, key, log)
 
 
 def _groups(rows: list[dict[str, Any]]) -> list[tuple[float, float, list[float]]]:
@@ -207,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         init = Path(args.init) if args.init else train_supervised(raw, out / "supervised", log)
         rows, baseline = [], None
+        init_digest = file_digest(init)
         for lam in args.lambdas:
             log(f"lambda {lam:g} ...")
-            s = train_hybrid(raw, init, lam, out / f"lambda-{lam:g}", args.overwrite, log)
+            s = train_hybrid(
+                raw, init, init_digest, lam, out / f"lambda-{lam:g}", args.overwrite, log
+            )
             h, b = s["hybrid"], s["baseline"]
             baseline = baseline or b
             rows.append(
