@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -549,13 +549,17 @@ def load_spec(path: str | Path) -> TransitionSpec:
     return parse_transition_spec(raw, origin=str(path))
 
 
-def spec_kind(path: str | Path) -> str:
+def spec_kind(path: str | Path, known: Iterable[str] = ("transitions", "segments")) -> str:
+    """The spec's ``kind`` (default ``transitions``); SpecError unless it is one of ``known``."""
     raw = read_yaml(path)
     if not isinstance(raw, Mapping):
         raise SpecError(f"{path}: a spec must be a YAML mapping")
     kind = raw.get("kind", "transitions")
-    if kind not in ("transitions", "segments"):
-        raise SpecError(f"{path}: kind: must be `transitions` or `segments`, got {kind!r}")
+    names = sorted(known)
+    if kind not in names:
+        raise SpecError(
+            f"{path}: kind: must be one of {', '.join(f'`{k}`' for k in names)}, got {kind!r}"
+        )
     return str(kind)
 
 

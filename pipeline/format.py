@@ -1,20 +1,14 @@
-"""Names and the version of the on-disk store format (see docs/FORMAT.md)."""
+"""Names every store kind shares (see docs/FORMAT.md); each kind has its own layout module
+(``pipeline/transitions/layout.py``, ``pipeline/segments/layout.py``) with its file names
+and its format version."""
 
 from __future__ import annotations
 
 FORMAT_NAME = "offrl-store"
-# Bump on any change to the layout or semantics of a store, with a CHANGELOG entry.
-FORMAT_VERSION = 1
 
 MANIFEST = "manifest.json"
-TRANSITIONS_ARROW = "transitions.arrow"
-EPISODES_ARROW = "episodes.arrow"
 QUARANTINE = "quarantine.jsonl"
-ZARR_GROUP = "store.zarr"
 SPEC_COPY = "spec.yaml"
-
-# Data files of an arrow / zarr store, in the order the content hash reads them.
-ARROW_DATA_FILES = (TRANSITIONS_ARROW, EPISODES_ARROW, QUARANTINE)
 
 
 class StoreError(Exception):

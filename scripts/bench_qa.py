@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.qa_store import open_segment_store  # noqa: E402
+from pipeline.segments.store import open_segment_store  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.qa.data import QAArrays, collate  # noqa: E402
 from trainer.qa.model import MemoryReader, ReaderConfig  # noqa: E402

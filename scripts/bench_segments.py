@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from make_qa_demo_data import generate, write  # noqa: E402  (scripts/ is on sys.path)
 
 from pipeline.build import build  # noqa: E402
-from pipeline.qa_store import open_segment_store  # noqa: E402
+from pipeline.segments.store import open_segment_store  # noqa: E402
 
 SEGMENTS = {"max_tokens": 128, "stride": 128, "max_question_tokens": 32}
 ROWS = {  # key -> label, in print order

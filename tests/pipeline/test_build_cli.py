@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.format import MANIFEST, TRANSITIONS_ARROW, StoreError
+from pipeline.format import MANIFEST, StoreError
 from pipeline.store import open_store
+from pipeline.transitions.layout import TRANSITIONS_ARROW
 from pipeline.verify import verify
 
 from .conftest import (

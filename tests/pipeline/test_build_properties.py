@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.build import build
-from pipeline.format import TRANSITIONS_ARROW, BuildError
+from pipeline.format import BuildError
 from pipeline.store import TransitionStore, open_store
+from pipeline.transitions.layout import TRANSITIONS_ARROW
 from pipeline.verify import verify
 
 from .conftest import (

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.episodes import discounted_returns, discounted_returns_reference
+from pipeline.transitions.episodes import discounted_returns, discounted_returns_reference
 
 GAMMAS = (0.0, 0.5, 0.99, 1.0)
 

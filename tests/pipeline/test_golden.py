@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.build import build
-from pipeline.format import FORMAT_VERSION
 from pipeline.store import open_store
+from pipeline.transitions.layout import FORMAT_VERSION
 from pipeline.verify import verify
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """Nothing lost, nothing silent: one test per quarantine reason, and the fast path of
-`pipeline.parse` against its slow reference on randomly mutated records."""
+`pipeline.transitions.parse` against its slow reference on randomly mutated records."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from data_specs.schema import TransitionSpec, parse_transition_spec
 from pipeline.build import BuildResult
-from pipeline.parse import ChunkParser, check_line
 from pipeline.store import TransitionStore, open_store
+from pipeline.transitions.parse import ChunkParser, check_line
 
 from .conftest import (
     N_ACTIONS,

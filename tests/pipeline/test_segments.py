@@ -29,8 +29,15 @@ from hypothesis import strategies as st
 from data_specs.schema import SpecError, parse_segment_spec
 from pipeline.build import build
 from pipeline.format import BuildError
-from pipeline.qa_store import open_segment_store
-from pipeline.qa_tokenizer import (
+from pipeline.segments.build import (
+    assemble_rows,
+    char_spans_to_tokens,
+    n_segments,
+    segment_example_reference,
+)
+from pipeline.segments.layout import DOCUMENTS_ARROW, EXAMPLES_ARROW, NO_ANSWER, SEGMENTS_ARROW
+from pipeline.segments.store import open_segment_store
+from pipeline.segments.tokenizer import (
     Specials,
     decode_span,
     encode,
@@ -40,17 +47,7 @@ from pipeline.qa_tokenizer import (
     tokenizer_bytes,
     train_tokenizer,
 )
-from pipeline.segments import (
-    DOCUMENTS_ARROW,
-    EXAMPLES_ARROW,
-    NO_ANSWER,
-    SEGMENTS_ARROW,
-    assemble_rows,
-    char_spans_to_tokens,
-    check_invariants,
-    n_segments,
-    segment_example_reference,
-)
+from pipeline.segments.verify import check_invariants
 from pipeline.verify import verify
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pipeline.format import EPISODES_ARROW, MANIFEST, TRANSITIONS_ARROW, StoreError
+from pipeline.format import MANIFEST, StoreError
 from pipeline.store import TransitionStore, open_store
+from pipeline.transitions.layout import EPISODES_ARROW, TRANSITIONS_ARROW
 
 from .conftest import (
     N_ACTIONS,

@@ -11,17 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.format import (
-    EPISODES_ARROW,
-    MANIFEST,
-    QUARANTINE,
-    TRANSITIONS_ARROW,
-    ZARR_GROUP,
-    StoreError,
-)
+from pipeline.arrowio import file_digest
+from pipeline.format import MANIFEST, QUARANTINE, StoreError
 from pipeline.store import TransitionStore
-from pipeline.verify import column_digests, verify
-from pipeline.writer import combine_digests, episodes_digest, file_digest
+from pipeline.transitions.layout import EPISODES_ARROW, TRANSITIONS_ARROW, ZARR_GROUP
+from pipeline.transitions.verify import column_digests
+from pipeline.transitions.writer import combine_digests, episodes_digest
+from pipeline.verify import verify
 
 from .conftest import (
     Episode,

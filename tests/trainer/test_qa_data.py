@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from pipeline.build import build
-from pipeline.qa_store import SegmentStore, open_segment_store
+from pipeline.segments.store import SegmentStore, open_segment_store
 from trainer.config import ConfigError
 from trainer.qa.data import IGNORE, CurriculumSampler, QAArrays, QABatch, collate, curriculum_limit
 from trainer.qa.model import (

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.qa_store import open_segment_store
+from pipeline.segments.store import open_segment_store
 from trainer.checkpoint import load_checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.loop import Interrupted

@@ -31,7 +31,7 @@ import torch
 from trainer.samplers import step_seed
 
 if TYPE_CHECKING:
-    from pipeline.qa_store import SegmentStore
+    from pipeline.segments.store import SegmentStore
 
 IGNORE = -100  # target of a padded segment (never read by a loss)
 NO_ANSWER_POSITION = 0  # [CLS]: the span target of a segment without the answer

@@ -6,14 +6,14 @@
    with a reason (bad JSON, empty context, an answer that is not at its ``answer_start``,
    a missing id or question, a duplicate id, ...);
 2. trains the tokenizer on the kept corpus (distinct contexts + questions) or loads one
-   (:mod:`pipeline.qa_tokenizer`);
+   (:mod:`pipeline.segments.tokenizer`);
 3. encodes every distinct context and every question with ``encode_batch``, maps each
    answer's character span to a token span with one ``searchsorted`` over all documents,
    and lays out every (question, segment) row with NumPy gathers — no per-token Python;
 4. writes ``documents.arrow``, ``examples.arrow``, ``segments.arrow`` (Arrow IPC streams,
    one record batch each), ``tokenizer.json``, ``quarantine.jsonl`` and ``manifest.json``
    into a staging directory that is swapped into place in one rename, as for transition
-   stores (:func:`pipeline.build._publish`). The same spec and inputs again: "up to date".
+   stores (:func:`pipeline.storage.publish`). The same spec and inputs again: "up to date".
 
 Segmentation, exactly: with ``W = segments.max_tokens`` and ``S = segments.stride`` (S <= W),
 segment ``k`` of a document of ``n`` tokens holds its tokens ``[k*S, min(k*S + W, n))``, for
@@ -28,34 +28,45 @@ they are ``NO_ANSWER`` (-1), as they are in every row of an unanswerable questio
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
 import shutil
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 
 from data_specs.schema import SegmentSpec, load_segment_spec
-from pipeline.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, QUARANTINE, SPEC_COPY, BuildError
-from pipeline.qa_sources import ANSWER_NOT_IN_TOKENS, EMPTY_CONTEXT, Records, Rejected, read_records
-from pipeline.qa_tokenizer import (
+from pipeline.arrowio import file_digest, write_arrow_table
+from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
+from pipeline.segments.layout import (
+    DATA_FILES,
+    DOCUMENTS_ARROW,
+    EXAMPLES_ARROW,
+    FORMAT_VERSION,
+    KIND,
+    LAYOUT,
+    NO_ANSWER,
+    SEGMENTS_ARROW,
+    TOKENIZER_JSON,
+)
+from pipeline.segments.sources import (
+    ANSWER_NOT_IN_TOKENS,
+    EMPTY_CONTEXT,
+    Records,
+    Rejected,
+    read_records,
+)
+from pipeline.segments.tokenizer import (
     Encoded,
     Specials,
     WordSplit,
-    decode_span,
     encode,
     encode_from_words,
     load_tokenizer,
-    normalize_for_compare,
     sha256_hex,
     specials_of,
     split_words,
@@ -63,15 +74,16 @@ from pipeline.qa_tokenizer import (
     train_tokenizer,
 )
 from pipeline.sources import SourceFile, file_sha256, resolve_sources
-from pipeline.writer import file_digest, write_arrow_table
+from pipeline.storage import (
+    BuildResult,
+    build_key,
+    publish,
+    staged,
+    up_to_date,
+    versions,
+    write_manifest,
+)
 
-EXAMPLES_ARROW = "examples.arrow"
-SEGMENTS_ARROW = "segments.arrow"
-DOCUMENTS_ARROW = "documents.arrow"
-TOKENIZER_JSON = "tokenizer.json"
-DATA_FILES = (DOCUMENTS_ARROW, EXAMPLES_ARROW, SEGMENTS_ARROW, TOKENIZER_JSON, QUARANTINE)
-NO_ANSWER = -1  # local/global answer positions where there is no answer
-LAYOUT = "segments-1"  # part of the build key: a change to how rows are made rebuilds stores
 ROWS_PER_BLOCK_TOKENS = 1 << 22  # input ids assembled per NumPy block (bounds temporaries)
 
 
@@ -462,44 +474,6 @@ def distribution(x: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------- build
 
 
-def _build_key(spec_sha: str, tokenizer_sha: str | None, sources: list[SourceFile]) -> str:
-    h = hashlib.sha256()
-    h.update(f"{FORMAT_NAME}/{FORMAT_VERSION}/{LAYOUT}\n{spec_sha}\n{tokenizer_sha}\n".encode())
-    for s in sources:
-        h.update(f"{s.display}\t{s.sha256}\n".encode())
-    return h.hexdigest()
-
-
-def _up_to_date(
-    target: Path, spec_sha: str, tokenizer_sha: str | None, sources: list[SourceFile]
-) -> dict[str, Any] | None:
-    """The manifest of an existing store built from the same inputs, else None."""
-    try:
-        manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if (
-        manifest.get("format_version") != FORMAT_VERSION
-        or manifest.get("kind") != "segments"
-        or manifest.get("spec_sha256") != spec_sha
-    ):
-        return None
-    old = {s["path"]: s for s in manifest.get("sources", [])}
-    if set(old) != {s.display for s in sources}:
-        return None
-    for s in sources:
-        o = old[s.display]
-        same_stat = o.get("bytes") == s.size and o.get("mtime_ns") == s.mtime_ns
-        s.sha256 = o.get("sha256") if same_stat else file_sha256(s.path)
-    if _build_key(spec_sha, tokenizer_sha, sources) != manifest.get("build_key"):
-        for s in sources:
-            s.sha256 = None
-        return None
-    if not all((target / f).exists() for f in manifest.get("data_files", {})):
-        return None
-    return manifest
-
-
 @dataclass
 class _Timer:
     t: float
@@ -511,21 +485,20 @@ class _Timer:
         self.t = now
 
 
-def build_segments(
+def build(
     spec_path: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path = "stores",
     *,
     force: bool = False,
     max_bad_fraction: float | None = None,
+    chunk_bytes: int | None = None,
     progress: bool | None = None,
-) -> Any:
+) -> BuildResult:
     """Build (or find up to date) the segment store for ``spec_path`` under ``out_dir/NAME``.
 
-    Returns a :class:`pipeline.build.BuildResult`. ``progress`` is accepted for the
-    ``build`` signature; a segment build is short and shows no bar.
+    ``chunk_bytes`` and ``progress`` are accepted for the common ``build`` signature; a
+    segment build reads whole files and is short enough to show no bar.
     """
-    from pipeline.build import BuildResult, _clean_stale, _publish
-
     t0 = time.perf_counter()
     spec = load_segment_spec(spec_path)
     spec_sha = spec.sha256()
@@ -544,71 +517,174 @@ def build_segments(
     out = Path(out_dir)
     target = out / spec.name
     if not force:
-        manifest = _up_to_date(target, spec_sha, tok_sha, sources)
+        manifest = up_to_date(
+            target,
+            build_key_parts(spec_sha, tok_sha),
+            sources,
+            kind=KIND,
+            format_version=FORMAT_VERSION,
+            spec_sha=spec_sha,
+        )
         if manifest is not None:
             return BuildResult(target, "up to date", manifest, time.perf_counter() - t0)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out, spec.name)
-    staging = out / f".{spec.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        manifest = _build_into(
-            spec, spec_path, spec_sha, sources, tok_file, staging, out, max_bad_fraction
-        )
+    with staged(out, spec.name) as staging:
+        manifest = _build_into(spec, spec_path, sources, tok_file, staging, out, max_bad_fraction)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
-        _write_manifest(staging, manifest)
-        _publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_manifest(staging, manifest)
+        publish(staging, target)
     return BuildResult(target, "built", manifest, time.perf_counter() - t0)
 
 
-def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
-    from pipeline.build import _fsync_tree
+def build_key_parts(spec_sha: str, tokenizer_sha: str | None) -> list[str]:
+    """What besides the inputs decides a segment store: its layout, the spec, the tokenizer."""
+    return [f"{KIND}/{FORMAT_VERSION}/{LAYOUT}", spec_sha, str(tokenizer_sha)]
 
-    tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    _fsync_tree(staging)
-    os.replace(tmp, staging / MANIFEST)
+
+@dataclass
+class _Tokenized:
+    """The tokenizer a build uses and the corpus encoded with it."""
+
+    tok: Any
+    specials: Specials
+    tok_bytes: bytes
+    origin: dict[str, Any]  # how the tokenizer was made, for the manifest
+    docs: Encoded
+    questions: Encoded
+
+
+@dataclass
+class _Answers:
+    """Per example: its document, its character span and its global token span."""
+
+    ex_doc: np.ndarray  # (E,) document index
+    c0: np.ndarray  # (E,) answer's first character, NO_ANSWER if none
+    gs: np.ndarray  # (E,) answer's first token in the document, NO_ANSWER if none
+    ge: np.ndarray  # (E,) answer's last token (inclusive)
+    aligned: np.ndarray  # (E,) bool: the span starts and ends on token boundaries
 
 
 def _build_into(
     spec: SegmentSpec,
     spec_path: str | Path,
-    spec_sha: str,
     sources: list[SourceFile],
     tok_file: Path | None,
     staging: Path,
     out: Path,
     max_bad_fraction: float | None,
 ) -> dict[str, Any]:
-    origin = str(spec_path)
-    seg = spec.segments
     timer = _Timer(time.perf_counter(), {})
-    records, rejected = read_records(sources, spec.source, origin)
+    records, rejected = read_records(sources, spec.source, str(spec_path))
     timer.lap("read")
-
-    # distinct contexts, in first-appearance order
-    doc_of: dict[str, int] = {}
+    doc_of: dict[str, int] = {}  # distinct contexts, in first-appearance order
     for c in records.context:
         doc_of.setdefault(c, len(doc_of))
     contexts = list(doc_of)
+    if tok_file is None and not records.question:
+        raise BuildError(_nothing_kept(spec_path, sources, rejected))
+    enc = _tokenize(spec, spec_path, tok_file, contexts, records.question, timer)
+    ex_doc = np.fromiter((doc_of[c] for c in records.context), dtype=np.int64, count=len(records))
+    ans = _map_answers(records, ex_doc, enc.docs)
+    records, contexts, ans = _drop_untokenizable(records, contexts, ans, enc, rejected, sources)
+    _write_quarantine(spec, staging, out, sources, rejected, max_bad_fraction)
+    if len(records) == 0:
+        raise BuildError(_nothing_kept(spec_path, sources, rejected))
+    rows, answer_segment = _segment_rows(spec, ans, enc)
+    timer.lap("segment")
+    doc_ids = [hashlib.sha256(c.encode("utf-8")).hexdigest()[:16] for c in contexts]
+    q_len = np.minimum(enc.questions.lengths, spec.segments.max_question_tokens)
+    n_doc = enc.docs.lengths[ans.ex_doc]
+    nseg = n_segments(n_doc, spec.segments.max_tokens, spec.segments.stride)
+    tables = {
+        DOCUMENTS_ARROW: _documents_table(doc_ids, contexts, enc.docs),
+        EXAMPLES_ARROW: _examples_table(
+            records, doc_ids, ans.ex_doc, n_doc, q_len, ans.gs, ans.ge, nseg, answer_segment
+        ),
+        SEGMENTS_ARROW: _segments_table(rows, records.example_id),
+    }
+    for name, table in tables.items():
+        write_arrow_table(table, staging / name)
+    (staging / TOKENIZER_JSON).write_bytes(enc.tok_bytes)
+    shutil.copyfile(spec_path, staging / SPEC_COPY)
+    digests = {name.removesuffix(".arrow"): table_digests(t) for name, t in tables.items()}
+    timer.lap("write")
+    tok_sha = sha256_hex(enc.tok_bytes)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "name": spec.name,
+        "store_format": "arrow",
+        "spec": spec.to_dict(),
+        "spec_sha256": spec.sha256(),
+        "spec_file": str(spec_path),
+        "build_key": build_key(
+            build_key_parts(spec.sha256(), tok_sha if tok_file else None), sources
+        ),
+        "sources": [
+            {
+                "path": s.display,
+                "format": spec.source.format,
+                "sha256": s.sha256,
+                "bytes": s.size,
+                "mtime_ns": s.mtime_ns,
+                "records": s.records,
+                "records_kept": s.records - s.quarantined,
+                "records_quarantined": s.quarantined,
+                "blank_lines": s.blank_lines,
+            }
+            for s in sources
+        ],  # fmt: skip
+        "segments": {
+            "max_tokens": spec.segments.max_tokens,
+            "stride": spec.segments.stride,
+            "overlap": spec.segments.max_tokens - spec.segments.stride,
+            "max_question_tokens": spec.segments.max_question_tokens,
+            "input_width": int(np.diff(rows.input_offsets).max(initial=0)),
+            "max_input_width": spec.segments.input_width,
+            "layout": "[CLS] question [SEP] segment [SEP]",
+            "no_answer": NO_ANSWER,
+        },
+        "tokenizer": {
+            "file": TOKENIZER_JSON,
+            "sha256": tok_sha,
+            "vocab_size": enc.tok.get_vocab_size(),
+            "special_tokens": enc.specials.to_dict(),
+            **enc.origin,
+        },
+        **_counts_and_statistics(spec, records, rejected, sources, enc, ans, rows, answer_segment),
+        "content_hash": content_hash(digests, tok_sha, file_digest(staging / QUARANTINE)),
+        "table_digests": digests,
+        "data_files": {
+            f: {"sha256": file_digest(staging / f), "bytes": (staging / f).stat().st_size}
+            for f in DATA_FILES
+        },
+        "timings": timer.stages,
+        "versions": versions("numpy", "pyarrow", "polars", "orjson", "zarr", "tokenizers"),
+    }
+    return manifest
 
-    # tokenizer
+
+def _tokenize(
+    spec: SegmentSpec,
+    spec_path: str | Path,
+    tok_file: Path | None,
+    contexts: list[str],
+    questions: list[str],
+    timer: _Timer,
+) -> _Tokenized:
+    """Load the spec's tokenizer or train one on the kept corpus, then encode the corpus."""
+    origin = str(spec_path)
     split: WordSplit | None = None
     if tok_file is not None:
         tok = load_tokenizer(tok_file, origin)
         t = spec.tokenizer
         specials = specials_of(tok, t.cls_token, t.sep_token, t.pad_token, origin)
         tok_bytes = tok_file.read_bytes()
-        tok_origin = {"source": "file", "path": str(tok_file)}
+        tok_origin: dict[str, Any] = {"source": "file", "path": str(tok_file)}
     else:
         train = spec.tokenizer.train
         assert train is not None
-        if not records.question:
-            raise BuildError(_nothing_kept(spec_path, sources, rejected))
-        corpus = contexts + records.question
+        corpus = contexts + questions
         split = split_words(corpus, train.lowercase)
         tok = train_tokenizer(
             corpus, train.vocab_size, train.min_frequency, train.lowercase, split=split
@@ -617,20 +693,19 @@ def _build_into(
         tok_bytes = tokenizer_bytes(tok)
         tok_origin = {"source": "trained", "model": "WordPiece", **vars(train)}
     timer.lap("tokenizer")
-
     if split is not None:  # the words training met: no second pass over the corpus
         n_ctx = len(contexts)
         docs = encode_from_words(tok, contexts, split, np.arange(n_ctx))
-        questions = encode_from_words(
-            tok, records.question, split, np.arange(n_ctx, n_ctx + len(records.question))
-        )
+        qs = encode_from_words(tok, questions, split, np.arange(n_ctx, n_ctx + len(questions)))
     else:
         docs = encode(tok, contexts)
-        questions = encode(tok, records.question, with_offsets=False)
+        qs = encode(tok, questions, with_offsets=False)
     timer.lap("encode")
+    return _Tokenized(tok, specials, tok_bytes, tok_origin, docs, qs)
 
-    # answers: characters -> tokens, for all examples at once
-    ex_doc = np.fromiter((doc_of[c] for c in records.context), dtype=np.int64, count=len(records))
+
+def _map_answers(records: Records, ex_doc: np.ndarray, docs: Encoded) -> _Answers:
+    """Every answer's character span -> its token span, all examples at once."""
     c0, c1 = _answer_char_spans(records)
     has = c0 >= 0
     gs = np.full(len(records), NO_ANSWER, dtype=np.int64)
@@ -641,9 +716,21 @@ def _build_into(
             ex_doc[has], c0[has], c1[has], docs.starts, docs.ends, docs.offsets
         )
         gs[has], ge[has], aligned[has] = span
-    # rows that cannot be kept after tokenization
-    empty_doc = docs.lengths[ex_doc] == 0
-    unmapped = has & (gs < 0) & ~empty_doc
+    return _Answers(ex_doc, c0, gs, ge, aligned)
+
+
+def _drop_untokenizable(
+    records: Records,
+    contexts: list[str],
+    ans: _Answers,
+    enc: _Tokenized,
+    rejected: list[Rejected],
+    sources: list[SourceFile],
+) -> tuple[Records, list[str], _Answers]:
+    """Quarantine examples that cannot be kept once tokenized (an empty document, an answer
+    no token covers); documents no kept example reads go too, the rest keep their order."""
+    empty_doc = enc.docs.lengths[ans.ex_doc] == 0
+    unmapped = (ans.c0 >= 0) & (ans.gs < 0) & ~empty_doc
     drop = np.flatnonzero(empty_doc | unmapped)
     for i in drop.tolist():
         reason = EMPTY_CONTEXT if empty_doc[i] else ANSWER_NOT_IN_TOKENS
@@ -660,23 +747,32 @@ def _build_into(
             )
         )  # fmt: skip
         sources[fi].quarantined += 1
-    if len(drop):
-        keep = np.setdiff1d(np.arange(len(records)), drop)
-        records = records.take(keep.tolist())
-        gs, ge, aligned, ex_doc, c0 = gs[keep], ge[keep], aligned[keep], ex_doc[keep], c0[keep]
-        questions = questions.take(keep)
-        used, ex_doc = np.unique(ex_doc, return_inverse=True)
-        order = np.argsort(np.unique(ex_doc, return_index=True)[1], kind="stable")
-        # keep documents in first-appearance order
-        remap = np.empty(len(used), dtype=np.int64)
-        remap[order] = np.arange(len(used))
-        ex_doc = remap[ex_doc]
-        used = used[order]
-        docs = docs.take(used)
-        contexts = [contexts[i] for i in used.tolist()]
-        ex_doc = ex_doc.astype(np.int64)
+    if not len(drop):
+        return records, contexts, ans
+    keep = np.setdiff1d(np.arange(len(records)), drop)
+    records = records.take(keep.tolist())
+    enc.questions = enc.questions.take(keep)
+    used, ex_doc = np.unique(ans.ex_doc[keep], return_inverse=True)
+    order = np.argsort(np.unique(ex_doc, return_index=True)[1], kind="stable")
+    remap = np.empty(len(used), dtype=np.int64)  # keep documents in first-appearance order
+    remap[order] = np.arange(len(used))
+    used = used[order]
+    enc.docs = enc.docs.take(used)
+    ans = _Answers(
+        remap[ex_doc].astype(np.int64), ans.c0[keep], ans.gs[keep], ans.ge[keep], ans.aligned[keep]
+    )
+    return records, [contexts[i] for i in used.tolist()], ans
 
-    # quarantine (input order)
+
+def _write_quarantine(
+    spec: SegmentSpec,
+    staging: Path,
+    out: Path,
+    sources: list[SourceFile],
+    rejected: list[Rejected],
+    max_bad_fraction: float | None,
+) -> None:
+    """``quarantine.jsonl`` in input order; BuildError past ``--max-bad-fraction``."""
     rejected.sort(key=lambda r: r.order)
     with (staging / QUARANTINE).open("wb") as f:
         for r in rejected:
@@ -690,118 +786,85 @@ def _build_into(
             f"{len(rejected)} of {n_records} records quarantined ({len(rejected) / n_records:.1%}) > "
             f"--max-bad-fraction {max_bad_fraction}: {top}; see {keep_path}"
         )
-    if len(records) == 0:
-        raise BuildError(_nothing_kept(spec_path, sources, rejected))
 
-    # segments, a block of examples at a time
+
+def _segment_rows(
+    spec: SegmentSpec, ans: _Answers, enc: _Tokenized
+) -> tuple[SegmentRows, np.ndarray]:
+    """Every (question, segment) row, a block of examples at a time, and per example the
+    first segment that holds its answer (NO_ANSWER if none)."""
+    seg = spec.segments
+    questions, docs = enc.questions, enc.docs
+    n = len(ans.ex_doc)
     q_len = np.minimum(questions.lengths, seg.max_question_tokens)
-    n_doc = docs.lengths[ex_doc]
+    n_doc = docs.lengths[ans.ex_doc]
     nseg = n_segments(n_doc, seg.max_tokens, seg.stride)
     cost = np.cumsum(nseg * (q_len + 3) + n_doc + nseg * max(0, seg.max_tokens - seg.stride))
     cuts = np.searchsorted(
         cost, np.arange(1, int(cost[-1] // ROWS_PER_BLOCK_TOKENS) + 1) * ROWS_PER_BLOCK_TOKENS
     )
-    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(records))), len(records)]
-    pool = token_pool(docs.ids, questions.ids, specials)
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < n)), n]
+    pool = token_pool(docs.ids, questions.ids, enc.specials)
     parts = []
     for a, b in zip(bounds, bounds[1:]):
         parts.append(
             assemble_rows(
-                ex_doc[a:b], questions.ids, questions.offsets[a:b], q_len[a:b], docs.ids,
-                docs.offsets, gs[a:b], ge[a:b], seg.max_tokens, seg.stride, specials, a, pool,
+                ans.ex_doc[a:b], questions.ids, questions.offsets[a:b], q_len[a:b], docs.ids,
+                docs.offsets, ans.gs[a:b], ans.ge[a:b], seg.max_tokens, seg.stride,
+                enc.specials, a, pool,
             )
         )  # fmt: skip
     rows = SegmentRows.concat(parts)
     hit = np.flatnonzero(rows.local_start >= 0)
-    answer_segment = np.full(len(records), NO_ANSWER, dtype=np.int64)
+    answer_segment = np.full(n, NO_ANSWER, dtype=np.int64)
     hit_ex, first = np.unique(rows.example_index[hit], return_index=True)
     answer_segment[hit_ex] = rows.segment_index[hit[first]]
-    timer.lap("segment")
+    return rows, answer_segment
 
-    doc_ids = [hashlib.sha256(c.encode("utf-8")).hexdigest()[:16] for c in contexts]
-    tables = {
-        DOCUMENTS_ARROW: _documents_table(doc_ids, contexts, docs),
-        EXAMPLES_ARROW: _examples_table(
-            records, doc_ids, ex_doc, n_doc, q_len, gs, ge, nseg, answer_segment
-        ),
-        SEGMENTS_ARROW: _segments_table(rows, records.example_id),
-    }
-    for name, table in tables.items():
-        write_arrow_table(table, staging / name)
-    (staging / TOKENIZER_JSON).write_bytes(tok_bytes)
-    shutil.copyfile(spec_path, staging / SPEC_COPY)
-    digests = {name.removesuffix(".arrow"): table_digests(t) for name, t in tables.items()}
-    tok_sha = sha256_hex(tok_bytes)
-    timer.lap("write")
 
+def _counts_and_statistics(
+    spec: SegmentSpec,
+    records: Records,
+    rejected: list[Rejected],
+    sources: list[SourceFile],
+    enc: _Tokenized,
+    ans: _Answers,
+    rows: SegmentRows,
+    answer_segment: np.ndarray,
+) -> dict[str, Any]:
+    """The manifest's ``counts``, ``quarantine_reasons`` and ``statistics``."""
+    seg = spec.segments
+    docs, questions = enc.docs, enc.questions
+    n_doc = docs.lengths[ans.ex_doc]
     impossible = np.asarray(records.is_impossible, dtype=bool)
     answerable = ~impossible
-    reasons = Counter(r.reason for r in rejected)
-    splits = Counter(records.split)
     n_kept = len(records)
     counts = {
-        "records": n_records,
+        "records": sum(s.records for s in sources),
         "records_kept": n_kept,
         "records_quarantined": len(rejected),
         "examples": n_kept,
         "answerable": int(answerable.sum()),
         "impossible": int(impossible.sum()),
-        "documents": len(contexts),
+        "documents": len(docs.lengths),
         "segments": len(rows),
         "document_tokens": int(docs.lengths.sum()),
         "input_ids": int(rows.input_offsets[-1]),
         "questions_truncated": int((questions.lengths > seg.max_question_tokens).sum()),
         "answers_in_no_segment": int((answerable & (answer_segment < 0)).sum()),
-        "answers_not_token_aligned": int((answerable & ~aligned).sum()),
-        "answers_with_unknown_tokens": _answers_with_unk(docs, gs, ge, ex_doc, specials),
-        "examples_per_split": dict(sorted(splits.items())),
+        "answers_not_token_aligned": int((answerable & ~ans.aligned).sum()),
+        "answers_with_unknown_tokens": _answers_with_unk(
+            docs, ans.gs, ans.ge, ans.ex_doc, enc.specials
+        ),
+        "examples_per_split": dict(sorted(Counter(records.split).items())),
     }
-    ans_rel = (gs[answerable] + ge[answerable]) / 2 / np.maximum(n_doc[answerable], 1)
+    a = answerable
+    ans_rel = (ans.gs[a] + ans.ge[a]) / 2 / np.maximum(n_doc[a], 1)
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "kind": "segments",
-        "name": spec.name,
-        "store_format": "arrow",
-        "spec": spec.to_dict(),
-        "spec_sha256": spec_sha,
-        "spec_file": str(spec_path),
-        "build_key": _build_key(spec_sha, sha256_hex(tok_bytes) if tok_file else None, sources),
-        "sources": [
-            {
-                "path": s.display,
-                "format": spec.source.format,
-                "sha256": s.sha256,
-                "bytes": s.size,
-                "mtime_ns": s.mtime_ns,
-                "records": s.records,
-                "records_kept": s.records - s.quarantined,
-                "records_quarantined": s.quarantined,
-                "blank_lines": s.blank_lines,
-            }
-            for s in sources
-        ],  # fmt: skip
-        "segments": {
-            "max_tokens": seg.max_tokens,
-            "stride": seg.stride,
-            "overlap": seg.max_tokens - seg.stride,
-            "max_question_tokens": seg.max_question_tokens,
-            "input_width": int(np.diff(rows.input_offsets).max(initial=0)),
-            "max_input_width": seg.input_width,
-            "layout": "[CLS] question [SEP] segment [SEP]",
-            "no_answer": NO_ANSWER,
-        },
-        "tokenizer": {
-            "file": TOKENIZER_JSON,
-            "sha256": tok_sha,
-            "vocab_size": tok.get_vocab_size(),
-            "special_tokens": specials.to_dict(),
-            **tok_origin,
-        },
         "counts": counts,
-        "quarantine_reasons": dict(sorted(reasons.items())),
+        "quarantine_reasons": dict(sorted(Counter(r.reason for r in rejected).items())),
         "statistics": {
-            "segments_per_example": distribution(nseg),
+            "segments_per_example": distribution(n_segments(n_doc, seg.max_tokens, seg.stride)),
             "segments_per_document": distribution(
                 n_segments(docs.lengths, seg.max_tokens, seg.stride)
             ),
@@ -810,14 +873,6 @@ def _build_into(
             "answer_segment": distribution(answer_segment[answer_segment >= 0]),
             "answer_relative_position": distribution(ans_rel),
         },
-        "content_hash": content_hash(digests, tok_sha, file_digest(staging / QUARANTINE)),
-        "table_digests": digests,
-        "data_files": {
-            f: {"sha256": file_digest(staging / f), "bytes": (staging / f).stat().st_size}
-            for f in DATA_FILES
-        },
-        "timings": timer.stages,
-        "versions": _versions(),
     }
 
 
@@ -847,17 +902,6 @@ def _nothing_kept(
     )
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from pipeline.build import _versions as base
-
-    out = base()
-    with contextlib.suppress(PackageNotFoundError):
-        out["tokenizers"] = version("tokenizers")
-    return out
-
-
 # --------------------------------------------------------------------------- CLI summary
 
 
@@ -882,277 +926,3 @@ def summary_lines(result: Any) -> list[str]:
         reasons = ", ".join(f"{k}: {v}" for k, v in m["quarantine_reasons"].items())
         lines.append(f"  quarantine  {reasons}  -> {result.path / QUARANTINE}")
     return lines
-
-
-# --------------------------------------------------------------------------- verify
-
-
-def verify_segments(path: Path) -> list[str]:
-    """Problems found in a segment store (empty: it verifies)."""
-    from pipeline.qa_store import open_segment_store
-
-    p = Path(path)
-    from pipeline.store import read_manifest
-
-    manifest = read_manifest(p)
-    problems: list[str] = []
-    for name, info in manifest.get("data_files", {}).items():
-        f = p / name
-        if not f.exists():
-            problems.append(f"{f}: missing")
-        elif f.stat().st_size != info["bytes"]:
-            problems.append(
-                f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} (truncated or replaced)"
-            )
-        elif file_digest(f) != info["sha256"]:
-            problems.append(
-                f"{f}: sha256 differs from the manifest (the file was changed or corrupted)"
-            )
-    if problems:
-        return problems
-    store = open_segment_store(p)
-    digests = {
-        name.removesuffix(".arrow"): table_digests(store.table(name))
-        for name in (DOCUMENTS_ARROW, EXAMPLES_ARROW, SEGMENTS_ARROW)
-    }
-    for table, cols in digests.items():
-        for col, d in cols.items():
-            if manifest.get("table_digests", {}).get(table, {}).get(col) != d:
-                problems.append(f"{p}: {table}.{col}: content differs from the manifest's digest")
-    content = content_hash(digests, file_digest(p / TOKENIZER_JSON), file_digest(p / QUARANTINE))
-    if content != manifest.get("content_hash"):
-        problems.append(
-            f"{p}: content hash {content[:12]} != manifest {str(manifest.get('content_hash'))[:12]}"
-        )
-    problems += [f"{p}: {msg}" for msg in check_invariants(store)]
-    return problems
-
-
-def check_invariants(store: Any) -> list[str]:
-    """Every rule of the segment layout; one message per broken rule."""
-    from pipeline.qa_store import SegmentStore
-
-    assert isinstance(store, SegmentStore)
-    out: list[str] = []
-    m = store.manifest
-    ex, sg, docs = store.examples, store.segments, store.documents
-    n_ex, n_rows = len(ex), len(sg)
-    c = m["counts"]
-    if (n_ex, n_rows, len(docs)) != (c["examples"], c["segments"], c["documents"]):
-        out.append(
-            f"rows: {n_ex} examples, {n_rows} segments, {len(docs)} documents; manifest says "
-            f"{c['examples']}, {c['segments']}, {c['documents']}"
-        )
-        return out
-    if n_ex == 0:
-        return ["the store holds no example"]
-    if c["records"] != c["records_kept"] + c["records_quarantined"]:
-        out.append("counts: records != records_kept + records_quarantined")
-    n_q = sum(1 for _ in store.quarantine_lines())
-    if n_q != c["records_quarantined"]:
-        out.append(f"quarantine.jsonl: {n_q} records, manifest says {c['records_quarantined']}")
-    seg = m["segments"]
-    window, stride, max_q = seg["max_tokens"], seg["stride"], seg["max_question_tokens"]
-    nd = docs.n_tokens[ex.doc_index]
-    if not np.array_equal(nd, ex.n_doc_tokens):
-        out.append("examples: n_doc_tokens differs from the document's token count")
-    if not np.array_equal(ex.n_segments, n_segments(nd, window, stride)):
-        out.append("examples: n_segments is not 1 + ceil(max(n - max_tokens, 0) / stride)")
-        return out
-    if (
-        not np.array_equal(ex.segment_row, np.cumsum(ex.n_segments) - ex.n_segments)
-        or int(ex.n_segments.sum()) != n_rows
-    ):
-        out.append("examples: segment_row / n_segments do not tile segments.arrow in order")
-        return out
-    row_ex = np.repeat(np.arange(n_ex), ex.n_segments)
-    k = np.arange(n_rows) - ex.segment_row[row_ex]
-    if not np.array_equal(sg.example_index, row_ex) or not np.array_equal(sg.segment_index, k):
-        out.append("segments: example_index / segment_index are not in example then segment order")
-        return out
-    off, ln = sg.token_offset.astype(np.int64), sg.n_segment_tokens.astype(np.int64)
-    # coverage: starts at 0, no gap, monotone, ends at the document's end
-    first = ex.segment_row
-    last = first + ex.n_segments - 1
-    if (off[first] != 0).any():
-        out.append("segments: an example's first segment does not start at token 0")
-    nxt = np.ones(n_rows, dtype=bool)
-    nxt[last] = False
-    if (off[1:][nxt[:-1]] <= off[:-1][nxt[:-1]]).any():
-        out.append("segments: token_offset is not increasing within an example")
-    if (off[1:][nxt[:-1]] > (off + ln)[:-1][nxt[:-1]]).any():
-        out.append("segments: a gap between consecutive segments (some tokens are in no segment)")
-    if not np.array_equal(off[last] + ln[last], nd.astype(np.int64)):
-        out.append("segments: the last segment does not end at the document's last token")
-    if (ln < 1).any() or (ln > window).any():
-        out.append(f"segments: n_segment_tokens outside 1..max_tokens ({window})")
-    if not np.array_equal(off, k * stride):
-        out.append(f"segments: token_offset is not segment_index * stride ({stride})")
-    # input ids: [CLS] question [SEP] segment [SEP]
-    q = sg.n_question_tokens.astype(np.int64)
-    cs = sg.context_start.astype(np.int64)
-    sp = m["tokenizer"]["special_tokens"]
-    if (
-        not np.array_equal(cs, q + 2)
-        or (q > max_q).any()
-        or not np.array_equal(q, ex.n_question_tokens[row_ex])
-    ):
-        out.append("segments: n_question_tokens / context_start inconsistent")
-        return out
-    lengths = sg.lengths.astype(np.int64)
-    if not np.array_equal(lengths, cs + ln + 1):
-        out.append("segments: len(input_ids) != context_start + n_segment_tokens + 1")
-        return out
-    v, o = sg.input_values, sg.input_offsets
-    if (
-        (v[o[:-1]] != sp["cls"]).any()
-        or (v[o[:-1] + q + 1] != sp["sep"]).any()
-        or (v[o[1:] - 1] != sp["sep"]).any()
-    ):
-        out.append("segments: input_ids are not framed [CLS] question [SEP] segment [SEP]")
-    rid = np.repeat(np.arange(n_rows), ln)
-    pos = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)
-    got = v[o[:-1][rid] + cs[rid] + pos]
-    want = docs.token_values[docs.token_offsets[:-1][ex.doc_index[row_ex]][rid] + off[rid] + pos]
-    if not np.array_equal(got, want):
-        out.append("segments: a segment's tokens differ from its document's tokens at token_offset")
-    qpos_rid = np.repeat(np.arange(n_rows), q)
-    qpos = np.arange(int(q.sum())) - np.repeat(np.cumsum(q) - q, q)
-    qv = v[o[:-1][qpos_rid] + 1 + qpos]
-    first_of = first[row_ex][qpos_rid]
-    if not np.array_equal(qv, v[o[first_of] + 1 + qpos]):
-        out.append("segments: the question tokens differ between segments of an example")
-    # answers
-    gs, ge = ex.global_start.astype(np.int64), ex.global_end.astype(np.int64)
-    imp = ex.is_impossible
-    if (imp & ((gs != NO_ANSWER) | (ge != NO_ANSWER))).any():
-        out.append("examples: an unanswerable question has an answer span")
-    ans = ~imp
-    if ans.any() and ((gs[ans] < 0) | (ge[ans] < gs[ans]) | (ge[ans] >= nd[ans])).any():
-        out.append("examples: an answer span outside its document")
-    if not np.array_equal(sg.global_start, ex.global_start[row_ex]) or not np.array_equal(
-        sg.global_end, ex.global_end[row_ex]
-    ):
-        out.append("segments: global_start/end differ from the example's")
-    g_s, g_e = gs[row_ex], ge[row_ex]
-    inside = (g_s >= 0) & (g_s >= off) & (g_e < off + ln)
-    ls, le = sg.local_start.astype(np.int64), sg.local_end.astype(np.int64)
-    exp_s = np.where(inside, g_s - off + cs, NO_ANSWER)
-    exp_e = np.where(inside, g_e - off + cs, NO_ANSWER)
-    if not np.array_equal(ls, exp_s) or not np.array_equal(le, exp_e):
-        out.append("segments: local_start/end inconsistent with global span and token_offset")
-    a_seg = np.full(n_ex, NO_ANSWER, dtype=np.int64)
-    hit = np.flatnonzero(inside)
-    hx, fi = np.unique(row_ex[hit], return_index=True)
-    a_seg[hx] = k[hit[fi]]
-    if not np.array_equal(a_seg, ex.answer_segment):
-        out.append("examples: answer_segment is not the first segment holding the answer")
-    out += _decode_check(store, hit, row_ex)
-    return out
-
-
-def _decode_check(store: Any, hit: np.ndarray, row_ex: np.ndarray) -> list[str]:
-    """The tokens marked as the answer decode to the answer text (normalised, without
-    whitespace): the global span in the document's tokens of every answerable example,
-    and the local span in ``input_ids`` of every row that holds the answer.
-
-    Where the answer's characters start or end inside a token (counted in the manifest as
-    ``answers_not_token_aligned``) the decoded tokens must contain the answer; where a
-    marked token is ``[UNK]`` (``answers_with_unknown_tokens``) the text cannot be
-    recovered from ids and the check is skipped."""
-    tok = store.tokenizer
-    ex, sg, docs = store.examples, store.segments, store.documents
-    unk = store.manifest["tokenizer"]["special_tokens"].get("unk")
-    v, o = sg.input_values, sg.input_offsets
-    todo: list[tuple[str, int, list[int]]] = []  # (where, example, marked ids)
-    for e in np.flatnonzero(~ex.is_impossible).tolist():
-        base = int(docs.token_offsets[int(ex.doc_index[e])])
-        ids = docs.token_values[base + int(ex.global_start[e]) : base + int(ex.global_end[e]) + 1]
-        todo.append((f"example {ex.example_id[e]!r} (global span)", e, ids.tolist()))
-    for r in hit.tolist():
-        ids = v[o[r] + sg.local_start[r] : o[r] + sg.local_end[r] + 1]
-        todo.append(
-            (
-                f"segments row {r} (example {ex.example_id[int(row_ex[r])]!r})",
-                int(row_ex[r]),
-                ids.tolist(),
-            )
-        )
-    bad: list[str] = []
-    aligned: dict[int, bool] = {}
-    for where, e, ids in todo:
-        if unk is not None and unk in ids:
-            continue
-        if e not in aligned:
-            base = int(docs.token_offsets[int(ex.doc_index[e])])
-            text0, start = ex.answers[e][0], ex.answer_starts[e][0]
-            c0 = start + len(text0) - len(text0.lstrip())
-            c1 = start + len(text0.rstrip())
-            aligned[e] = (
-                int(docs.token_start[base + int(ex.global_start[e])]) == c0
-                and int(docs.token_end[base + int(ex.global_end[e])]) == c1
-            )
-        answer = normalize_for_compare(tok, ex.answers[e][0])
-        text = decode_span(tok, ids)
-        got = "".join(text.split())
-        if not (got == answer if aligned[e] else answer in got):
-            bad.append(
-                f"{where}: the marked tokens decode to {text[:60]!r}, the answer is "
-                f"{ex.answers[e][0][:60]!r}"
-            )
-            if len(bad) >= 5:
-                break
-    return bad
-
-
-# --------------------------------------------------------------------------- describe
-
-
-def describe(path: Path) -> str:
-    """What a segment store holds, at a glance (``python -m pipeline.inspect STORE``)."""
-    from pipeline.inspect import _hist
-    from pipeline.qa_store import open_segment_store
-
-    store = open_segment_store(path)
-    m = store.manifest
-    c = m["counts"]
-    s = m["segments"]
-    t = m["tokenizer"]
-    ex = store.examples
-    lines = [
-        f"store        {path}  (segments, arrow, format_version {m['format_version']})",
-        f"name         {m['name']}   content {m['content_hash'][:16]}",
-        f"records      {c['records']} read = {c['records_kept']} kept + {c['records_quarantined']} quarantined",
-        f"examples     {c['examples']}  ({c['answerable']} answerable, {c['impossible']} unanswerable); "
-        f"splits {c['examples_per_split']}",
-        f"documents    {c['documents']}  ({c['document_tokens']} tokens)",
-        f"segments     {c['segments']} rows  (max_tokens {s['max_tokens']}, stride {s['stride']}, "
-        f"overlap {s['overlap']}, max_question_tokens {s['max_question_tokens']}; input_ids up to {s['input_width']})",
-        f"tokenizer    {t['vocab_size']} tokens, {t['source']}, sha256 {t['sha256'][:12]}; specials {t['special_tokens']}",
-        f"answers      {c['answers_in_no_segment']} in no single segment, {c['answers_not_token_aligned']} not on "
-        f"token boundaries, {c['answers_with_unknown_tokens']} with unknown tokens; "
-        f"{c['questions_truncated']} questions truncated",
-        "segments per example",
-        *_hist(ex.n_segments.astype(np.float64)),
-        "document length (tokens)",
-        *_hist(store.documents.n_tokens.astype(np.float64)),
-        "segment holding the answer (answerable examples)",
-        *_hist(ex.answer_segment[ex.answer_segment >= 0].astype(np.float64)),
-        "sources",
-    ]
-    for src in m["sources"]:
-        lines.append(
-            f"  {src['path']}  {src['records']} records, {src['records_quarantined']} quarantined, "
-            f"sha256 {str(src['sha256'])[:12]}"
-        )
-    reasons: Counter[str] = Counter()
-    example: dict[str, str] = {}
-    for line in store.quarantine_lines():
-        rec = orjson.loads(line)
-        reasons[rec["reason"]] += 1
-        example.setdefault(rec["reason"], f"{rec['file']} {rec['location']}: {rec['detail']}")
-    lines.append("quarantine" + ("" if reasons else "   none"))
-    for reason, n in reasons.most_common():
-        lines.append(f"  {reason:<24} {n:>8}")
-        lines.append(f"      e.g. {example[reason]}")
-    return "\n".join(lines)

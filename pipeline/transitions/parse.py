@@ -198,7 +198,7 @@ def polars_schema(spec: TransitionSpec) -> dict[str, pl.DataType]:
 # --------------------------------------------------------------------------- slow path
 
 
-def _get(obj: Any, path: str) -> Any:
+def get_path(obj: Any, path: str) -> Any:
     for p in path.split("."):
         if not isinstance(obj, dict) or p not in obj:
             return _MISSING
@@ -246,7 +246,7 @@ def _check_obs(o: ObservationSpec, value: Any, where: str, dim: int) -> None:
                 f"{where}: expected an object with keys {[k.path for k in o.keys]}, got {_short(value)}",
             )
         for k in o.keys:
-            v = _get(value, k.path)
+            v = get_path(value, k.path)
             if k.size is None:
                 _number(v, f"{where}.{k.path}")
             else:
@@ -274,15 +274,15 @@ class Validator:
             raise RecordError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {_short(s)}")
         _check_obs(
             f.observation,
-            _get(s, f.observation.path),
+            get_path(s, f.observation.path),
             f"{where}{f.observation.path} (fields.observation)",
             lay.obs_dim,
         )
         a = f.action
         if a.composite is not None:
             c = a.composite
-            sel = _get(s, c.select)
-            val = _get(s, c.value)
+            sel = get_path(s, c.select)
+            val = get_path(s, c.value)
             for name, v in ((c.select, sel), (c.value, val)):
                 if v is _MISSING or v is None:
                     raise RecordError(
@@ -307,7 +307,7 @@ class Validator:
                 )
         elif a.type == "discrete":
             assert a.path is not None and a.n is not None
-            v = _get(s, a.path)
+            v = get_path(s, a.path)
             if v is _MISSING or v is None:
                 raise RecordError(MISSING_FIELD, f"{where}{a.path} (fields.action): missing")
             if not isinstance(v, int) or isinstance(v, bool):
@@ -322,18 +322,18 @@ class Validator:
                 )
         else:
             assert a.path is not None and a.low is not None and a.high is not None
-            vals = _numbers(_get(s, a.path), a.size, f"{where}{a.path} (fields.action)")
+            vals = _numbers(get_path(s, a.path), a.size, f"{where}{a.path} (fields.action)")
             for i, (v, lo, hi) in enumerate(zip(vals, a.low, a.high)):
                 if not lo <= v <= hi:
                     raise RecordError(
                         ACTION_OUT_OF_RANGE,
                         f"{where}{a.path}[{i}]={v} outside [{lo}, {hi}] (fields.action.low/high)",
                     )
-        _number(_get(s, f.reward.path), f"{where}{f.reward.path} (fields.reward)")
+        _number(get_path(s, f.reward.path), f"{where}{f.reward.path} (fields.reward)")
         for name, fp in (("terminated", f.terminated), ("truncated", f.truncated)):
             if fp is None:
                 continue
-            v = _get(s, fp.path)
+            v = get_path(s, fp.path)
             if v is _MISSING or v is None:
                 raise RecordError(MISSING_FIELD, f"{where}{fp.path} (fields.{name}): missing")
             if not isinstance(v, bool):
@@ -345,7 +345,7 @@ class Validator:
     def check_episode_fields(self, obj: dict[str, Any], where: str) -> None:
         f = self.spec.fields
         if f.end is not None:
-            v = _get(obj, f.end.path)
+            v = get_path(obj, f.end.path)
             if v is not _MISSING and v is not None:
                 if not isinstance(v, str):
                     raise RecordError(
@@ -358,7 +358,7 @@ class Validator:
                         f"{where}{f.end.path}={v!r} is neither terminated {list(f.end.terminated)} nor truncated {list(f.end.truncated)} (fields.end)",
                     )
         if f.final_observation is not None:
-            v = _get(obj, f.final_observation.path)
+            v = get_path(obj, f.final_observation.path)
             if v is not _MISSING and v is not None:
                 _check_obs(
                     f.observation,
@@ -371,7 +371,7 @@ class Validator:
         src = self.spec.source
         if not isinstance(obj, dict):
             raise RecordError(NOT_AN_OBJECT, f"expected a JSON object, got {_short(obj)}")
-        ep = _get(obj, src.episode_key)
+        ep = get_path(obj, src.episode_key)
         if ep is _MISSING or ep is None:
             raise RecordError(MISSING_FIELD, f"{src.episode_key} (source.episode_key): missing")
         if not isinstance(ep, str | int) or isinstance(ep, bool):
@@ -381,7 +381,7 @@ class Validator:
             )
         if src.layout == "step_per_line":
             assert src.step_key is not None
-            t = _get(obj, src.step_key)
+            t = get_path(obj, src.step_key)
             if t is _MISSING or t is None:
                 raise RecordError(MISSING_FIELD, f"{src.step_key} (source.step_key): missing")
             if not isinstance(t, int) or isinstance(t, bool) or not -(2**63) <= t < 2**63:
@@ -393,7 +393,7 @@ class Validator:
             self.check_episode_fields(obj, "")
             return
         assert src.steps_key is not None
-        steps = _get(obj, src.steps_key)
+        steps = get_path(obj, src.steps_key)
         if steps is _MISSING or steps is None:
             raise RecordError(MISSING_FIELD, f"{src.steps_key} (source.steps_key): missing")
         if not isinstance(steps, list):
@@ -882,11 +882,11 @@ def infer_shapes(spec: TransitionSpec, first_records: list[Any]) -> TransitionSp
         step: Any = rec
         if spec.source.layout == "episode_per_line":
             assert spec.source.steps_key is not None
-            steps = _get(rec, spec.source.steps_key)
+            steps = get_path(rec, spec.source.steps_key)
             if not isinstance(steps, list) or not steps:
                 continue
             step = steps[0]
-        value = _get(step, o.path)
+        value = get_path(step, o.path)
         if isinstance(value, list) and value and all(_is_num(v) for v in value):
             new_obs = dataclasses.replace(o, size=len(value))
             return dataclasses.replace(

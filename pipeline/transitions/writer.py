@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.episodes import Transitions
+from pipeline.transitions.episodes import Transitions
 
 COPY_ROWS = 1 << 16
 
@@ -275,14 +275,6 @@ def combine_digests(columns: dict[str, str], episodes: str, quarantine: str) -> 
     return h.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- arrow
 
 
@@ -401,11 +393,6 @@ def _copy_strings(sink: ColumnSink, c: ColumnInfo, fd: int, places: list[tuple[i
 def _ranges(n: int, step: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, step):
         yield start, min(n, start + step)
-
-
-def write_arrow_table(table: pa.Table, path: Path) -> None:
-    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
-        w.write_table(table, max_chunksize=max(table.num_rows, 1))
 
 
 # --------------------------------------------------------------------------- zarr

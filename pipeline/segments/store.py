@@ -26,9 +26,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.arrowio import check_format_version, column_to_numpy, read_ipc, read_manifest
 from pipeline.format import QUARANTINE, StoreError
-from pipeline.segments import DOCUMENTS_ARROW, EXAMPLES_ARROW, SEGMENTS_ARROW, TOKENIZER_JSON
-from pipeline.store import _read_ipc, column_to_numpy, read_manifest
+from pipeline.segments.layout import (
+    DOCUMENTS_ARROW,
+    EXAMPLES_ARROW,
+    FORMAT_VERSION,
+    KIND,
+    SEGMENTS_ARROW,
+    TOKENIZER_JSON,
+)
 
 
 def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,15 +130,16 @@ class Documents:
 
 
 class SegmentStore:
-    """A read-only view of a segment store (format_version 1, kind segments)."""
+    """A read-only view of a segment store (see ``layout.FORMAT_VERSION``)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        if self.manifest.get("kind") != "segments":
+        if self.manifest.get("kind") != KIND:
             raise StoreError(f"{self.path}: a {self.manifest.get('kind')} store, not segments")
+        check_format_version(self.path, self.manifest, FORMAT_VERSION)
         self._tables = {
-            name: _read_ipc(self.path / name)
+            name: read_ipc(self.path / name)
             for name in (EXAMPLES_ARROW, SEGMENTS_ARROW, DOCUMENTS_ARROW)
         }
         c = self.manifest["counts"]

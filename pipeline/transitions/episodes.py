@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from pipeline.parse import (
+from pipeline.transitions.parse import (
     DUPLICATE_STEP,
     END_BEFORE_LAST_STEP,
     STEP_GAP,

@@ -1,0 +1,271 @@
+"""Open a built transition store and hand out its columns as contiguous arrays.
+
+An arrow store is opened memory-mapped: ``transitions.arrow`` holds one record batch,
+so every column is one contiguous buffer in the file and the NumPy views below are
+zero-copy (nothing is read until a page is touched). A zarr store is read into memory.
+
+    store = open_store("stores/pendulum-mixed")
+    store.observations          # (N, obs_dim) float32, read-only view of the file
+    store.actions               # (N,) int64 or (N, act_dim) float32
+    store.as_tensors("cpu")     # the same, as torch tensors (no copy on CPU)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.arrowio import check_format_version, column_to_numpy, read_ipc, read_manifest
+from pipeline.format import QUARANTINE, StoreError
+from pipeline.transitions.layout import (
+    EPISODES_ARROW,
+    FORMAT_VERSION,
+    KIND,
+    TRANSITIONS_ARROW,
+    ZARR_GROUP,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    type: str  # "discrete" or "continuous"
+    n: int | None  # discrete: number of actions
+    dim: int | None  # continuous: action dimension
+    low: np.ndarray | None  # continuous: (dim,) lower bounds (may be -inf)
+    high: np.ndarray | None
+
+    @property
+    def discrete(self) -> bool:
+        return self.type == "discrete"
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """One row per episode, in store order; ``start``/``length`` index the transitions."""
+
+    episode_id: list[str]
+    start: np.ndarray  # (E,) int64, first transition row
+    length: np.ndarray  # (E,) int64, number of transitions
+    returns: np.ndarray  # (E,) float64, undiscounted sum of rewards kept
+    terminated: np.ndarray  # (E,) bool
+    truncated: np.ndarray  # (E,) bool
+    source_file: list[str]
+    source_line: np.ndarray  # (E,) int64, 1-based line of the episode's first record
+
+    def __len__(self) -> int:
+        return len(self.episode_id)
+
+
+class TransitionStore:
+    """A read-only view of a transition store (see ``layout.FORMAT_VERSION``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if self.manifest.get("kind") != KIND:
+            raise StoreError(f"{self.path}: a {self.manifest.get('kind')} store, not transitions")
+        check_format_version(self.path, self.manifest, FORMAT_VERSION)
+        self.format: str = self.manifest["store_format"]
+        self._columns: dict[str, np.ndarray] = {}
+        self._episodes: dict[str, np.ndarray] = {}
+        if self.format == "arrow":
+            self._table = read_ipc(self.path / TRANSITIONS_ARROW)
+            self._ep_table = read_ipc(self.path / EPISODES_ARROW)
+            if self._table.num_rows != self.manifest["counts"]["transitions"]:
+                raise StoreError(
+                    f"{self.path / TRANSITIONS_ARROW}: {self._table.num_rows} rows, manifest says "
+                    f"{self.manifest['counts']['transitions']}; the file is truncated or replaced"
+                )
+        elif self.format == "zarr":
+            self._load_zarr()
+        else:
+            raise StoreError(f"{self.path}: unknown store_format {self.format!r}")
+
+    def _load_zarr(self) -> None:
+        import zarr
+
+        try:
+            root = zarr.open_group(str(self.path / ZARR_GROUP), mode="r")
+        except Exception as e:  # zarr raises several types for a missing/broken group
+            raise StoreError(f"{self.path / ZARR_GROUP}: unreadable zarr group ({e})") from None
+        for group, out in (("transitions", self._columns), ("episodes", self._episodes)):
+            g: Any = root[group]
+            for name in g.array_keys():
+                out[name] = np.asarray(g[name][...])
+
+    # ------------------------------------------------------------------ columns
+    def column(self, name: str) -> np.ndarray:
+        if name not in self._columns:
+            if self.format != "arrow":
+                raise KeyError(name)
+            self._columns[name] = column_to_numpy(self._table.column(name))
+        return self._columns[name]
+
+    @property
+    def observations(self) -> np.ndarray:
+        return self.column("observation")  # (N, obs_dim) float32
+
+    @property
+    def actions(self) -> np.ndarray:
+        return self.column("action")  # (N,) int64 or (N, act_dim) float32
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return self.column("reward")  # (N,) float32
+
+    @property
+    def next_observations(self) -> np.ndarray:
+        return self.column("next_observation")  # (N, obs_dim) float32
+
+    @property
+    def terminated(self) -> np.ndarray:
+        return self.column("terminated")  # (N,) bool
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return self.column("truncated")  # (N,) bool
+
+    @property
+    def return_to_go(self) -> np.ndarray:
+        return self.column("return_to_go")  # (N,) float32
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self.column("step")  # (N,) int32
+
+    @property
+    def episode_id(self) -> np.ndarray:
+        return self.column("episode_id")  # (N,) object (str)
+
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["transitions"])
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def n_transitions(self) -> int:
+        return len(self)
+
+    @property
+    def n_episodes(self) -> int:
+        return int(self.manifest["counts"]["episodes"])
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.manifest["observation_space"]["dim"])
+
+    @cached_property
+    def action_space(self) -> ActionSpace:
+        a = self.manifest["action_space"]
+        if a["type"] == "discrete":
+            return ActionSpace("discrete", int(a["n"]), None, None, None)
+        return ActionSpace(
+            "continuous",
+            None,
+            int(a["dim"]),
+            np.asarray(a["low"], dtype=np.float32),
+            np.asarray(a["high"], dtype=np.float32),
+        )
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return dict(self.manifest["spec"])
+
+    @property
+    def env(self) -> dict[str, Any] | None:
+        return self.manifest["spec"].get("env")
+
+    @property
+    def reference_returns(self) -> dict[str, Any] | None:
+        return self.manifest["spec"].get("reference_returns")
+
+    @property
+    def discount(self) -> float:
+        return float(self.manifest["spec"]["store"]["discount"])
+
+    @property
+    def obs_mean(self) -> np.ndarray:
+        return np.asarray(self.manifest["statistics"]["observation"]["mean"], dtype=np.float32)
+
+    @property
+    def obs_std(self) -> np.ndarray:
+        return np.asarray(self.manifest["statistics"]["observation"]["std"], dtype=np.float32)
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.manifest["content_hash"])
+
+    def normalized_score(self, ret: float | np.ndarray) -> float | np.ndarray:
+        """100 * (R - random) / (expert - random), from the spec's reference returns."""
+        ref = self.reference_returns
+        if not ref:
+            raise StoreError(
+                f"{self.path}: the spec has no reference_returns; add them to normalize"
+            )
+        return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
+
+    @cached_property
+    def episodes(self) -> Episodes:
+        if self.format == "arrow":
+            t = self._ep_table
+            get = lambda n: column_to_numpy(t.column(n))  # noqa: E731
+        else:
+            get = self._episodes.__getitem__
+        return Episodes(
+            episode_id=[str(x) for x in get("episode_id")],
+            start=get("start").astype(np.int64),
+            length=get("length").astype(np.int64),
+            returns=get("return").astype(np.float64),
+            terminated=get("terminated").astype(bool),
+            truncated=get("truncated").astype(bool),
+            source_file=[str(x) for x in get("source_file")],
+            source_line=get("source_line").astype(np.int64),
+        )
+
+    def quarantine(self) -> list[dict[str, Any]]:
+        p = self.path / QUARANTINE
+        if not p.exists():
+            return []
+        with p.open("r", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    # ------------------------------------------------------------------ torch
+    def as_tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Every numeric column as a torch tensor on ``device`` (no copy on CPU where the
+        dtype allows; booleans become float32 0/1 masks for arithmetic in losses)."""
+        import torch
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            if not a.flags.writeable:
+                # torch warns on read-only memory; the store is never written through it.
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    x = torch.from_numpy(a)
+            else:
+                x = torch.from_numpy(a)
+            return x.to(device) if str(device) != "cpu" else x
+
+        out = {
+            "observations": t(self.observations),
+            "actions": t(self.actions),
+            "rewards": t(self.rewards),
+            "next_observations": t(self.next_observations),
+            "terminated": t(self.terminated.astype(np.float32)),
+            "truncated": t(self.truncated.astype(np.float32)),
+            "return_to_go": t(self.return_to_go),
+        }
+        return out
+
+
+def open_store(path: str | Path) -> TransitionStore:
+    """Open a transition store; raises :class:`StoreError` with a clear message if it is not one."""
+    return TransitionStore(path)
