@@ -66,6 +66,11 @@ def make_env(env_spec: dict[str, Any], max_episode_steps: int | None = None) -> 
     try:
         return gymnasium.make(env_spec["id"], **kwargs)
     except Exception as e:  # gymnasium raises its own error types for unknown ids / bad kwargs
+        if isinstance(e, gymnasium.error.DependencyNotInstalled) and "mujoco" in str(e).lower():
+            raise EvalError(
+                f"env {env_spec.get('id')!r} needs MuJoCo, which is not installed: run "
+                '`pip install -e ".[mujoco]"` (or `make setup`), or set eval.episodes=0'
+            ) from None
         raise EvalError(
             f"cannot create env {env_spec.get('id')!r} ({type(e).__name__}: {e}); "
             "fix the store spec's `env` or set eval.episodes=0"
