@@ -5,10 +5,9 @@ staging directory, hashing and summarising as it goes; memory holds one batch at
 The last step lays those columns out as the store format:
 
 * arrow: an Arrow IPC *stream* with ONE record batch, so that every column is a single
-  contiguous buffer and readers get zero-copy arrays. It is written without holding the
-  data in memory: first a batch of the right shape whose buffers are untouched zero
-  pages (they cost no memory), then each column's bytes are copied into its place in
-  the file, found from the buffer addresses of the memory-mapped result;
+  contiguous buffer and readers get zero-copy arrays. pyarrow's IPC writer lays it out
+  from arrays over the memory-mapped column files, so the data is never held in memory;
+  episode ids over 2 GiB in total make the id column ``large_string``;
 * zarr: a group with one array per column, written chunk by chunk.
 
 The content hash is taken over the logical column bytes (format-independent), so an
@@ -18,6 +17,7 @@ arrow and a zarr store of the same input carry the same ``content_hash``.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -277,12 +277,19 @@ def combine_digests(columns: dict[str, str], episodes: str, quarantine: str) -> 
 
 # --------------------------------------------------------------------------- arrow
 
+STRING_BYTES_LIMIT = 2**31 - 1  # the most bytes a `string` column holds (int32 offsets)
+_WRITE_STEP = 16 << 20  # bytes written (then dropped from the column mapping) at a time
 
-def transition_schema(obs_dim: int, discrete: bool, act_dim: int) -> pa.Schema:
+
+def transition_schema(
+    obs_dim: int, discrete: bool, act_dim: int, large_ids: bool = False
+) -> pa.Schema:
+    """The schema of ``transitions.arrow``. ``large_ids``: the episode ids take more than
+    2 GiB in total, so the column is ``large_string`` (64-bit offsets) instead of ``string``."""
     act_type = pa.int64() if discrete else pa.list_(pa.float32(), act_dim)
     return pa.schema(
         [
-            ("episode_id", pa.string()),
+            ("episode_id", pa.large_string() if large_ids else pa.string()),
             ("step", pa.int32()),
             ("observation", pa.list_(pa.float32(), obs_dim)),
             ("action", act_type),
@@ -295,99 +302,156 @@ def transition_schema(obs_dim: int, discrete: bool, act_dim: int) -> pa.Schema:
     )
 
 
-def _zero_array(typ: pa.DataType, n: int, string_bytes: int = 0) -> pa.Array:
-    """An array of the given shape whose buffers are fresh zero pages (no resident memory)."""
-    if pa.types.is_string(typ):
-        offsets = np.zeros(n + 1, dtype=np.int32)
-        offsets[-1] = string_bytes  # the writer sizes the data buffer from the last offset
-        return pa.StringArray.from_buffers(
-            n, pa.py_buffer(offsets), pa.py_buffer(np.zeros(max(string_bytes, 1), np.uint8))
+def write_arrow_transitions(sink: ColumnSink, path: Path) -> None:
+    """The sink's columns as ONE record batch in the Arrow IPC stream file ``path``.
+
+    pyarrow's IPC writer lays the batch out from arrays whose buffers are the column files
+    memory-mapped (plus two small files derived here: the id offsets and the booleans
+    packed to bits), so no column is read into memory: the writer copies each buffer from
+    the page cache to the file, and the pages of a mapping are dropped as soon as they are
+    written (:class:`_DroppingFile`). Memory stays bounded whatever the store's size."""
+    large = sink.string_bytes > STRING_BYTES_LIMIT
+    schema = transition_schema(sink.obs_dim, sink.discrete, sink.act_dim, large_ids=large)
+    with _Mappings() as maps:
+        _write_batch(sink, schema, maps, path)
+
+
+def _write_batch(sink: ColumnSink, schema: pa.Schema, maps: _Mappings, path: Path) -> None:
+    arrays = [_column_array(sink, c, f.type, maps) for c, f in zip(sink.columns, schema)]
+    batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
+    with (
+        _DroppingFile(path, maps) as out,
+        pa.PythonFile(out, mode="w") as f,
+        pa.ipc.new_stream(f, schema) as w,
+    ):
+        w.write_batch(batch)
+    # the arrays (and so the exported mappings) are released when this frame ends
+
+
+def _column_array(sink: ColumnSink, c: ColumnInfo, typ: pa.DataType, maps: _Mappings) -> pa.Array:
+    """One column as an array over memory-mapped files (zero copy)."""
+    n = sink.rows
+    d = sink.directory
+    if c.name == "episode_id":
+        offsets = _write_offsets(sink, c, large=pa.types.is_large_string(typ))
+        return pa.Array.from_buffers(
+            typ, n, [None, maps.open(offsets), maps.open(d / "episode_id.utf8")]
         )
     if pa.types.is_boolean(typ):
-        return pa.BooleanArray.from_buffers(
-            typ, n, [None, pa.py_buffer(np.zeros((n + 7) // 8 or 1, np.uint8))]
-        )
+        return pa.Array.from_buffers(typ, n, [None, maps.open(_write_bits(sink, c))])
+    data = maps.open(d / f"{c.name}.bin")
+    expected = n * c.dtype.itemsize * max(c.width, 1)
+    if data.size != expected:
+        raise ValueError(f"{d / c.name}.bin: {data.size} bytes, expected {expected}")
     if pa.types.is_fixed_size_list(typ):
-        inner = _zero_array(typ.value_type, n * typ.list_size)
-        return pa.FixedSizeListArray.from_arrays(inner, typ.list_size)
-    width = typ.bit_width // 8
-    return pa.Array.from_buffers(
-        typ, n, [None, pa.py_buffer(np.zeros(max(n * width, 1), np.uint8))]
-    )
+        values = pa.Array.from_buffers(typ.value_type, n * typ.list_size, [None, data])
+        return pa.FixedSizeListArray.from_arrays(values, typ.list_size)
+    return pa.Array.from_buffers(typ, n, [None, data])
 
 
-def _data_buffer(arr: pa.Array) -> pa.Buffer:
-    if pa.types.is_fixed_size_list(arr.type):
-        return _data_buffer(arr.values)
-    return arr.buffers()[-1]
-
-
-def write_arrow_transitions(sink: ColumnSink, path: Path) -> None:
-    n = sink.rows
-    if sink.string_bytes >= 2**31:
-        raise ValueError("episode ids take over 2 GiB: not supported by a string column")
-    schema = transition_schema(sink.obs_dim, sink.discrete, sink.act_dim)
-    zeros = [_zero_array(f.type, n, sink.string_bytes) for f in schema]
-    batch = pa.RecordBatch.from_arrays(zeros, schema=schema)
-    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as w:
-        w.write_batch(batch)
-    del zeros, batch
-    # Where did each buffer land in the file?
-    mm = pa.memory_map(str(path), "r")
-    whole = mm.read_buffer()
-    table = pa.ipc.open_stream(whole).read_all()
-    base = whole.address
-    places: dict[str, list[tuple[int, int]]] = {}
-    for name in table.column_names:
-        arr = table.column(name).chunk(0)
-        if name == "episode_id":
-            bufs = arr.buffers()
-            places[name] = [
-                (bufs[1].address - base, bufs[1].size),
-                (bufs[2].address - base, bufs[2].size),
-            ]
-        else:
-            b = _data_buffer(arr)
-            places[name] = [(b.address - base, b.size)]
-    del table, whole
-    mm.close()
-    fd = os.open(str(path), os.O_WRONLY)
-    try:
-        for c in sink.columns:
-            if c.name == "episode_id":
-                _copy_strings(sink, c, fd, places[c.name])
-            elif c.name in ("terminated", "truncated"):
-                off, _ = places[c.name][0]
-                for start, stop in _ranges(n, COPY_ROWS):  # COPY_ROWS is a multiple of 8
-                    bits = np.packbits(sink.read_column(c, start, stop), bitorder="little")
-                    os.pwrite(fd, bits.tobytes(), off + start // 8)
-            else:
-                off, _ = places[c.name][0]
-                row_bytes = c.dtype.itemsize * max(c.width, 1)
-                for start, stop in _ranges(n, COPY_ROWS):
-                    os.pwrite(
-                        fd, sink.read_column(c, start, stop).tobytes(), off + start * row_bytes
-                    )
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _copy_strings(sink: ColumnSink, c: ColumnInfo, fd: int, places: list[tuple[int, int]]) -> None:
-    (off_pos, _), (data_pos, _) = places
+def _write_offsets(sink: ColumnSink, c: ColumnInfo, large: bool) -> Path:
+    """The Arrow offsets of the id column (int32, or int64 for ``large_string``), from the
+    per-row byte lengths, a block of rows at a time."""
+    path = sink.directory / "episode_id.offsets"
+    dtype = np.int64 if large else np.int32
     carry = 0
-    for start, stop in _ranges(sink.rows, COPY_ROWS):
-        lengths = sink.read_column(c, start, stop).astype(np.int64)
-        offsets = (carry + np.cumsum(lengths)).astype(np.int32)
-        if start == 0:
-            os.pwrite(fd, np.zeros(1, np.int32).tobytes(), off_pos)
-        os.pwrite(fd, offsets.tobytes(), off_pos + 4 * (start + 1))
-        carry = int(carry + lengths.sum())
-    with (sink.directory / "episode_id.utf8").open("rb") as f:
-        pos = 0
-        while block := f.read(16 << 20):
-            os.pwrite(fd, block, data_pos + pos)
-            pos += len(block)
+    with path.open("wb") as f:
+        f.write(np.zeros(1, dtype).tobytes())
+        for start, stop in _ranges(sink.rows, COPY_ROWS):
+            ends = carry + np.cumsum(sink.read_column(c, start, stop), dtype=np.int64)
+            f.write(ends.astype(dtype).tobytes())
+            carry = int(ends[-1])
+    return path
+
+
+def _write_bits(sink: ColumnSink, c: ColumnInfo) -> Path:
+    """A 0/1 byte column packed to Arrow's bitmap (least significant bit first)."""
+    path = sink.directory / f"{c.name}.bits"
+    with path.open("wb") as f:
+        for start, stop in _ranges(sink.rows, COPY_ROWS):  # COPY_ROWS is a multiple of 8
+            f.write(np.packbits(sink.read_column(c, start, stop), bitorder="little").tobytes())
+    return path
+
+
+class _Mappings:
+    """Read-only memory maps of column files, handed to pyarrow as zero-copy buffers."""
+
+    def __init__(self) -> None:
+        self._maps: list[tuple[int, int, mmap.mmap]] = []  # (address, size, map)
+
+    def open(self, path: Path) -> pa.Buffer:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return pa.py_buffer(b"")
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        buf = pa.py_buffer(mm)
+        self._maps.append((buf.address, size, mm))
+        return buf
+
+    def drop(self, address: int, size: int) -> None:
+        """Drop the pages of ``[address, address + size)`` from whichever mapping holds
+        them (the data stays in the page cache and is read again if touched)."""
+        for base, length, mm in self._maps:
+            if base <= address < base + length:
+                start = (address - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                stop = min(address - base + size, length)
+                mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+                return
+
+    def __enter__(self) -> _Mappings:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, _, mm in self._maps:
+            mm.close()
+        self._maps.clear()
+
+
+class _DroppingFile:
+    """The file the IPC writer writes to: buffers are written a step at a time, and the
+    part of a column mapping just written is dropped from this process's memory."""
+
+    closed = False
+
+    def __init__(self, path: Path, maps: _Mappings) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._maps = maps
+        self._pos = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        address = data.address if isinstance(data, pa.Buffer) else None
+        for start in range(0, view.nbytes, _WRITE_STEP):
+            piece = view[start : start + _WRITE_STEP]
+            done = 0
+            while done < len(piece):
+                done += os.write(self._fd, piece[done:])
+            if address is not None:
+                self._maps.drop(address + start, len(piece))
+        self._pos += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self.closed = True
+
+    def __enter__(self) -> _DroppingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _ranges(n: int, step: int) -> Iterator[tuple[int, int]]:
