@@ -63,6 +63,7 @@ from pipeline.transitions.parse import (
     Rejected,
     get_path,
     infer_shapes,
+    is_episode_id,
     parse_line,
 )
 from pipeline.transitions.writer import (
@@ -76,6 +77,7 @@ from pipeline.transitions.writer import (
 DUPLICATE_EPISODE = "duplicate_episode"
 BUCKET_TARGET_BYTES = 96 << 20  # parsed step rows per spill bucket (memory per bucket ~3x)
 IN_MEMORY_INPUT_BYTES = 256 << 20  # step_per_line inputs up to this size are not spilled
+MERGE_WINDOW_ROWS = 1 << 16  # spilled runs are merged back this many rows at a time
 
 
 @dataclass
@@ -172,9 +174,7 @@ def _episode_id_of(raw: bytes, key: str) -> str | None:
         return None
     v = get_path(obj, key)
     # only string and integer ids name an episode (the reference check rejects others)
-    if isinstance(v, bool) or not isinstance(v, str | int):
-        return None
-    return str(v)
+    return str(v) if is_episode_id(v) else None
 
 
 # --------------------------------------------------------------------------- spill
@@ -247,6 +247,7 @@ def _fixed(a: np.ndarray) -> pa.Array:
 def _steps_to_batch(s: ParsedSteps, file_idx: int) -> pa.RecordBatch:
     cols: dict[str, pa.Array] = {
         "ep": s.episode_id.to_arrow(compat_level=pl.CompatLevel.oldest()),
+        "ep_int": pa.array(s.id_int),
         "t": pa.array(s.t),
         "obs": _fixed(s.obs),
         "act": _fixed(s.act) if s.act.ndim == 2 else pa.array(s.act),
@@ -286,6 +287,7 @@ def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
         fobs = fobs.reshape(-1, obs.shape[1])
     steps = ParsedSteps(
         episode_id=pl.Series("_ep", t.column("ep").combine_chunks()).cast(pl.Utf8),
+        id_int=_to_np(t.column("ep_int")).astype(bool, copy=False),
         t=_to_np(t.column("t")).astype(np.int64, copy=False),
         obs=obs,
         act=_to_np(t.column("act")),
@@ -303,9 +305,11 @@ def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
 # --------------------------------------------------------------------------- merge
 
 
-def _merge_runs(runs: list[ColumnSink], sink: ColumnSink, names: list[str]) -> None:
+def _merge_runs(
+    runs: list[ColumnSink], sink: ColumnSink, names: list[str], window_rows: int
+) -> None:
     """Merge per-bucket runs (each in first-appearance order) into ``sink`` in global
-    first-appearance order, a window of episodes at a time (bounded memory)."""
+    first-appearance order, a window of about ``window_rows`` rows at a time (bounded memory)."""
     eps: list[tuple[int, int, int, int]] = []  # (key, run, start, length)
     ep_rows: list[dict[str, Any]] = []
     for r, run in enumerate(runs):
@@ -355,6 +359,10 @@ def _merge_runs(runs: list[ColumnSink], sink: ColumnSink, names: list[str]) -> N
             ep_id=ids,
             ep_length=lengths,
             ep_return=np.array([ep_rows[i]["return"] for i in window]),
+            ep_dropped_reward=np.array([ep_rows[i]["dropped_reward"] for i in window]),
+            ep_last_step_dropped=np.array(
+                [ep_rows[i]["last_step_dropped"] for i in window], dtype=bool
+            ),
             ep_terminated=np.array([ep_rows[i]["terminated"] for i in window], dtype=bool),
             ep_truncated=np.array([ep_rows[i]["truncated"] for i in window], dtype=bool),
             ep_file=np.array([ep_rows[i]["_key"] >> 40 for i in window], dtype=np.int64),
@@ -368,7 +376,7 @@ def _merge_runs(runs: list[ColumnSink], sink: ColumnSink, names: list[str]) -> N
     for i in order:
         window.append(i)
         rows += eps[i][3]
-        if rows >= 1 << 16:
+        if rows >= window_rows:
             flush()
     flush()
 
@@ -447,6 +455,7 @@ def build(
     progress: bool | None = None,
     bucket_bytes: int = BUCKET_TARGET_BYTES,
     in_memory_bytes: int = IN_MEMORY_INPUT_BYTES,
+    merge_rows: int = MERGE_WINDOW_ROWS,
 ) -> BuildResult:
     """Build (or find up to date) the transition store for ``spec_path`` under ``out_dir/NAME``."""
     t0 = time.perf_counter()
@@ -478,6 +487,7 @@ def build(
             progress,
             bucket_bytes,
             in_memory_bytes,
+            merge_rows,
             out,
         )
         publish(staging, target)
@@ -499,6 +509,7 @@ def _build_into(
     progress: bool | None,
     bucket_bytes: int,
     in_memory_bytes: int,
+    merge_rows: int,
     out: Path,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -527,7 +538,7 @@ def _build_into(
         n_buckets = 1
     buckets = None if per_line else _Buckets(work / "buckets", n_buckets, in_memory)
     rejected_eps: dict[str, str] = {}
-    seen_eps: set[str] = set()
+    kept_at: dict[str, tuple[str, int]] = {}  # episode_per_line: id -> (file, line) kept
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(sum(s.size for s in sources), show)
     steps_read = 0
@@ -547,7 +558,7 @@ def _build_into(
                         nb,
                         sink,
                         names,
-                        seen_eps,
+                        kept_at,
                         spec,
                         term_reasons,
                         trunc_reasons,
@@ -605,7 +616,7 @@ def _build_into(
                     continue
                 run.close()
                 runs.append(run)
-            _merge_runs(runs, sink, names)
+            _merge_runs(runs, sink, names, merge_rows)
             for run in runs:
                 shutil.rmtree(run.directory, ignore_errors=True)
     finally:
@@ -687,50 +698,47 @@ def _per_line_chunk(
     nb: np.ndarray,
     sink: ColumnSink,
     names: list[str],
-    seen: set[str],
+    kept_at: dict[str, tuple[str, int]],
     spec: TransitionSpec,
     term_reasons: tuple[str, ...],
     trunc_reasons: tuple[str, ...],
     counts: Counter[str],
 ) -> None:
-    """episode_per_line: the chunk holds whole episodes; build them and append in order."""
+    """episode_per_line: the chunk holds whole episodes; build them and append in order.
+
+    An id is used once its episode is KEPT (``kept_at``: id -> where): a later episode that
+    would be kept but whose id is used is quarantined as ``duplicate_episode``; a copy
+    rejected for another reason keeps that reason and uses up nothing."""
     if len(steps) == 0:
         return
     line_pos = {int(chunk.first_line + i): int(i) for i in nb}
-    # duplicate episode ids (across the whole input): keep the first, quarantine the rest
-    new = np.ones(len(steps), dtype=bool)
-    new[1:] = steps.line[1:] != steps.line[:-1]
-    first_rows = np.flatnonzero(new)
-    ids = steps.episode_id.gather(first_rows).to_list()
-    dup_lines: list[int] = []
-    for row, eid in zip(first_rows, ids):
-        if eid in seen:
-            dup_lines.append(int(steps.line[row]))
-        else:
-            seen.add(eid)
-    if dup_lines:
-        for ln in dup_lines:
-            raw = chunk.line(line_pos[ln])
-            eid = _episode_id_of(raw, spec.source.episode_key)
-            rejected.append(
-                Rejected(
-                    ln,
-                    DUPLICATE_EPISODE,
-                    f"episode id {eid!r} was already used by an earlier line",
-                    raw,
-                    eid,
-                )
-            )
-        steps = steps.subset(~np.isin(steps.line, dup_lines))
     file_idx = np.full(len(steps), src.index, dtype=np.int64)
-    tr = build_transitions(
-        steps,
-        file_idx,
-        sorted_by_line=True,
-        terminated_reasons=term_reasons,
-        truncated_reasons=trunc_reasons,
-        gamma=spec.store.discount,
-    )
+
+    def transitions() -> Transitions:
+        return build_transitions(
+            steps,
+            file_idx,
+            sorted_by_line=True,
+            terminated_reasons=term_reasons,
+            truncated_reasons=trunc_reasons,
+            gamma=spec.store.discount,
+        )
+
+    tr = transitions()
+    duplicates: dict[int, tuple[str, str, int]] = {}  # line -> (id, file, line kept)
+    for eid, ln in zip(tr.ep_id.to_list(), tr.ep_line.tolist()):
+        if eid in kept_at:
+            duplicates[ln] = (eid, *kept_at[eid])
+        else:
+            kept_at[eid] = (src.display, ln)
+    if duplicates:  # the same episodes again, less the duplicates
+        keep = ~np.isin(steps.line, np.fromiter(duplicates, dtype=np.int64))
+        steps, file_idx = steps.subset(keep), file_idx[keep]
+        tr = transitions()
+        for ln, (eid, file, line) in sorted(duplicates.items()):
+            detail = f"episode id {eid!r} was already used by the episode kept at {file}:{line}"
+            raw = chunk.line(line_pos[ln])
+            rejected.append(Rejected(ln, DUPLICATE_EPISODE, detail, raw, eid))
     counts.update(tr.counts)
     for rej in tr.rejected:
         ln = int(steps.line[rej.rows[0]])

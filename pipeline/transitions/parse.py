@@ -47,12 +47,14 @@ DUPLICATE_STEP = "duplicate_step"
 STEP_GAP = "step_gap"
 END_BEFORE_LAST_STEP = "end_before_last_step"
 EPISODE_REJECTED = "episode_rejected"
+AMBIGUOUS_EPISODE_ID = "ambiguous_episode_id"
 UNBOOTSTRAPPABLE = "unbootstrappable"
 FAST_CHECK = "rejected"
 
 # Internal column names of parsed step rows.
-EP, T, OBS, ACT, REW, TERM, TRUNC, END, FOBS, FILE, LINE = (
-    "_ep", "_t", "_obs", "_act", "_rew", "_term", "_trunc", "_end", "_fobs", "_file", "_line"
+EP, T, OBS, ACT, REW, TERM, TRUNC, END, FOBS, FILE, LINE, ID_INT = (
+    "_ep", "_t", "_obs", "_act", "_rew", "_term", "_trunc", "_end", "_fobs", "_file", "_line",
+    "_id_int",
 )  # fmt: skip
 
 
@@ -374,10 +376,11 @@ class Validator:
         ep = get_path(obj, src.episode_key)
         if ep is _MISSING or ep is None:
             raise RecordError(MISSING_FIELD, f"{src.episode_key} (source.episode_key): missing")
-        if not isinstance(ep, str | int) or isinstance(ep, bool):
+        if not is_episode_id(ep):
             raise RecordError(
                 WRONG_TYPE,
-                f"{src.episode_key} (source.episode_key): expected a string or integer id, got {_short(ep)}",
+                f"{src.episode_key} (source.episode_key): expected a string or an integer "
+                f"id (-2**63..2**63-1), got {_short(ep)}",
             )
         if src.layout == "step_per_line":
             assert src.step_key is not None
@@ -408,6 +411,14 @@ class Validator:
         for i, s in enumerate(steps):
             self.check_step(s, f"step {i}: ")
         self.check_episode_fields(obj, "")
+
+
+def is_episode_id(value: Any) -> bool:
+    """An episode id is a JSON string or a JSON integer that fits in 64 bits: never a float
+    (not even 3.0), a boolean, null, a list or an object."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def parse_line(raw: bytes) -> Any:
@@ -449,6 +460,65 @@ class Rejected:
 
 def _newlines(data: bytes) -> np.ndarray:
     return np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+
+
+# What follows ``"KEY":`` in a line (see :func:`key_value_kinds`).
+VALUE_STRING, VALUE_INTEGER, VALUE_OTHER = 0, 1, 2
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[9, 10, 13, 32]] = True
+_DIGIT = np.zeros(256, dtype=bool)
+_DIGIT[ord("0") : ord("9") + 1] = True
+_NUMBER_GOES_ON = np.zeros(256, dtype=bool)  # after the digits: a fraction or an exponent
+_NUMBER_GOES_ON[[ord("."), ord("e"), ord("E")]] = True
+# a key with an escape in it, e.g. "\u0065p": found by what follows a backslash
+_ESCAPED_KEY = re.compile(rb'\\(?:[^"\\\n]|\\.)*"[ \t\r]*:')
+
+
+def _skip(buf: np.ndarray, pos: np.ndarray, table: np.ndarray, limit: int) -> np.ndarray:
+    """Each position moved past the bytes ``table`` marks (at most ``limit`` of them)."""
+    pos = pos.copy()
+    n = len(buf)
+    for _ in range(limit):
+        more = pos < n
+        more[more] = table[buf[pos[more]]]
+        if not more.any():
+            break
+        pos[more] += 1
+    return pos
+
+
+def key_value_kinds(data: bytes, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``"KEY":`` occurs in ``data`` (at any depth) and the kind of value after it:
+    ``VALUE_STRING``, ``VALUE_INTEGER`` (an optional minus and 1-18 digits, no fraction or
+    exponent: it fits in 64 bits) or ``VALUE_OTHER`` (anything else: a float, true, null, an
+    object, a longer integer, or a match right after a backslash). Vectorised over bytes."""
+    pattern = np.frombuffer(b'"' + key.encode("utf-8") + b'"', dtype=np.uint8)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    n, k = len(buf), len(pattern)
+    if n < k:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8)
+    hit = buf[: n - k + 1] == pattern[0]
+    for j in range(1, k):
+        hit &= buf[j : n - k + 1 + j] == pattern[j]
+    pos = np.flatnonzero(hit)
+    colon = _skip(buf, pos + k, _WHITESPACE, 64)
+    is_key = colon < n
+    is_key[is_key] = buf[colon[is_key]] == ord(":")
+    pos = pos[is_key]
+    value = _skip(buf, colon[is_key] + 1, _WHITESPACE, 64)
+    first = np.where(value < n, buf[np.minimum(value, n - 1)], 0)
+    kind = np.full(len(pos), VALUE_OTHER, dtype=np.int8)
+    kind[first == ord('"')] = VALUE_STRING
+    digits = value + (first == ord("-"))
+    numeric = (first == ord("-")) | _DIGIT[first]
+    end = _skip(buf, digits, _DIGIT, 19)
+    after = np.where(end < n, buf[np.minimum(end, n - 1)], 0)
+    integer = numeric & (end > digits) & (end - digits <= 18) & ~_NUMBER_GOES_ON[after]
+    kind[integer] = VALUE_INTEGER
+    escaped = pos > 0
+    escaped[escaped] = buf[pos[escaped] - 1] == ord("\\")
+    kind[escaped] = VALUE_OTHER
+    return pos, kind
 
 
 def _finite_rows(a: np.ndarray) -> np.ndarray:
@@ -506,6 +576,7 @@ class ParsedSteps:
     fobs: np.ndarray | None  # (p, obs_dim) float32: final observations of the p rows that have one
     fobs_present: np.ndarray | None  # (n,) bool: which rows have one (row order = fobs order)
     line: np.ndarray  # (n,) int64 1-based source line
+    id_int: np.ndarray  # (n,) bool: the episode id was a JSON integer (else a string)
 
     def __len__(self) -> int:
         return len(self.t)
@@ -525,6 +596,7 @@ class ParsedSteps:
             fobs=None if self.fobs is None or fp is None else self.fobs[m[fp]],
             fobs_present=None if fp is None else fp[m],
             line=self.line[m],
+            id_int=self.id_int[m],
         )
 
     @staticmethod
@@ -548,6 +620,7 @@ class ParsedSteps:
             if p0.fobs_present is None
             else np.concatenate([p.fobs_present for p in parts if p.fobs_present is not None]),
             line=np.concatenate([p.line for p in parts]),
+            id_int=np.concatenate([p.id_int for p in parts]),
         )
 
 
@@ -643,7 +716,7 @@ class ChunkParser:
             keep_idx = np.asarray(good, dtype=np.int64)
             df, keep_idx, more = self._read_bisect(keep_idx, lines, raws)
             rejected.extend(more)
-        df, keep_idx, more = self._check_suspect_ids(
+        df, keep_idx, more = self._episode_id_types(
             df, chunk_data, first_line, keep_idx, lines, raws
         )
         rejected.extend(more)
@@ -659,7 +732,7 @@ class ChunkParser:
         rejected.sort(key=lambda r: r.line)
         return steps, rejected
 
-    def _check_suspect_ids(
+    def _episode_id_types(
         self,
         df: pl.DataFrame,
         chunk_data: bytes,
@@ -668,32 +741,47 @@ class ChunkParser:
         lines: np.ndarray,
         raws: Callable[[int], bytes],
     ) -> tuple[pl.DataFrame, np.ndarray, list[Rejected]]:
-        """polars turns any JSON value read as a string into text (3.0 -> "3", an object
-        -> its JSON). Episode ids must be strings or integers: lines whose top-level id is
-        anything else (found by one regex scan of the chunk) go to the reference check."""
+        """The JSON type of every row's episode id, as column ``ID_INT``.
+
+        polars reads any id as text (the string "3", the integer 3 and the float 3.0 all
+        become "3"; an object its JSON), so the type comes from one scan of the chunk's
+        bytes for the key's last name (:func:`key_value_kinds`), the same for a nested key
+        as for a top-level one. Where that scan cannot tell for sure (another kind of value
+        under the same name on the line, an escaped key, a float, ...) the line goes to the
+        reference check, which rejects an id that is not a string or an integer, and
+        otherwise reads the type from the parsed record."""
+        if len(keep_idx) == 0:
+            return df.with_columns(pl.Series(ID_INT, [], dtype=pl.Boolean)), keep_idx, []
         key = self.spec.source.episode_key
-        if "." in key or len(keep_idx) == 0:
-            return df, keep_idx, []
-        # group 1 is set when the value starts with neither a quote nor a plain integer
-        pattern = re.compile(
-            rb'"' + re.escape(key.encode()) + rb'"\s*:\s*(?:"|-?\d+(?![\d.eE])|())'
-        )
-        pos = [m.start() for m in pattern.finditer(chunk_data) if m.group(1) is not None]
-        if not pos:
-            return df, keep_idx, []
+        pos, kind = key_value_kinds(chunk_data, key.rsplit(".", 1)[-1])
         line_starts = np.concatenate([[0], _newlines(chunk_data) + 1])
-        suspect = first_line + np.searchsorted(line_starts, np.asarray(pos), side="right") - 1
-        mask = np.isin(lines[keep_idx], suspect)
-        if not mask.any():
-            return df, keep_idx, []
+        at = np.searchsorted(line_starts, pos, side="right") - 1  # line of each match
+        row_line = lines[keep_idx] - first_line  # line of each row, in the chunk
+        n_str, n_int, n_other = (
+            np.bincount(at[kind == k], minlength=len(line_starts))[row_line]
+            for k in (VALUE_STRING, VALUE_INTEGER, VALUE_OTHER)
+        )
+        text = df.select(self._ep_expr).to_series()
+        looks_int = text.str.contains(r"^-?[0-9]+$").fill_null(False).to_numpy()
+        unsure = (n_other > 0) | np.where(looks_int, (n_str > 0) == (n_int > 0), n_str == 0)
+        if b"\\" in chunk_data:
+            escaped = [m.start() for m in _ESCAPED_KEY.finditer(chunk_data)]
+            bad_lines = np.searchsorted(line_starts, np.asarray(escaped, np.int64), "right") - 1
+            unsure |= np.isin(row_line, bad_lines)
+        id_int = looks_int & (n_int > 0) & (n_str == 0)
         rejected: list[Rejected] = []
         drop = np.zeros(len(keep_idx), dtype=bool)
-        for j in np.flatnonzero(mask):
+        for j in np.flatnonzero(unsure):
             i = int(keep_idx[j])
-            err = check_line(self.validator, raws(i))
-            if err is not None:
+            try:
+                obj = parse_line(raws(i))
+                self.validator.check(obj)
+            except RecordError as err:
                 rejected.append(Rejected(int(lines[i]), err.reason, err.detail, raws(i)))
                 drop[j] = True
+                continue
+            id_int[j] = isinstance(get_path(obj, key), int)
+        df = df.with_columns(pl.Series(ID_INT, id_int))
         if drop.any():
             df = df.filter(pl.Series(~drop))
             keep_idx = keep_idx[~drop]
@@ -747,127 +835,148 @@ class ChunkParser:
     def _vector_checks(
         self, df: pl.DataFrame, lines: np.ndarray
     ) -> tuple[ParsedSteps, dict[int, str]]:
-        """Checks on typed columns; returns the steps of good lines and {line: what failed}."""
-        spec = self.spec
-        f = spec.fields
-        lay = self.layout
+        """Checks on typed columns; returns the steps of good lines and {line: what failed}.
+
+        A bad step rejects its whole line (its episode, for episode_per_line)."""
+        df, bad = self._step_rows(df, lines)
+        present = df.select(self._present_expr().alias("ok")).to_series().to_numpy()
+        present = present.astype(bool)
+        for ln in df.get_column(LINE).to_numpy()[~present]:
+            bad.setdefault(int(ln), "a field is missing or has the wrong length")
+        safe = df.filter(pl.Series(present))  # typed columns hold junk in the other rows
+        v = self._values(safe)
+        safe_lines = safe.get_column(LINE).to_numpy()
+        for ln in safe_lines[~v.ok]:
+            bad.setdefault(int(ln), "a number is not finite or an action is out of its space")
+        keep = ~np.isin(safe_lines, np.fromiter(bad, dtype=np.int64, count=len(bad)))
+        return self._steps(safe.filter(pl.Series(keep)), v, keep), bad
+
+    def _step_rows(
+        self, df: pl.DataFrame, lines: np.ndarray
+    ) -> tuple[pl.DataFrame, dict[int, str]]:
+        """One row per step, with its line number (``LINE``) and step index (``T``)."""
         bad: dict[int, str] = {}
-        if lay.per_line:
+        if self.layout.per_line:
             df, empty, _ = self._explode(df, lines)
             for ln in lines[empty]:
                 bad[int(ln)] = "empty or missing steps"
-        else:
-            df = df.with_columns(pl.Series(LINE, lines))
-            assert self._t_expr is not None
-            df = df.with_columns(self._t_expr.alias(T))
-        # Row-level null/length checks in one vectorised pass.
+            return df, bad
+        assert self._t_expr is not None
+        df = df.with_columns(pl.Series(LINE, lines))
+        return df.with_columns(self._t_expr.alias(T)), bad
+
+    def _present_expr(self) -> pl.Expr:
+        """True where every field is there with the right list lengths, and the end
+        reason (if any) is a declared one."""
+        f = self.spec.fields
         ok = _obs_ok_expr(self._obs_parts) & pl.col(T).is_not_null()
         ok = ok & self._ep_expr.is_not_null()
         for e in self._act_exprs.values():
             ok = ok & e.is_not_null()
-        a = f.action
-        if a.type == "continuous":
-            ok = ok & (self._act_exprs["act"].list.len() == a.size)
+        if f.action.type == "continuous":
+            ok = ok & (self._act_exprs["act"].list.len() == f.action.size)
         ok = ok & _field(self._sp + f.reward.path).is_not_null()
         for fp in (f.terminated, f.truncated):
             if fp is not None:
                 ok = ok & _field(self._sp + fp.path).is_not_null()
-        fobs_present_expr = None
         if self._fobs_parts is not None:
             assert f.final_observation is not None
-            fobs_present_expr = _field(f.final_observation.path).is_not_null()
-            ok = ok & (~fobs_present_expr | _obs_ok_expr(self._fobs_parts))
+            given = _field(f.final_observation.path).is_not_null()
+            ok = ok & (~given | _obs_ok_expr(self._fobs_parts))
         if f.end is not None:
-            allowed = list(f.end.terminated + f.end.truncated)
             endc = _field(f.end.path)
-            ok = ok & (endc.is_null() | endc.is_in(allowed))
-        okv = df.select(ok.alias("ok")).to_series().to_numpy()
-        row_bad = ~okv.astype(bool)
-        # Typed numpy columns (rows that failed above hold junk; they are dropped below).
-        safe = df.filter(pl.Series(okv))
-        rb_lines = df.get_column(LINE).to_numpy()[row_bad]
-        for ln in rb_lines:
-            bad.setdefault(int(ln), "a field is missing or has the wrong length")
-        obs = _obs_matrix(safe, self._obs_parts, lay.obs_dim)
-        rew = (
-            safe.select(_field(self._sp + f.reward.path)).to_series().to_numpy().astype(np.float64)
-        )
-        finite = _finite_rows(obs) & np.isfinite(rew)
-        act_ok: np.ndarray
+            ok = ok & (endc.is_null() | endc.is_in(list(f.end.terminated + f.end.truncated)))
+        return ok
+
+    def _values(self, safe: pl.DataFrame) -> _Values:
+        """The numbers of rows whose fields are all present, and which rows are in range."""
+        f = self.spec.fields
+        obs = _obs_matrix(safe, self._obs_parts, self.layout.obs_dim)
+        rew = safe.select(_field(self._sp + f.reward.path)).to_series().to_numpy()
+        rew = rew.astype(np.float64)
+        act, act_ok, act_finite = self._actions(safe)
+        finite = _finite_rows(obs) & np.isfinite(rew) & act_finite
+        fobs = fobs_present = None
+        if self._fobs_parts is not None:
+            assert f.final_observation is not None
+            given = _field(f.final_observation.path).is_not_null()
+            fobs_present = safe.select(given).to_series().to_numpy().astype(bool)
+            fobs64 = np.zeros((0, self.layout.obs_dim))
+            if fobs_present.any():
+                present = safe.filter(pl.Series(fobs_present))
+                fobs64 = _obs_matrix(present, self._fobs_parts, self.layout.obs_dim)
+                finite[fobs_present] &= _finite_rows(fobs64)
+            fobs = fobs64.astype(np.float32)
+        return _Values(obs, act, rew, fobs, fobs_present, finite & act_ok)
+
+    def _actions(self, safe: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(actions, in the action space, finite) per row."""
+        a = self.spec.fields.action
+
+        def column(name: str) -> np.ndarray:
+            return safe.select(self._act_exprs[name]).to_series().to_numpy()
+
+        finite = np.ones(safe.height, dtype=bool)
         if a.composite is not None:
-            sel = safe.select(self._act_exprs["sel"]).to_series().to_numpy().astype(np.int64)
-            val = safe.select(self._act_exprs["val"]).to_series().to_numpy().astype(np.int64)
+            sel = column("sel").astype(np.int64)
+            val = column("val").astype(np.int64)
             offset = np.full(len(sel), -1, dtype=np.int64)
             width = np.zeros(len(sel), dtype=np.int64)
             for k, case in a.composite.cases:
                 m = sel == k
                 offset[m] = case.offset
                 width[m] = case.n
-            act_ok = (offset >= 0) & (val >= 0) & (val < width)
-            act: np.ndarray = np.where(act_ok, offset + val, 0).astype(np.int64)
-        elif a.type == "discrete":
+            ok = (offset >= 0) & (val >= 0) & (val < width)
+            return np.where(ok, offset + val, 0).astype(np.int64), ok, finite
+        if a.type == "discrete":
             assert a.n is not None
-            act = safe.select(self._act_exprs["act"]).to_series().to_numpy().astype(np.int64)
-            act_ok = (act >= 0) & (act < a.n)
-        else:
-            assert a.size is not None and a.low is not None and a.high is not None
-            act64 = _list_to_matrix(safe.select(self._act_exprs["act"]).to_series(), a.size)
-            finite &= _finite_rows(act64)
-            lo = np.asarray(a.low)
-            hi = np.asarray(a.high)
-            with np.errstate(invalid="ignore"):
-                act_ok = np.asarray(((act64 >= lo) & (act64 <= hi)).all(axis=1))
-            act = act64.astype(np.float32)
-        fobs = None
-        fobs_present = None
-        if self._fobs_parts is not None and fobs_present_expr is not None:
-            fobs_present = safe.select(fobs_present_expr).to_series().to_numpy().astype(bool)
-            fobs64 = np.zeros((0, lay.obs_dim))
-            if fobs_present.any():
-                present = safe.filter(pl.Series(fobs_present))
-                fobs64 = _obs_matrix(present, self._fobs_parts, lay.obs_dim)
-                finite[fobs_present] &= _finite_rows(fobs64)
-            fobs = fobs64.astype(np.float32)
-        good = finite & act_ok
-        safe_lines = safe.get_column(LINE).to_numpy()
-        for ln in safe_lines[~good]:
-            bad.setdefault(int(ln), "a number is not finite or an action is out of its space")
-        # A bad step rejects its whole line (its episode, for episode_per_line).
-        if bad:
-            line_ok = ~np.isin(safe_lines, np.fromiter(bad.keys(), dtype=np.int64))
-        else:
-            line_ok = np.ones(len(safe_lines), dtype=bool)
-        keep = line_ok
-        sub = safe.filter(pl.Series(keep)) if not keep.all() else safe
-        term = (
-            sub.select(_field(self._sp + f.terminated.path)).to_series().to_numpy().astype(bool)
-            if f.terminated
-            else np.zeros(sub.height, dtype=bool)
-        )
-        trunc = (
-            sub.select(_field(self._sp + f.truncated.path)).to_series().to_numpy().astype(bool)
-            if f.truncated
-            else np.zeros(sub.height, dtype=bool)
-        )
-        end = (
-            np.asarray(sub.select(_field(f.end.path)).to_series().to_list(), dtype=object)
-            if f.end is not None
-            else None
-        )
-        steps = ParsedSteps(
+            act = column("act").astype(np.int64)
+            return act, (act >= 0) & (act < a.n), finite
+        assert a.size is not None and a.low is not None and a.high is not None
+        act64 = _list_to_matrix(safe.select(self._act_exprs["act"]).to_series(), a.size)
+        with np.errstate(invalid="ignore"):
+            ok = np.asarray(((act64 >= np.asarray(a.low)) & (act64 <= np.asarray(a.high))).all(1))
+        return act64.astype(np.float32), ok, _finite_rows(act64)
+
+    def _steps(self, sub: pl.DataFrame, v: _Values, keep: np.ndarray) -> ParsedSteps:
+        """The kept rows (``keep`` of the checked ones) as step arrays."""
+        f = self.spec.fields
+
+        def flags(fp: Any) -> np.ndarray:
+            if fp is None:
+                return np.zeros(sub.height, dtype=bool)
+            return sub.select(_field(self._sp + fp.path)).to_series().to_numpy().astype(bool)
+
+        end = None
+        if f.end is not None:
+            end = np.asarray(sub.select(_field(f.end.path)).to_series().to_list(), dtype=object)
+        fp = v.fobs_present
+        return ParsedSteps(
             episode_id=sub.select(self._ep_expr.alias(EP)).to_series(),
             t=sub.get_column(T).to_numpy().astype(np.int64),
-            obs=obs[keep].astype(np.float32),
-            act=act[keep],
-            rew=rew[keep],
-            term=term,
-            trunc=trunc,
+            obs=v.obs[keep].astype(np.float32),
+            act=v.act[keep],
+            rew=v.rew[keep],
+            term=flags(f.terminated),
+            trunc=flags(f.truncated),
             end=end,
-            fobs=None if fobs is None or fobs_present is None else fobs[keep[fobs_present]],
-            fobs_present=None if fobs_present is None else fobs_present[keep],
+            fobs=None if v.fobs is None or fp is None else v.fobs[keep[fp]],
+            fobs_present=None if fp is None else fp[keep],
             line=sub.get_column(LINE).to_numpy().astype(np.int64),
+            id_int=sub.get_column(ID_INT).to_numpy().astype(bool),
         )
-        return steps, bad
+
+
+@dataclass(frozen=True)
+class _Values:
+    """The numbers of the checked rows of a chunk (before rejected lines are dropped)."""
+
+    obs: np.ndarray  # (n, obs_dim) float64
+    act: np.ndarray  # (n,) int64 or (n, act_dim) float32
+    rew: np.ndarray  # (n,) float64
+    fobs: np.ndarray | None  # (p, obs_dim) float32, the rows with a final observation
+    fobs_present: np.ndarray | None  # (n,) bool
+    ok: np.ndarray  # (n,) bool: finite, and the action in its space
 
 
 def infer_shapes(spec: TransitionSpec, first_records: list[Any]) -> TransitionSpec:

@@ -54,7 +54,9 @@ class Episodes:
     episode_id: list[str]
     start: np.ndarray  # (E,) int64, first transition row
     length: np.ndarray  # (E,) int64, number of transitions
-    returns: np.ndarray  # (E,) float64, undiscounted sum of rewards kept
+    returns: np.ndarray  # (E,) float64, undiscounted sum of every logged reward
+    dropped_reward: np.ndarray  # (E,) float64, reward of a dropped last step (else 0)
+    last_step_dropped: np.ndarray  # (E,) bool, the unbootstrappable last step was dropped
     terminated: np.ndarray  # (E,) bool
     truncated: np.ndarray  # (E,) bool
     source_file: list[str]
@@ -223,6 +225,8 @@ class TransitionStore:
             start=get("start").astype(np.int64),
             length=get("length").astype(np.int64),
             returns=get("return").astype(np.float64),
+            dropped_reward=get("dropped_reward").astype(np.float64),
+            last_step_dropped=get("last_step_dropped").astype(bool),
             terminated=get("terminated").astype(bool),
             truncated=get("truncated").astype(bool),
             source_file=[str(x) for x in get("source_file")],

@@ -70,6 +70,8 @@ def _episodes_table(store: TransitionStore) -> pa.Table:
             "start": pa.array(e.start, pa.int64()),
             "length": pa.array(e.length, pa.int64()),
             "return": pa.array(e.returns, pa.float64()),
+            "dropped_reward": pa.array(e.dropped_reward, pa.float64()),
+            "last_step_dropped": pa.array(e.last_step_dropped, pa.bool_()),
             "terminated": pa.array(e.terminated, pa.bool_()),
             "truncated": pa.array(e.truncated, pa.bool_()),
             "source_file": pa.array(e.source_file, pa.string()),
@@ -139,11 +141,12 @@ def check_invariants(store: TransitionStore) -> list[str]:
     rtg = store.return_to_go.astype(np.float64)
     gamma = store.discount
     nxt_rtg = np.where(is_last, 0.0, np.append(rtg[1:], 0.0))
+    nxt_rtg[last] = e.dropped_reward
     scale = max(1.0, float(np.abs(rtg).max()))
     bad = np.abs(rtg - (r + gamma * nxt_rtg)) > 1e-4 * scale + 1e-5 * np.abs(rtg)
     if bad.any():
         problems.append(f"return_to_go: inconsistent with rewards at {int(bad.sum())} row(s)")
-    sums = np.add.reduceat(r, start)
+    sums = np.add.reduceat(r, start) + e.dropped_reward
     if not np.allclose(
         sums, e.returns, rtol=1e-5, atol=1e-4 * max(1.0, float(np.abs(e.returns).max()))
     ):
