@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	# CPU build from the local wheel first: a bare `torch` requirement would pull a CUDA build.
 	$(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev,mujoco]"
 	touch $(STAMP)
 
 # Demo trajectories are generated locally (gymnasium rollouts), then built into stores.
@@ -28,7 +28,12 @@ data/raw/qa/.generated: scripts/make_qa_demo_data.py | $(STAMP)
 	$(PYTHON) scripts/make_qa_demo_data.py --out data/raw/qa
 	touch $@
 
-data: $(STAMP) data/raw/.generated data/raw/qa/.generated
+# MuJoCo (Hopper-v5) logs in the D4RL style; needs the `mujoco` extra, which setup installs.
+data/raw/hopper/.generated: scripts/make_mujoco_data.py scripts/make_demo_data.py | $(STAMP)
+	$(PYTHON) scripts/make_mujoco_data.py --out data/raw
+	touch $@
+
+data: $(STAMP) data/raw/.generated data/raw/qa/.generated data/raw/hopper/.generated
 	@for spec in $(SPECS); do \
 		$(PYTHON) -m pipeline.build $$spec --out stores || exit 1; \
 	done
