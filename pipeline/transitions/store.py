@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline.arrowio import check_format_version, column_to_numpy, read_ipc, read_manifest
+from pipeline.arrowio import check_format_version, column_to_numpy, flat, read_ipc, read_manifest
 from pipeline.format import QUARANTINE, StoreError
 from pipeline.transitions.layout import (
     EPISODES_ARROW,
@@ -32,6 +33,20 @@ from pipeline.transitions.layout import (
 
 if TYPE_CHECKING:
     import torch
+
+# episodes.arrow, in column order (see docs/FORMAT.md)
+EPISODE_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("episode_id", pa.string()),
+    ("start", pa.int64()),
+    ("length", pa.int64()),
+    ("return", pa.float64()),
+    ("dropped_reward", pa.float64()),
+    ("last_step_dropped", pa.bool_()),
+    ("terminated", pa.bool_()),
+    ("truncated", pa.bool_()),
+    ("source_file", pa.string()),
+    ("source_line", pa.int64()),
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,26 @@ class TransitionStore:
                 raise KeyError(name)
             self._columns[name] = column_to_numpy(self._table.column(name))
         return self._columns[name]
+
+    def column_slice(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a numeric or boolean column, reading no other rows (for
+        passes over a store larger than memory)."""
+        if self.format == "arrow" and name not in self._columns:
+            return column_to_numpy(self._table.column(name).slice(start, stop - start))
+        return self.column(name)[start:stop]
+
+    def episode_id_slice(self, start: int, stop: int) -> pa.Array:
+        """Rows ``start:stop`` of ``episode_id`` as an Arrow string array (no Python strings)."""
+        if self.format == "arrow":
+            return flat(self._table.column("episode_id").slice(start, stop - start))
+        return pa.array(self._columns["episode_id"][start:stop], pa.string())
+
+    def episode_table(self) -> pa.Table:
+        """``episodes.arrow`` as an Arrow table, columns in file order (zarr: the same)."""
+        if self.format == "arrow":
+            return self._ep_table
+        e = self._episodes
+        return pa.table({name: pa.array(e[name], typ) for name, typ in EPISODE_COLUMNS})
 
     @property
     def observations(self) -> np.ndarray:

@@ -2,17 +2,32 @@
 
 Exit 0 and one ``OK`` line when the store holds what its manifest says and every episode
 semantic of the format holds; otherwise one line per problem on stderr and exit 1.
+
+Beyond the checksums, the checks are those a builder could get wrong while staying
+consistent with itself: unique episode ids; an episodes table that tiles the rows in
+order of the episodes' first records and agrees with them; steps 0..length-1; flags only
+on last rows; ``next_observation`` equal to the next row's ``observation`` inside an
+episode; ``return_to_go`` and the episode ``return`` over every logged reward (a dropped
+last step's too); and the manifest's counts. Rows are read ``CHECK_ROWS`` at a time, so a
+store larger than memory verifies in bounded memory.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline.arrowio import data_file_problems, file_digest, read_manifest
+from pipeline.arrowio import check_format_version, data_file_problems, file_digest, read_manifest
 from pipeline.format import QUARANTINE, StoreError
+from pipeline.transitions.layout import FORMAT_VERSION
 from pipeline.transitions.store import TransitionStore
 from pipeline.transitions.writer import (
     COPY_ROWS,
@@ -21,6 +36,16 @@ from pipeline.transitions.writer import (
     combine_digests,
     episodes_digest,
 )
+
+CHECK_ROWS = 1 << 20  # rows per pass of the row checks
+
+
+def _ranges(n: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+# --------------------------------------------------------------------------- digests
 
 
 def _column_infos(store: TransitionStore) -> list[ColumnInfo]:
@@ -42,129 +67,364 @@ def _column_infos(store: TransitionStore) -> list[ColumnInfo]:
     ]
 
 
+def _string_parts(arr: pa.Array) -> tuple[np.ndarray, bytes]:
+    """(int32 byte length of each value, their UTF-8 bytes back to back) of a string array."""
+    wide = pa.types.is_large_string(arr.type)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if wide else np.int32)
+    offsets = offsets[arr.offset : arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    blob = b"" if data is None else data.to_pybytes()[int(offsets[0]) : int(offsets[-1])]
+    return np.diff(offsets).astype(np.int32), blob
+
+
 def column_digests(store: TransitionStore) -> dict[str, str]:
     """The per-column digests, recomputed from the store's data, as the builder takes them."""
     out: dict[str, str] = {}
     n = len(store)
     for c in _column_infos(store):
         h = column_hasher(c)
-        if c.name == "episode_id":
-            ids = store.episode_id
-            for start in range(0, n, COPY_ROWS):
-                enc = [str(x).encode("utf-8") for x in ids[start : start + COPY_ROWS]]
-                h.update(np.fromiter((len(b) for b in enc), dtype=np.int32, count=len(enc)))
-                h.update_bytes(b"".join(enc))
-        else:
-            col = store.column(c.name)
-            for start in range(0, n, COPY_ROWS):
-                h.update(np.ascontiguousarray(col[start : start + COPY_ROWS], dtype=c.dtype))
+        for start, stop in _ranges(n, COPY_ROWS):
+            if c.name == "episode_id":
+                lengths, blob = _string_parts(store.episode_id_slice(start, stop))
+                h.update(lengths)
+                h.update_bytes(blob)
+            else:
+                h.update(np.ascontiguousarray(store.column_slice(c.name, start, stop), c.dtype))
         out[c.name] = h.hexdigest()
     return out
 
 
-def _episodes_table(store: TransitionStore) -> pa.Table:
-    e = store.episodes
-    return pa.table(
-        {
-            "episode_id": pa.array(e.episode_id, pa.string()),
-            "start": pa.array(e.start, pa.int64()),
-            "length": pa.array(e.length, pa.int64()),
-            "return": pa.array(e.returns, pa.float64()),
-            "dropped_reward": pa.array(e.dropped_reward, pa.float64()),
-            "last_step_dropped": pa.array(e.last_step_dropped, pa.bool_()),
-            "terminated": pa.array(e.terminated, pa.bool_()),
-            "truncated": pa.array(e.truncated, pa.bool_()),
-            "source_file": pa.array(e.source_file, pa.string()),
-            "source_line": pa.array(e.source_line, pa.int64()),
-        }
-    )
+# --------------------------------------------------------------------------- episodes table
+
+
+@dataclass(frozen=True)
+class _Episodes:
+    """episodes.arrow as arrays (ids and file names stay Arrow strings)."""
+
+    ids: pa.Array
+    start: np.ndarray
+    length: np.ndarray
+    returns: np.ndarray
+    dropped_reward: np.ndarray
+    last_step_dropped: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    source_file: pa.Array
+    source_line: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def name(self, i: int) -> str:
+        return f"episode {self.ids[int(i)].as_py()!r} (episodes.arrow row {int(i)})"
+
+    @staticmethod
+    def of(store: TransitionStore) -> _Episodes:
+        t = store.episode_table()
+
+        def num(name: str, dtype: type) -> np.ndarray:
+            return np.asarray(t.column(name).to_numpy(), dtype=dtype)
+
+        return _Episodes(
+            ids=t.column("episode_id").combine_chunks(),
+            start=num("start", np.int64),
+            length=num("length", np.int64),
+            returns=num("return", np.float64),
+            dropped_reward=num("dropped_reward", np.float64),
+            last_step_dropped=num("last_step_dropped", bool),
+            terminated=num("terminated", bool),
+            truncated=num("truncated", bool),
+            source_file=t.column("source_file").combine_chunks(),
+            source_line=num("source_line", np.int64),
+        )
+
+
+def _episode_table_problems(store: TransitionStore, e: _Episodes) -> list[str]:
+    """The episodes table on its own: unique ids, tiling, order, dropped steps."""
+    problems: list[str] = []
+    dup = pl.Series("id", e.ids).is_duplicated().to_numpy()
+    if dup.any():
+        first = int(np.flatnonzero(dup)[0])
+        problems.append(
+            f"episodes: {int(dup.sum())} episodes share an id with another one, first "
+            f"{e.name(first)}; episode ids must be unique"
+        )
+    if (e.length < 1).any():
+        first = int(np.flatnonzero(e.length < 1)[0])
+        problems.append(f"episodes: {e.name(first)} has length {e.length[first]} (< 1)")
+    expect = np.cumsum(e.length) - e.length
+    if not np.array_equal(e.start, expect) or int(e.length.sum()) != len(store):
+        off = np.flatnonzero(e.start != expect)
+        at = f": first at {e.name(off[0])}" if len(off) else ""
+        problems.append(
+            f"episodes: start/length do not tile the {len(store)} transitions in order{at}"
+        )
+    problems += _order_problems(store, e)
+    odd = e.last_step_dropped & ~e.truncated
+    if odd.any():
+        problems.append(
+            f"episodes: {e.name(np.flatnonzero(odd)[0])} dropped its last step but is not "
+            "truncated (only a cut-off episode drops an unbootstrappable last step)"
+        )
+    stray = (e.dropped_reward != 0) & ~e.last_step_dropped
+    if stray.any():
+        problems.append(
+            f"episodes: {e.name(np.flatnonzero(stray)[0])} has a dropped_reward but no "
+            "dropped last step"
+        )
+    for name, arr in (("return", e.returns), ("dropped_reward", e.dropped_reward)):
+        if not np.isfinite(arr).all():
+            problems.append(f"episodes: {name}: non-finite values")
+    return problems
+
+
+def _order_problems(store: TransitionStore, e: _Episodes) -> list[str]:
+    """Episodes come in order of their first record (file in manifest order, line)."""
+    names = pa.array([s["path"] for s in store.manifest["sources"]], pa.string())
+    found = pc.index_in(e.source_file, value_set=names)
+    unknown = found.is_null().to_numpy(zero_copy_only=False)
+    file_idx = found.fill_null(-1).to_numpy(zero_copy_only=False)
+    if unknown.any():
+        return [
+            f"episodes: {e.name(np.flatnonzero(unknown)[0])} names a source_file that is "
+            "not among the manifest's sources"
+        ]
+    key = file_idx.astype(np.int64) * (1 << 40) + e.source_line
+    if (e.source_line < 1).any():
+        return [f"episodes: {e.name(np.flatnonzero(e.source_line < 1)[0])}: source_line < 1"]
+    back = np.flatnonzero(np.diff(key) <= 0)
+    if len(back):
+        return [
+            f"episodes: {e.name(back[0] + 1)} comes after {e.name(back[0])} but its first "
+            "record does not (episodes must be in order of their first record, file then line)"
+        ]
+    return []
+
+
+# --------------------------------------------------------------------------- rows
+
+
+ROW_RULES = {
+    "step": "step: not 0..length-1 within the episode",
+    "episode_id": "episode_id: the rows do not match the episodes table",
+    "flag_inner": "terminated/truncated set on a row that is not the last of its episode",
+    "flag_both": "a row is both terminated and truncated",
+    "flag_none": "an episode's last row carries neither terminated nor truncated",
+    "flag_table": "episodes table terminated/truncated disagree with the episode's last row",
+    "next_observation": "next_observation differs from the next row's observation inside an episode",
+    "return_to_go": "return_to_go: inconsistent with rewards (and a dropped last reward)",
+    "observation_finite": "observation: non-finite values",
+    "next_observation_finite": "next_observation: non-finite values",
+    "reward_finite": "reward: non-finite values",
+    "return_to_go_finite": "return_to_go: non-finite values",
+    "action": "action: values outside the action space",
+}
+
+
+@dataclass
+class _RowFindings:
+    """Rows that break each rule: how many, and the first one."""
+
+    count: Counter[str] = field(default_factory=Counter)
+    first: dict[str, int] = field(default_factory=dict)
+
+    def add(self, rule: str, bad: np.ndarray, row0: int) -> None:
+        hits = np.flatnonzero(bad)
+        if len(hits):
+            self.count[rule] += len(hits)
+            self.first.setdefault(rule, row0 + int(hits[0]))
+
+    def messages(self, e: _Episodes) -> list[str]:
+        out = []
+        for rule, text in ROW_RULES.items():
+            if self.count[rule]:
+                row = self.first[rule]
+                ep = int(np.searchsorted(e.start, row, side="right") - 1)
+                out.append(f"{text}: {self.count[rule]} row(s), first row {row} in {e.name(ep)}")
+        return out
+
+
+def _row_problems(store: TransitionStore, e: _Episodes) -> tuple[list[str], np.ndarray]:
+    """Every row against its episode, ``CHECK_ROWS`` rows at a time; also each episode's
+    sum of rewards (float64) and of their magnitudes, for the return check."""
+    n = len(store)
+    found = _RowFindings()
+    sums = np.zeros((2, len(e)))
+    last = e.start + e.length - 1
+    for a, b in _ranges(n, CHECK_ROWS):
+        rows = np.arange(a, b)
+        seg = np.searchsorted(e.start, rows, side="right") - 1
+        is_last = rows == last[seg]
+        _check_rows(store, e, found, a, b, seg, is_last)
+        r = store.column_slice("reward", a, b).astype(np.float64)
+        s0 = int(seg[0])
+        sums[:, s0 : int(seg[-1]) + 1] += [
+            np.bincount(seg - s0, weights=r),
+            np.bincount(seg - s0, weights=np.abs(r)),
+        ]
+    return found.messages(e), sums
+
+
+def _check_rows(
+    store: TransitionStore,
+    e: _Episodes,
+    found: _RowFindings,
+    a: int,
+    b: int,
+    seg: np.ndarray,
+    is_last: np.ndarray,
+) -> None:
+    n = len(store)
+    b1 = min(b + 1, n)  # one row more: the next row of the chunk's last one
+    step = store.column_slice("step", a, b).astype(np.int64)
+    found.add("step", step != np.arange(a, b) - e.start[seg], a)
+    same = pc.equal(store.episode_id_slice(a, b), e.ids.take(pa.array(seg)))
+    found.add("episode_id", ~same.fill_null(False).to_numpy(zero_copy_only=False), a)
+    term = store.column_slice("terminated", a, b).astype(bool)
+    trunc = store.column_slice("truncated", a, b).astype(bool)
+    found.add("flag_inner", (term | trunc) & ~is_last, a)
+    found.add("flag_both", term & trunc, a)
+    found.add("flag_none", is_last & ~term & ~trunc, a)
+    table = (term != e.terminated[seg]) | (trunc != e.truncated[seg])
+    found.add("flag_table", is_last & table, a)
+    obs, following = _with_next(store.column_slice("observation", a, b1), b - a)
+    nxt = store.column_slice("next_observation", a, b)
+    found.add("next_observation", ~is_last & (nxt != following).any(axis=1), a)
+    r = store.column_slice("reward", a, b).astype(np.float64)
+    rtg, rtg_next = _with_next(store.column_slice("return_to_go", a, b1).astype(np.float64), b - a)
+    after = np.where(is_last, e.dropped_reward[seg], rtg_next)
+    gamma = store.discount
+    tol = 1e-5 * (np.abs(r) + gamma * np.abs(after) + np.abs(rtg)) + 1e-6
+    found.add("return_to_go", ~(np.abs(rtg - (r + gamma * after)) <= tol), a)
+    for name, arr in (
+        ("observation_finite", obs),
+        ("next_observation_finite", nxt),
+        ("reward_finite", r),
+        ("return_to_go_finite", rtg),
+    ):
+        finite = np.asarray(np.isfinite(arr).reshape(len(arr), -1).all(axis=1))
+        found.add(name, ~finite, a)
+    found.add("action", _actions_outside(store, store.column_slice("action", a, b)), a)
+
+
+def _with_next(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows 0..k-1, rows 1..k) of ``values``, which holds k + 1 rows, or k at the store's
+    end (its last row is the last of an episode: the row after it is never looked at)."""
+    following = values[1:]
+    if len(following) < k:
+        following = np.concatenate([following, values[-1:]])
+    return values[:k], following
+
+
+def _actions_outside(store: TransitionStore, act: np.ndarray) -> np.ndarray:
+    sp = store.action_space
+    if sp.discrete:
+        return np.asarray((act < 0) | (act >= (sp.n or 0)))
+    if sp.low is None or sp.high is None:
+        return np.zeros(len(act), dtype=bool)
+    return np.asarray(~((act >= sp.low) & (act <= sp.high)).all(axis=1))
+
+
+def _return_problems(e: _Episodes, sums: np.ndarray) -> list[str]:
+    """The episode return is the sum of the rewards plus a dropped last step's reward."""
+    total, magnitude = sums
+    want = total + e.dropped_reward
+    tol = 1e-5 * (magnitude + np.abs(e.dropped_reward)) + 1e-6
+    bad = ~(np.abs(e.returns - want) <= tol)
+    if not bad.any():
+        return []
+    i = int(np.flatnonzero(bad)[0])
+    return [
+        f"episodes: return differs from the sum of the episode's rewards plus its "
+        f"dropped_reward in {int(bad.sum())} episode(s), first {e.name(i)}: "
+        f"{e.returns[i]!r} != {want[i]!r}"
+    ]
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def _quarantine_counts(path: Path) -> tuple[Counter[str], Counter[str]]:
+    """Records in quarantine.jsonl per source file and per reason."""
+    if path.stat().st_size == 0:
+        return Counter(), Counter()
+    q = pl.read_ndjson(path, schema={"file": pl.Utf8, "reason": pl.Utf8})
+    files = Counter(dict(q.get_column("file").value_counts().iter_rows()))
+    reasons = Counter(dict(q.get_column("reason").value_counts().iter_rows()))
+    return files, reasons
+
+
+def _count_problems(store: TransitionStore, e: _Episodes) -> list[str]:
+    """The manifest's counts against what the data hold."""
+    m = store.manifest
+    c = m["counts"]
+    sources = m["sources"]
+    dropped = int(e.last_step_dropped.sum())
+    per_line = m["spec"]["source"]["layout"] == "episode_per_line"
+    files, reasons = _quarantine_counts(store.path / QUARANTINE)
+    held: dict[str, Any] = {
+        "episodes": len(e),
+        "transitions": len(store),
+        "episodes_terminated": int(e.terminated.sum()),
+        "episodes_truncated": int(e.truncated.sum()),
+        "truncated_last_steps_dropped": dropped,
+        # a kept record is a kept episode line, or a step that is a transition or dropped
+        "records_kept": len(e) if per_line else len(store) + dropped,
+        "records_quarantined": sum(reasons.values()),
+        "records": c.get("records_kept", 0) + c.get("records_quarantined", 0),
+    }
+    problems = [
+        f"manifest: counts.{key} = {c.get(key)} but the data hold {value}"
+        for key, value in held.items()
+        if c.get(key) != value
+    ]
+    for key in ("records", "records_kept", "records_quarantined"):
+        total = sum(s.get(key, 0) for s in sources)
+        if total != c.get(key):
+            problems.append(f"manifest: sources add up to {total} {key}, counts say {c.get(key)}")
+    for s in sources:
+        if files.get(s["path"], 0) != s.get("records_quarantined"):
+            problems.append(
+                f"manifest: source {s['path']}: records_quarantined = "
+                f"{s.get('records_quarantined')} but {QUARANTINE} holds {files.get(s['path'], 0)}"
+            )
+    if dict(reasons) != m.get("quarantine_reasons"):
+        problems.append(
+            f"manifest: quarantine_reasons {m.get('quarantine_reasons')} but {QUARANTINE} "
+            f"holds {dict(sorted(reasons.items()))}"
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------- verify
 
 
 def check_invariants(store: TransitionStore) -> list[str]:
     """Every semantic rule of the format; returns one message per broken rule."""
-    problems: list[str] = []
-    m = store.manifest
-    n = len(store)
-    e = store.episodes
-    if len(e) != m["counts"]["episodes"]:
-        problems.append(f"episodes: {len(e)} rows, manifest says {m['counts']['episodes']}")
-    if n == 0 or len(e) == 0:
-        return problems + ["the store holds no transitions"]
-    start, length = e.start, e.length
-    if (length < 1).any():
-        problems.append(f"episodes: {int((length < 1).sum())} episode(s) with no transition")
-    expect = np.concatenate([[0], np.cumsum(length)[:-1]])
-    if not np.array_equal(start, expect) or int(length.sum()) != n:
-        problems.append("episodes: start/length do not tile the transitions in order")
-        return problems
-    seg = np.repeat(np.arange(len(e)), length)
-    last = start + length - 1
-    is_last = np.zeros(n, dtype=bool)
-    is_last[last] = True
-    steps = store.steps
-    if not np.array_equal(steps, np.arange(n) - start[seg]):
-        problems.append("step: not 0..L-1 within every episode")
-    ids = store.episode_id
-    if not all(ids[s] == eid and ids[t] == eid for s, t, eid in zip(start, last, e.episode_id)):
-        problems.append("episode_id: rows do not match the episodes table")
-    term, trunc = store.terminated, store.truncated
-    if (term & ~is_last).any() or (trunc & ~is_last).any():
-        problems.append("terminated/truncated set on a row that is not the last of its episode")
-    if (term & trunc).any():
-        problems.append("a row is both terminated and truncated")
-    if not (term[last] ^ trunc[last]).all():
-        problems.append("an episode's last row carries neither terminated nor truncated")
-    if not np.array_equal(term[last], e.terminated) or not np.array_equal(trunc[last], e.truncated):
-        problems.append("episodes table terminated/truncated disagree with the rows")
-    obs, nxt = store.observations, store.next_observations
-    inner = ~is_last[:-1]
-    if not np.array_equal(nxt[:-1][inner], obs[1:][inner]):
-        problems.append(
-            "next_observation differs from the next row's observation inside an episode"
-        )
-    r = store.rewards.astype(np.float64)
-    for name, arr in (
-        ("observation", obs),
-        ("next_observation", nxt),
-        ("reward", r),
-        ("return_to_go", store.return_to_go),
-    ):
-        if not np.isfinite(arr).all():
-            problems.append(f"{name}: non-finite values")
-    a = store.actions
-    sp = store.action_space
-    if sp.discrete:
-        if (a < 0).any() or (a >= (sp.n or 0)).any():
-            problems.append(f"action: values outside 0..{sp.n}-1")
-    elif sp.low is not None and sp.high is not None and ((a < sp.low).any() or (a > sp.high).any()):
-        problems.append("action: values outside the action bounds")
-    rtg = store.return_to_go.astype(np.float64)
-    gamma = store.discount
-    nxt_rtg = np.where(is_last, 0.0, np.append(rtg[1:], 0.0))
-    nxt_rtg[last] = e.dropped_reward
-    scale = max(1.0, float(np.abs(rtg).max()))
-    bad = np.abs(rtg - (r + gamma * nxt_rtg)) > 1e-4 * scale + 1e-5 * np.abs(rtg)
-    if bad.any():
-        problems.append(f"return_to_go: inconsistent with rewards at {int(bad.sum())} row(s)")
-    sums = np.add.reduceat(r, start) + e.dropped_reward
-    if not np.allclose(
-        sums, e.returns, rtol=1e-5, atol=1e-4 * max(1.0, float(np.abs(e.returns).max()))
-    ):
-        problems.append("episodes: return differs from the sum of the episode's rewards")
-    return problems
+    e = _Episodes.of(store)
+    if len(store) == 0 or len(e) == 0:
+        return ["the store holds no transitions"]
+    problems = _episode_table_problems(store, e)
+    tiled = np.array_equal(e.start, np.cumsum(e.length) - e.length)
+    if tiled and int(e.length.sum()) == len(store) and (e.length >= 1).all():
+        rows, sums = _row_problems(store, e)
+        problems += rows + _return_problems(e, sums)
+    return problems + _count_problems(store, e)
 
 
 def verify(path: str | Path) -> list[str]:
-    """Problems found in the store (empty: it verifies). Raises StoreError if unreadable."""
+    """Problems found in the store (empty: it verifies). Raises StoreError if unreadable,
+    or written in another format version (with how to rebuild it)."""
     p = Path(path)
     manifest = read_manifest(p)
+    check_format_version(p, manifest, FORMAT_VERSION)
     problems = data_file_problems(p, manifest)
     if problems:
         return problems
     store = TransitionStore(p)
     try:
         digests = column_digests(store)
-        episodes = episodes_digest(_episodes_table(store))
+        episodes = episodes_digest(store.episode_table())
     except Exception as e:  # noqa: BLE001 - a corrupt chunk surfaces as many error types
         raise StoreError(f"{p}: cannot read the data back ({type(e).__name__}: {e})") from None
     for name, d in digests.items():
@@ -179,7 +439,7 @@ def verify(path: str | Path) -> list[str]:
     return problems
 
 
-def ok_line(path: str | Path, manifest: dict) -> str:
+def ok_line(path: str | Path, manifest: dict[str, Any]) -> str:
     """What ``python -m pipeline.verify`` prints for a transition store that verifies."""
     c = manifest["counts"]
     return (

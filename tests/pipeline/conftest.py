@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import gzip
-import inspect
 import json
 import os
 import subprocess
@@ -129,10 +128,14 @@ def write_spec(
 
 
 # Build options that force the streaming machinery on tiny inputs: chunks of a line or
-# two, and many spill buckets merged back in order.
-SPILL: dict[str, Any] = {"chunk_bytes": 97, "bucket_bytes": 64}
-if "in_memory_bytes" in inspect.signature(build).parameters:
-    SPILL["in_memory_bytes"] = 0
+# two, step_per_line steps spilled to many buckets on disk, merged back in order a few
+# rows at a time.
+SPILL: dict[str, Any] = {
+    "chunk_bytes": 97,
+    "bucket_bytes": 64,
+    "in_memory_bytes": 0,
+    "merge_rows": 8,
+}
 
 
 def build_store(spec: Path, out: Path, **kwargs: Any) -> BuildResult:
@@ -329,6 +332,8 @@ class RefEpisode:
     truncated: bool
     return_to_go: np.ndarray  # (k,) float64
     dropped_last: bool
+    episode_return: float  # every logged reward, a dropped last step's too
+    dropped_reward: float  # the dropped last step's reward, else 0
 
 
 @dataclass
@@ -367,11 +372,10 @@ def reference_transitions(episodes: Sequence[Episode], gamma: float) -> Referenc
                 nxt.append(ep.observations[t])
             act.append(ep.actions[t])
             rew.append(ep.rewards[t])
+        # every logged reward counts, the dropped last step's too: sum over all `length`
         rtg = [0.0] * keep
-        acc = 0.0
-        for t in reversed(range(keep)):
-            acc = rew[t] + gamma * acc
-            rtg[t] = acc
+        for t in range(keep):
+            rtg[t] = sum(gamma ** (j - t) * ep.rewards[j] for j in range(t, length))
         ref.episodes.append(
             RefEpisode(
                 episode_id=ep.episode_id,
@@ -383,6 +387,8 @@ def reference_transitions(episodes: Sequence[Episode], gamma: float) -> Referenc
                 truncated=truncated,
                 return_to_go=np.asarray(rtg, dtype=np.float64),
                 dropped_last=keep < length,
+                episode_return=float(sum(ep.rewards)),
+                dropped_reward=float(ep.rewards[-1]) if keep < length else 0.0,
             )
         )
     return ref
