@@ -8,7 +8,7 @@ Every error names the key and the fix, e.g.::
     configs/x.yaml: stages.1.init: 'bcc' is not an earlier stage; earlier stages are: bc
 
 A stage mapping holds the loop's own keys (``algo``, ``steps``, ``name``, ``init``,
-``batch_size``, ``lr_schedule``, ``grad_clip``); every other key is a hyper-parameter of the
+``batch_size``, ``lr_schedule``, ``grad_clip``, ``gamma``); every other key is a hyper-parameter of the
 algorithm (checked by the algorithm when the run starts, before any training step).
 """
 
@@ -65,20 +65,33 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _need_int(name: str, v: Any, minimum: int, what: str = "") -> None:
+def need_int(name: str, v: Any, minimum: int, what: str = "") -> None:
+    """A ConfigError naming ``name`` unless ``v`` is an integer >= ``minimum``."""
     if not _is_int(v) or v < minimum:
         why = f" ({what})" if what else ""
         raise ConfigError(f"{name}: must be an integer >= {minimum}{why}, got {v!r}")
 
 
-def _need_number(name: str, v: Any, what: str) -> None:
+def need_number(name: str, v: Any, what: str) -> None:
+    """A ConfigError naming ``name`` unless ``v`` is a number (not a bool)."""
     if not _is_number(v):
         raise ConfigError(f"{name}: must be a number ({what}), got {v!r}")
 
 
-def _need_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
+def need_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
+    """A ConfigError naming ``name`` unless ``v`` is one of ``choices``."""
     if v not in choices:
         raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {v!r}")
+
+
+def check_gamma(name: str, v: Any) -> float | None:
+    """A discount in [0, 1] as a float, or None (not set)."""
+    if v is None:
+        return None
+    need_number(name, v, "the discount of TD targets, in [0, 1], or null")
+    if not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{name}: must be in [0, 1], got {v}")
+    return float(v)
 
 
 # --------------------------------------------------------------------------- sections
@@ -97,9 +110,9 @@ class LRSchedule:
     final_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        _need_choice("kind", self.kind, ("constant", "linear", "cosine"))
-        _need_int("warmup_steps", self.warmup_steps, 0, "steps of linear warm-up")
-        _need_number("final_fraction", self.final_fraction, "a fraction of the initial LR")
+        need_choice("kind", self.kind, ("constant", "linear", "cosine"))
+        need_int("warmup_steps", self.warmup_steps, 0, "steps of linear warm-up")
+        need_number("final_fraction", self.final_fraction, "a fraction of the initial LR")
         if not 0.0 <= self.final_fraction <= 1.0:
             raise ConfigError(f"final_fraction: must be in [0, 1], got {self.final_fraction}")
 
@@ -129,6 +142,9 @@ class StageConfig:
     # Clip the global gradient norm of every update to this value (null: no clipping); passed
     # to the algorithm as `grad_clip`.
     grad_clip: float | None = None
+    # Discount of this stage's TD targets, in [0, 1] (null: the run's `gamma`); on a
+    # qa_hybrid stage, the discount over halting decisions.
+    gamma: float | None = None
     # The algorithm's hyper-parameters: every other key of the stage mapping.
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -143,19 +159,20 @@ class StageConfig:
                 f"algo: unknown algorithm {self.algo!r}{_suggest(self.algo, list(known))}; "
                 "use bc, iql, cql, d3rlpy.NAME (e.g. d3rlpy.IQL), qa_supervised or qa_hybrid"
             )
-        _need_int("steps", self.steps, 1, "gradient steps in this stage")
+        need_int("steps", self.steps, 1, "gradient steps in this stage")
         if not isinstance(self.name, str) or (self.name and not _NAME_RE.match(self.name)):
             raise ConfigError(
                 f"name: {self.name!r} is used in file names: letters, digits, '.', '_' and '-' only"
             )
         if self.init is not None and not isinstance(self.init, str):
             raise ConfigError(f"init: must be the name of an earlier stage, got {self.init!r}")
-        _need_int("batch_size", self.batch_size, 1, "transitions per gradient step")
+        need_int("batch_size", self.batch_size, 1, "transitions per gradient step")
         if self.grad_clip is not None:
-            _need_number("grad_clip", self.grad_clip, "the max gradient norm, or null")
+            need_number("grad_clip", self.grad_clip, "the max gradient norm, or null")
             if self.grad_clip <= 0:
                 raise ConfigError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
             self.grad_clip = float(self.grad_clip)
+        self.gamma = check_gamma("gamma", self.gamma)
 
     @property
     def is_d3rlpy(self) -> bool:
@@ -180,6 +197,8 @@ class StageConfig:
             "lr_schedule": asdict(self.lr_schedule),
             "grad_clip": self.grad_clip,
         }
+        if self.gamma is not None:
+            d["gamma"] = self.gamma
         d.update(self.params)
         return d
 
@@ -207,16 +226,16 @@ class EvalConfig:
     val_batch_size: int = 4096
 
     def __post_init__(self) -> None:
-        _need_int("every", self.every, 0, "stage steps between evaluations; 0 = only at the end")
-        _need_int("episodes", self.episodes, 0, "online evaluation episodes; 0 = none")
-        _need_int("seed", self.seed, 0, "the first evaluation episode's seed")
+        need_int("every", self.every, 0, "stage steps between evaluations; 0 = only at the end")
+        need_int("episodes", self.episodes, 0, "online evaluation episodes; 0 = none")
+        need_int("seed", self.seed, 0, "the first evaluation episode's seed")
         if not isinstance(self.deterministic, bool):
             raise ConfigError(f"deterministic: must be true or false, got {self.deterministic!r}")
         if self.max_episode_steps is not None:
-            _need_int("max_episode_steps", self.max_episode_steps, 1, "or null")
+            need_int("max_episode_steps", self.max_episode_steps, 1, "or null")
         if self.val_transitions is not None:
-            _need_int("val_transitions", self.val_transitions, 0, "or null for all")
-        _need_int("val_batch_size", self.val_batch_size, 1, "transitions per forward pass")
+            need_int("val_transitions", self.val_transitions, 0, "or null for all")
+        need_int("val_batch_size", self.val_batch_size, 1, "transitions per forward pass")
 
 
 @dataclass
@@ -237,11 +256,11 @@ class EarlyStoppingConfig:
 
     def __post_init__(self) -> None:
         if self.patience is not None:
-            _need_int("patience", self.patience, 1, "evaluations without improvement, or null")
+            need_int("patience", self.patience, 1, "evaluations without improvement, or null")
         if not isinstance(self.metric, str) or not self.metric:
             raise ConfigError(f"metric: must be a metric name or `auto`, got {self.metric!r}")
-        _need_choice("mode", self.mode, ("max", "min"))
-        _need_number("min_delta", self.min_delta, "the smallest improvement that counts")
+        need_choice("mode", self.mode, ("max", "min"))
+        need_number("min_delta", self.min_delta, "the smallest improvement that counts")
         if self.min_delta < 0:
             raise ConfigError(f"min_delta: must be >= 0, got {self.min_delta}")
 
@@ -256,8 +275,8 @@ class CheckpointConfig:
     keep_last: int = 3
 
     def __post_init__(self) -> None:
-        _need_int("every", self.every, 1, "stage steps between checkpoints")
-        _need_int("keep_last", self.keep_last, 1, "periodic checkpoints to keep")
+        need_int("every", self.every, 1, "stage steps between checkpoints")
+        need_int("keep_last", self.keep_last, 1, "periodic checkpoints to keep")
 
 
 @dataclass
@@ -273,11 +292,11 @@ class RewardConfig:
     normalize: str = "none"
 
     def __post_init__(self) -> None:
-        _need_number("scale", self.scale, "a reward multiplier")
-        _need_number("shift", self.shift, "a reward offset")
+        need_number("scale", self.scale, "a reward multiplier")
+        need_number("shift", self.shift, "a reward offset")
         if self.scale == 0:
             raise ConfigError("scale: must not be 0 (every reward would be the same)")
-        _need_choice("normalize", self.normalize, ("none", "return_range"))
+        need_choice("normalize", self.normalize, ("none", "return_range"))
         self.scale, self.shift = float(self.scale), float(self.shift)
 
 
@@ -320,6 +339,12 @@ class TrainConfig:
     # The store's content hash; the resolved config.yaml records it, and a run whose store
     # no longer has this hash stops with an error (null: not checked).
     store_hash: str | None = None
+    # Discount of the TD targets of every stage (IQL, CQL, d3rlpy.*), in [0, 1]; a stage's own
+    # `gamma` overrides it. null: the store's discount (store.discount of its spec, the one
+    # its return_to_go column was built with). A training setting: another gamma needs no
+    # rebuild of the store. The resolved config.yaml records the value used. On QA runs: the
+    # qa_hybrid stages' discount over halting decisions (null: their default, 1).
+    gamma: float | None = None
     # QA runs (segment store, qa_* stages): the reader's sizes and the QA evaluation, checked
     # by trainer.qa.runner.QASettings (null: its defaults).
     qa: dict[str, Any] | None = None
@@ -329,7 +354,7 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, str) or not v:
                 raise ConfigError(f"{key}: must be a path, got {v!r}")
-        _need_int("seed", self.seed, 0, "the run's seed")
+        need_int("seed", self.seed, 0, "the run's seed")
         if not isinstance(self.device, str) or not re.match(
             r"^(auto|cpu|cuda(:\d+)?)$", self.device
         ):
@@ -338,16 +363,16 @@ class TrainConfig:
             raise ConfigError(
                 "stages: must list at least one stage, e.g. [{algo: bc, steps: 5000}]"
             )
-        _need_number("val_fraction", self.val_fraction, "the fraction of episodes held out")
+        need_number("val_fraction", self.val_fraction, "the fraction of episodes held out")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
-        _need_int("log_every", self.log_every, 1, "steps between training-metric rows")
+        need_int("log_every", self.log_every, 1, "steps between training-metric rows")
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(f"tensorboard: must be true or false, got {self.tensorboard!r}")
         if self.progress not in ("auto", True, False):
             raise ConfigError(f"progress: must be auto, true or false, got {self.progress!r}")
         if self.num_threads is not None:
-            _need_int("num_threads", self.num_threads, 1, "or null")
+            need_int("num_threads", self.num_threads, 1, "or null")
         if self.init_from is not None and not isinstance(self.init_from, str):
             raise ConfigError(
                 f"init_from: must be a checkpoint path or null, got {self.init_from!r}"
@@ -356,6 +381,7 @@ class TrainConfig:
             raise ConfigError(
                 f"store_hash: must be a content hash string or null, got {self.store_hash!r}"
             )
+        self.gamma = check_gamma("gamma", self.gamma)
         if self.qa is not None and not isinstance(self.qa, dict):
             raise ConfigError(
                 f"qa: must be a mapping such as {{model: {{d_model: 64}}}}, got {self.qa!r}"
@@ -398,6 +424,12 @@ class TrainConfig:
                 return i
         raise KeyError(name)
 
+    def stage_gamma(self, index: int, default: float) -> float:
+        """The discount of stage ``index``: its own ``gamma``, else the run's, else ``default``
+        (the store's discount)."""
+        own = self.stages[index].gamma
+        return own if own is not None else self.gamma if self.gamma is not None else default
+
     def resolved_device(self) -> str:
         import torch
 
@@ -425,10 +457,10 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- parsing
 
-_STAGE_KEYS = {"algo", "steps", "name", "init", "batch_size", "lr_schedule", "grad_clip"}
+_STAGE_KEYS = {"algo", "steps", "name", "init", "batch_size", "lr_schedule", "grad_clip", "gamma"}
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def build_section(cls: type, raw: Any, where: str) -> Any:
     """``cls(**raw)`` with unknown keys and failed checks reported at ``where``."""
     prefix = f"{where}." if where else ""
     if raw is None:
@@ -466,7 +498,7 @@ def _stage(raw: Any, where: str) -> StageConfig:
     sched = loop.get("lr_schedule")
     if isinstance(sched, str) or sched is None:
         sched = {"kind": sched or "constant"}
-    loop["lr_schedule"] = _build(LRSchedule, sched, f"{where}.lr_schedule")
+    loop["lr_schedule"] = build_section(LRSchedule, sched, f"{where}.lr_schedule")
     for key in ("algo", "steps"):
         if key not in loop:
             raise ConfigError(f"{where}.{key}: missing required key")
@@ -494,10 +526,10 @@ def config_from_dict(raw: Any) -> TrainConfig:
     }
     for key, cls in sections.items():
         if key in raw:
-            raw[key] = _build(cls, raw[key], key)
+            raw[key] = build_section(cls, raw[key], key)
     if stages is not None:
         raw["stages"] = [_stage(s, f"stages.{i}") for i, s in enumerate(stages)]
-    return _build(TrainConfig, raw, "")
+    return build_section(TrainConfig, raw, "")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

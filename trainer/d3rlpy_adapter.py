@@ -20,8 +20,17 @@ Stage keys read here (beside the d3rlpy config's own fields, e.g. ``expectile``,
 - ``action_scaler`` (continuous): ``min_max`` (default; the store's action bounds) or ``none``;
 - ``sampler``: ``store`` (default; our sampler's batches, identical to a native run's) or
   ``d3rlpy`` (d3rlpy's own ``sample_transition_batch`` on the converted dataset);
-- ``gamma`` defaults to the store's discount; ``grad_clip`` sets every optimizer factory's
-  ``clip_grad_norm``.
+- ``gamma`` is the stage's (the loop key: the stage's own, else the run's, else the store's
+  discount); ``grad_clip`` sets every optimizer factory's ``clip_grad_norm``.
+
+The dataset is converted only for ``sampler: d3rlpy``, at the first update: the loop hands
+over a function that converts it, not the dataset.
+
+State (:meth:`D3rlpyAlgorithm.state_dict`): what d3rlpy's own checkpointer saves, through
+its public interfaces: every entry of ``impl.modules.create_checkpointer(...).modules``
+(the networks, and each optimizer wrapper's state: the optimizer and its LR scheduler, e.g.
+a cosine ``lr_scheduler_factory``), plus ``grad_step`` (restored with ``set_grad_step``), so
+a resumed stage goes on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -272,7 +282,7 @@ class D3rlpyAlgorithm:
         obs_dim: int,
         action_space: ActionSpace,
         device: torch.device,
-        dataset: Any = None,
+        dataset: Callable[[], Any] | None = None,
         sampler: str = "store",
         batch_size: int | None = None,
     ) -> None:
@@ -282,6 +292,7 @@ class D3rlpyAlgorithm:
         dev = str(device)
         if dev in ("cpu", "cuda"):
             dev = f"{dev}:0"
+        self.device = dev
         self.algo = config.create(device=dev)
         if not hasattr(self.algo, "need_returns_to_go"):
             raise ValueError(
@@ -292,23 +303,24 @@ class D3rlpyAlgorithm:
         with contextlib.redirect_stdout(io.StringIO()):
             self.algo.create_impl((obs_dim,), size)
         self.sampler = sampler
-        self.dataset = dataset
+        self.make_dataset = dataset
+        self.dataset: Any = None  # converted at the first update that samples from it
         self.batch_size = batch_size or config.batch_size
         if sampler == "d3rlpy" and dataset is None:
             raise ValueError("sampler: d3rlpy needs the converted dataset")
-        self._zero_actions: np.ndarray | None = None
+        # d3rlpy's checkpointer entries: networks and optimizer wrappers (optimizer + LR
+        # scheduler), by d3rlpy's names ("policy", "q_funcs", "actor_optim", ...)
+        self.saved = self.algo.impl.modules.create_checkpointer(dev).modules
 
     # ------------------------------------------------------------------ modules
-    def _modules(self) -> dict[str, Any]:
-        mods = self.algo.impl.modules
-        return {f.name: getattr(mods, f.name) for f in dataclasses.fields(mods)}
-
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {k: v.optim for k, v in self._modules().items() if hasattr(v, "optim")}
+        from d3rlpy.types import OptimizerWrapperProto
+
+        return {k: v.optim for k, v in self.saved.items() if isinstance(v, OptimizerWrapperProto)}
 
     def _torch_modules(self) -> dict[str, torch.nn.Module]:
-        return {k: v for k, v in self._modules().items() if isinstance(v, torch.nn.Module)}
+        return {k: v for k, v in self.saved.items() if isinstance(v, torch.nn.Module)}
 
     # ------------------------------------------------------------------ training
     def _mini_batch(self, batch: TransitionBatch) -> Any:
@@ -339,6 +351,9 @@ class D3rlpyAlgorithm:
 
     def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         if self.sampler == "d3rlpy":
+            if self.dataset is None:
+                assert self.make_dataset is not None
+                self.dataset = self.make_dataset()
             mini = self.dataset.sample_transition_batch(self.batch_size)
         else:
             mini = self._mini_batch(batch)
@@ -378,17 +393,29 @@ class D3rlpyAlgorithm:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """What d3rlpy's checkpointer saves (networks, optimizers, LR schedulers) and the
+        gradient-step counter."""
         return {
             "d3rlpy_algo": self.name,
-            "modules": {k: m.state_dict() for k, m in self._torch_modules().items()},
+            "modules": {k: dict(m.state_dict()) for k, m in self.saved.items()},
             "grad_step": int(self.algo.grad_step),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mods = self._torch_modules()
-        for k, sd in state["modules"].items():
-            mods[k].load_state_dict(sd)
-        self.algo._grad_step = int(state["grad_step"])
+        if state.get("d3rlpy_algo") != self.name:
+            raise ValueError(
+                f"a state of {state.get('d3rlpy_algo') or state.get('algo')!r} cannot be loaded "
+                f"into {self.name!r}"
+            )
+        missing = sorted(set(self.saved) - set(state["modules"]))
+        if missing:
+            raise ValueError(
+                f"{self.name}: the checkpoint has no {', '.join(missing)} (written by an older "
+                "trainer, without d3rlpy's optimizer and LR-scheduler state); start a new run"
+            )
+        for k, entry in self.saved.items():
+            entry.load_state_dict(state["modules"][k])
+        self.algo.set_grad_step(int(state["grad_step"]))
 
     def init_from(self, state: dict[str, Any]) -> None:
         """Start the policy from another d3rlpy algorithm's policy (e.g. d3rlpy.BC -> d3rlpy.IQL)."""
@@ -427,9 +454,14 @@ class D3rlpyAlgorithm:
 
 
 def make_d3rlpy_algorithm(
-    algo: str, ctx: Any, config: dict[str, Any], dataset: Any = None, batch_size: int | None = None
+    algo: str,
+    ctx: Any,
+    config: dict[str, Any],
+    dataset: Callable[[], Any] | None = None,
+    batch_size: int | None = None,
 ) -> D3rlpyAlgorithm:
-    """Build ``d3rlpy.NAME`` for a stage; ``dataset`` (an MDPDataset) is used by ``sampler: d3rlpy``."""
+    """Build ``d3rlpy.NAME`` for a stage; ``dataset()`` gives the MDPDataset that
+    ``sampler: d3rlpy`` samples from (called at the first update, never otherwise)."""
     params = dict(config)
     if batch_size is not None and "batch_size" not in params:
         params["batch_size"] = batch_size

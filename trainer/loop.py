@@ -27,14 +27,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.format import StoreError
 from pipeline.store import ActionSpace, TransitionStore, open_store
-from trainer.batch import TransitionBatch
+from trainer.algos.base import AlgoContext, Algorithm
 from trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -69,27 +69,13 @@ from trainer.samplers import (
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
-# Keys that must not change when a run is resumed (they change what is trained).
-_RESUME_FIXED = ("store", "seed", "stages", "reward", "val_fraction", "store_hash")
+# Keys of the resolved config that must not change when a run is resumed (they change what
+# is trained).
+RESUME_FIXED = ("store", "seed", "stages", "reward", "val_fraction", "gamma", "store_hash")
 
 
 class RunError(Exception):
     """A run that cannot start or go on; the message says why and how to fix it."""
-
-
-class Algorithm(Protocol):
-    """What the loop needs of an algorithm (see ``trainer.algos.base``)."""
-
-    name: str
-
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
-    def update(self, batch: TransitionBatch) -> dict[str, Any]: ...
-    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray: ...
-    def evaluate(self, batch: TransitionBatch) -> dict[str, float]: ...
-    def init_from(self, state: dict[str, Any]) -> None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------- schedules
@@ -134,21 +120,24 @@ def make_schedulers(
 # --------------------------------------------------------------------------- algorithms
 
 
-def algo_context(store: TransitionStore, device: torch.device) -> Any:
-    from trainer.algos.base import AlgoContext
-
+def algo_context(store: TransitionStore, device: torch.device, gamma: float) -> AlgoContext:
+    """What an algorithm knows of the store, with ``gamma`` as its TD discount."""
     return AlgoContext(
         obs_dim=store.obs_dim,
         action_space=store.action_space,
         obs_mean=store.obs_mean,
         obs_std=store.obs_std,
-        discount=store.discount,
+        discount=gamma,
         device=device,
     )
 
 
-def build_algorithm(stage: StageConfig, ctx: Any, data: RunData) -> Algorithm:
-    """The stage's algorithm: native (trainer.algos) or d3rlpy's (trainer.d3rlpy_adapter)."""
+def build_algorithm(stage: StageConfig, ctx: AlgoContext, data: RunData) -> Algorithm:
+    """The stage's algorithm: native (trainer.algos) or d3rlpy's (trainer.d3rlpy_adapter).
+
+    A d3rlpy stage gets the converted dataset as a function: it is built only when that
+    algorithm samples from it (``sampler: d3rlpy``), at its first update.
+    """
     try:
         if stage.is_d3rlpy:
             from trainer.d3rlpy_adapter import make_d3rlpy_algorithm
@@ -157,7 +146,7 @@ def build_algorithm(stage: StageConfig, ctx: Any, data: RunData) -> Algorithm:
                 stage.algo,
                 ctx,
                 stage.algo_config(),
-                dataset=data.d3rlpy_dataset,
+                dataset=data.mdp_dataset,
                 batch_size=stage.batch_size,
             )
         from trainer.algos import make_algorithm
@@ -185,18 +174,17 @@ class RunData:
     val_episodes: np.ndarray
     train: DeviceTransitions
     val: DeviceTransitions | None
-    _d3rlpy_dataset: Any = None
+    mdp: Any = None  # the d3rlpy dataset, once a stage asked for it
 
-    @property
-    def d3rlpy_dataset(self) -> Any:
-        """The training episodes as a d3rlpy MDPDataset (built on first use)."""
-        if self._d3rlpy_dataset is None:
+    def mdp_dataset(self) -> Any:
+        """The training episodes as a d3rlpy MDPDataset (converted on the first call)."""
+        if self.mdp is None:
             from trainer.d3rlpy_adapter import to_mdp_dataset
 
-            self._d3rlpy_dataset = to_mdp_dataset(
+            self.mdp = to_mdp_dataset(
                 self.arrays, self.store.action_space, episodes=self.train_episodes
             )
-        return self._d3rlpy_dataset
+        return self.mdp
 
 
 def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
@@ -317,7 +305,7 @@ class LoopState:
     stages: list[StageProgress] = field(default_factory=list)
 
 
-def _mean_metrics(buf: list[dict[str, Any]]) -> dict[str, float]:
+def mean_metrics(buf: list[dict[str, Any]]) -> dict[str, float]:
     """Means over the buffered steps: one stack and one host transfer for all tensors.
 
     A metric missing from some steps (an actor updated every other step) is averaged over
@@ -379,7 +367,7 @@ class StagedTrainer:
     :class:`trainer.qa.runner.QATrainer` on segment stores."""
 
     # Keys that must not change when a run is resumed (they change what is trained).
-    resume_fixed: tuple[str, ...] = _RESUME_FIXED
+    resume_fixed: tuple[str, ...] = RESUME_FIXED
     # Set by a subclass's run() before the stages start.
     metric: str | None
     mode: str
@@ -388,6 +376,7 @@ class StagedTrainer:
     progress: Progress
     _stop: _StopFlag
     _final_states: dict[str, dict[str, Any]]
+    _resume_file: str  # the checkpoint a resumed run starts from
 
     def __init__(
         self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
@@ -401,19 +390,17 @@ class StagedTrainer:
 
     # ------------------------------------------------------------------ setup
     def _prepare_dir(self) -> dict[str, Any] | None:
-        """Check the run directory; returns the checkpoint to resume from, if any."""
-        cfg_path = self.run_dir / CONFIG_FILE
+        """Check the run directory; returns the checkpoint to resume from, if any (checked
+        against the store and the run's config by :meth:`_open_run`)."""
         has_run = self.ckpts.latest() is not None or (self.run_dir / "metrics.jsonl").exists()
         if self.resume:
-            if cfg_path.exists():
-                self._check_same_config(cfg_path)
             latest = self.ckpts.latest()
             if latest is None:
                 self._log(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
                 return None
             ckpt = load_checkpoint(latest)
             self._check_resumed(ckpt, latest)
-            self._log(f"resuming {self.run_dir} from {latest.name} (step {ckpt['step']})")
+            self._resume_file = latest.name
             return ckpt
         if has_run and not self.overwrite:
             raise RunError(
@@ -427,7 +414,9 @@ class StagedTrainer:
     def _check_resumed(self, ckpt: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint this trainer did not write (a subclass's check)."""
 
-    def _check_same_config(self, cfg_path: Path) -> None:
+    def _check_same_config(self, cfg_path: Path, now: dict[str, Any]) -> None:
+        """Refuse to resume with a resolved config ``now`` that trains something else than
+        the run's own (``resume_fixed`` keys)."""
         import yaml
 
         try:
@@ -436,15 +425,20 @@ class StagedTrainer:
             raise RunError(
                 f"{cfg_path}: unreadable ({e}); cannot check the resumed config"
             ) from None
-        now = self.cfg.to_dict()
         for key in self.resume_fixed:
-            if key == "store_hash" and saved.get(key) is not None and now.get(key) is None:
-                continue  # the resolved hash is filled in below and checked against the store
             if key in saved and saved[key] != now.get(key):
                 raise RunError(
                     f"--resume: `{key}` differs from {cfg_path} ({saved[key]!r} there, {now.get(key)!r} "
                     "now); resume with the run's own config or start a new run (another out=)"
                 )
+
+    def _open_run(self, ckpt: dict[str, Any] | None, store_hash: str, device: torch.device) -> None:
+        """Once the store is open: a resumed run checked against its checkpoint's store and
+        its own config, then the resolved ``config.yaml`` written."""
+        self._check_resumed_store(ckpt, store_hash)
+        self._write_config(store_hash, device)
+        if ckpt is not None:
+            self._log(f"resuming {self.run_dir} from {self._resume_file} (step {ckpt['step']})")
 
     def _check_resumed_store(self, ckpt: dict[str, Any] | None, content_hash: str) -> None:
         if ckpt is not None and ckpt["meta"]["store_hash"] != content_hash:
@@ -453,15 +447,24 @@ class StagedTrainer:
                 f"{self.cfg.store} now holds {content_hash}; start a new run"
             )
 
-    def _write_config(self, store_hash: str, device: torch.device) -> None:
+    def _resolved_config(self, store_hash: str, device: torch.device) -> dict[str, Any]:
+        """The config as this run trains it: the store's content hash and the device filled in."""
         resolved = self.cfg.to_dict()
         resolved["store_hash"] = store_hash
         resolved["device"] = str(device) if self.cfg.device == "auto" else self.cfg.device
+        return resolved
+
+    def _write_config(self, store_hash: str, device: torch.device) -> None:
+        """``config.yaml``, the resolved config; a resumed run is checked against it first."""
+        resolved = self._resolved_config(store_hash, device)
+        path = self.run_dir / CONFIG_FILE
+        if self.resume and path.exists():
+            self._check_same_config(path, resolved)
         header = (
             "# Resolved training config, written by trainer.train; run it again with\n"
-            f"#   python -m trainer.train {self.run_dir / CONFIG_FILE} out=NEW_DIR\n"
+            f"#   python -m trainer.train {path} out=NEW_DIR\n"
         )
-        (self.run_dir / CONFIG_FILE).write_text(header + dump_yaml(resolved), encoding="utf-8")
+        path.write_text(header + dump_yaml(resolved), encoding="utf-8")
 
     # ------------------------------------------------------------------ the stages
     def _run_stages(self, ckpt: dict[str, Any] | None, init_state: dict[str, Any] | None) -> None:
@@ -587,7 +590,7 @@ class StagedTrainer:
             s = sp.steps_done
             last = s == stage.steps
             if s % log_every == 0 or last:
-                row_metrics = _mean_metrics(buf)  # the only host sync of the hot loop
+                row_metrics = mean_metrics(buf)  # the only host sync of the hot loop
                 buf.clear()
                 now = time.perf_counter()
                 dt = max(now - t_row - row_pause, 1e-9)
@@ -742,20 +745,30 @@ class Trainer(StagedTrainer):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._prepare_dir()
         data = load_run_data(cfg, device)
-        self._check_resumed_store(ckpt, data.store.content_hash)
-        self._write_config(data.store.content_hash, data.device)
         self.data = data
-        self.ctx = algo_context(data.store, device)
+        self._open_run(ckpt, data.store.content_hash, data.device)
         self.evaluator = make_evaluator(cfg, data)
         self.evaluator.check()
         self.metric, self.mode = resolve_metric(cfg, data.store)
 
         # Build every stage's algorithm once: a bad hyper-parameter fails now, not hours in.
-        for st in cfg.stages:
-            build_algorithm(st, self.ctx, data)
+        for i, st in enumerate(cfg.stages):
+            build_algorithm(st, self._context(i), data)
         init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
         self._run_stages(ckpt, init_state)
         return self._finish()
+
+    def _context(self, index: int) -> AlgoContext:
+        """Stage ``index``'s algorithm context: the store, the device and the stage's gamma."""
+        store = self.data.store
+        return algo_context(store, self.data.device, self.cfg.stage_gamma(index, store.discount))
+
+    def _resolved_config(self, store_hash: str, device: torch.device) -> dict[str, Any]:
+        """Also the run's gamma: the store's discount unless the config sets it."""
+        resolved = super()._resolved_config(store_hash, device)
+        if resolved.get("gamma") is None:
+            resolved["gamma"] = float(self.data.store.discount)
+        return resolved
 
     def _init_from_state(self, path: str) -> dict[str, Any]:
         try:
@@ -783,7 +796,7 @@ class Trainer(StagedTrainer):
         state.stage_index = index
         if ckpt is None:
             seed_everything(step_seed(cfg.seed, index, stream=0x57A6E))
-        algo = build_algorithm(stage, self.ctx, data)
+        algo = build_algorithm(stage, self._context(index), data)
         schedulers = make_schedulers(algo, stage.lr_schedule, stage.steps)
         sampler = TransitionSampler(data.train, stage.batch_size, cfg.seed, stream=index)
         if ckpt is not None:

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer.test_train import SMALL, SMALL_CRITIC, tiny_config, write_config, write_store
+from tests.trainer.test_train import (
+    CLOCK_KEYS,
+    assert_same_state,
+    tiny_config,
+    write_config,
+    write_store,
+)
 from trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -28,6 +33,7 @@ from trainer.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from trainer.train import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,10 +106,30 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_store(tmp_path_factory.mktemp("ckstore"), "pendulum", episodes=10)
 
 
-def _train(cfg: Path, *extra: str) -> subprocess.Popen[str]:
+# Runs trainer.train and SIGKILLs itself right after the first training-metrics row at a
+# global step >= argv[1] has reached the disk: a kill between two checkpoints, with rows the
+# resumed run must cut back. Nothing else differs from ``python -m trainer.train``.
+KILL_DRIVER = """
+import os, signal, sys
+from trainer.logging import MetricsWriter
+from trainer.train import main
+kill_at = int(sys.argv[1])
+write = MetricsWriter.write
+def write_then_die(self, row):
+    write(self, row)
+    if row.get("kind") == "train" and row["step"] >= kill_at:
+        self.offset()  # flush the rows written since the last checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+MetricsWriter.write = write_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def start_killed_training(argv: list[str], kill_at: int) -> subprocess.Popen[str]:
+    """``python -m trainer.train ARGV`` in a fresh process that SIGKILLs itself at ``kill_at``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer.train", str(cfg), *extra],
+        [sys.executable, "-c", KILL_DRIVER, str(kill_at), *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -112,82 +138,128 @@ def _train(cfg: Path, *extra: str) -> subprocess.Popen[str]:
     )
 
 
-def _comparable_rows(run: Path) -> list[dict[str, Any]]:
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+def train_here(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``trainer.train`` in this process (the CLI's entry point); its stderr."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return err
+
+
+def comparable_rows(run: Path) -> list[dict[str, Any]]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in CLOCK_KEYS} for r in rows]
 
 
-def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path: Path, store: Path) -> None:
-    raw = tiny_config(store, tmp_path / "unused")
+def assert_same_run(full: Path, resumed: Path) -> None:
+    """Every checkpoint file of both runs holds the same state bit for bit (models,
+    optimizers, LR schedulers, sampler, RNG, loop bookkeeping), and the metrics read alike."""
+    names = sorted(p.name for p in (full / "checkpoints").glob("*.pt"))
+    assert names == sorted(p.name for p in (resumed / "checkpoints").glob("*.pt"))
+    for name in names:
+        a = torch.load(full / "checkpoints" / name, weights_only=True)
+        b = torch.load(resumed / "checkpoints" / name, weights_only=True)
+        assert_same_state(a, b, name)
+    assert comparable_rows(full) == comparable_rows(resumed)
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((resumed / "summary.json").read_text())
+    for x, y in zip(sa["stages"], sb["stages"]):
+        assert x["final_eval"] == y["final_eval"] and x["best_eval"] == y["best_eval"]
+
+
+def test_sigkill_then_resume_is_bit_for_bit_the_uninterrupted_run(
+    tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real process killed with SIGKILL inside the CQL stage, between two checkpoints,
+    resumes (here) to the same bits as a run never interrupted (here, meanwhile)."""
+    raw = tiny_config(store, tmp_path / "unused", tensorboard=False, log_every=3)
     raw["stages"] = [
-        {"algo": "bc", "steps": 40, "batch_size": 32, **SMALL},
+        {"algo": "bc", "steps": 10, "batch_size": 16, "hidden": [16]},
         # CQL draws random actions every step: the torch RNG must be restored exactly too.
         {
             "algo": "cql",
-            "steps": 200,
+            "steps": 30,
             "init": "bc",
-            "batch_size": 32,
+            "batch_size": 16,
             "lr_schedule": "cosine",
-            **SMALL_CRITIC,
+            "hidden": [16],
+            "critic_hidden": [16],
+            "n_action_samples": 2,
         },
     ]
-    raw["eval"] = {"every": 40, "episodes": 1, "val_transitions": 64}
-    raw["checkpoint"] = {"every": 25, "keep_last": 3}
-    raw["log_every"] = 15  # not a divisor of checkpoint.every: pending metrics cross a resume
-    raw["tensorboard"] = (
-        False  # a faster start; resume of the event files is TensorBoard's purge_step
-    )
-    cfg = write_config(tmp_path / "c.yaml", raw)
+    raw["eval"] = {"every": 10, "episodes": 1, "val_transitions": 32}
+    # log_every 3 does not divide checkpoint.every 8: pending metrics cross the resume
+    raw["checkpoint"] = {"every": 8, "keep_last": 10}
+    cfg = str(write_config(tmp_path / "c.yaml", raw))
     full, killed = tmp_path / "full", tmp_path / "killed"
 
-    ref = _train(cfg, f"out={full}")  # the uninterrupted run, alongside the killed one
-    victim = _train(cfg, f"out={killed}")
-    ckdir = killed / "checkpoints"
-    deadline = time.monotonic() + 120
-    killed_at = None
-    while time.monotonic() < deadline and victim.poll() is None:
-        steps = [int(p.name[5:-3]) for p in ckdir.glob("step-*.pt")] if ckdir.is_dir() else []
-        if any(s >= 65 for s in steps):  # inside the CQL stage, with its checkpoints
-            victim.send_signal(signal.SIGKILL)
-            killed_at = max(steps)
-            break
-        time.sleep(0.005)
-    victim.wait(timeout=60)
-    assert killed_at is not None, (
-        f"the run ended before it could be killed: {victim.stderr.read() if victim.stderr else ''}"
-    )
-    assert victim.returncode == -signal.SIGKILL
-    assert not (ckdir / "final-cql.pt").exists(), "killed too late to test a resume"
+    # killed after the row of CQL stage step 21 (global 31): the last checkpoint is step 16
+    victim = start_killed_training([cfg, f"out={killed}"], kill_at=31)
+    train_here([cfg, f"out={full}"], capsys)
+    code, err = finish(victim)
+    assert code == -signal.SIGKILL, err
+    steps = sorted(int(p.name[5:-3]) for p in (killed / "checkpoints").glob("step-*.pt"))
+    assert steps[-1] == 26 and not (killed / "checkpoints" / "final-cql.pt").exists()
+    assert max(r["step"] for r in comparable_rows(killed)) == 31  # rows past the checkpoint
 
-    resumed = _train(cfg, f"out={killed}", "--resume")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resuming" in err
-    ref_out, ref_err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_err
+    err = train_here([cfg, f"out={killed}", "--resume"], capsys)
+    assert "resuming" in err and "step-000000026.pt" in err
+    assert_same_run(full, killed)
+    final = torch.load(full / "checkpoints" / "final-cql.pt", weights_only=True)
+    assert final["step"] == 40 and final["schedulers"]  # the LR schedulers were compared too
+    assert set(final["schedulers"]) == set(final["optimizers"])
 
-    a = torch.load(full / "checkpoints" / "final-cql.pt", weights_only=True)
-    b = torch.load(killed / "checkpoints" / "final-cql.pt", weights_only=True)
-    assert a["step"] == b["step"] == 240
-    for name, mod in a["algo_state"]["modules"].items():
-        for k, t in mod.items():
-            torch.testing.assert_close(b["algo_state"]["modules"][name][k], t, rtol=1e-5, atol=1e-6)
-    for name, opt in a["optimizers"].items():
-        for pid, st in opt["state"].items():
-            torch.testing.assert_close(
-                b["optimizers"][name]["state"][pid]["exp_avg"], st["exp_avg"], rtol=1e-5, atol=1e-6
-            )
-    assert a["sampler"] == b["sampler"]
-    # The metrics file reads like the uninterrupted run's (rows cut back at the checkpoint).
-    ra, rb = _comparable_rows(full), _comparable_rows(killed)
-    assert len(ra) == len(rb)
-    for x, y in zip(ra, rb):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], float):
-                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-5), (x["step"], k)
-            else:
-                assert x[k] == y[k]
-    sa = json.loads((full / "summary.json").read_text())
-    sb = json.loads((killed / "summary.json").read_text())
-    assert sa["stages"][1]["best_eval"] == sb["stages"][1]["best_eval"]
+
+def test_resumed_d3rlpy_stage_keeps_its_lr_schedule(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """d3rlpy's own LR scheduler (a cosine schedule of the actor) goes on where it stopped."""
+    from trainer.config import config_from_dict
+    from trainer.d3rlpy_adapter import D3rlpyAlgorithm
+    from trainer.loop import Interrupted, Trainer
+
+    enc = {"hidden_units": [16]}
+    cosine = {"lr_scheduler_factory": {"type": "cosine_annealing", "params": {"T_max": 12}}}
+
+    def config(out: Path) -> Any:
+        raw = tiny_config(store, out, tensorboard=False, log_every=4)
+        raw["stages"] = [
+            {
+                "algo": "d3rlpy.IQL",
+                "steps": 12,
+                "batch_size": 16,
+                "actor_optim_factory": cosine,
+                **{f"{k}_encoder_factory": enc for k in ("actor", "critic", "value")},
+            }
+        ]
+        raw["eval"] = {"every": 0, "episodes": 0, "val_transitions": 32}
+        raw["checkpoint"] = {"every": 4, "keep_last": 10}
+        return config_from_dict(raw)
+
+    Trainer(config(tmp_path / "full"), log=lambda m: None).run()
+    update = D3rlpyAlgorithm.update
+
+    def update_then_signal(self: D3rlpyAlgorithm, batch: Any) -> Any:
+        out = update(self, batch)
+        if self.algo.grad_step == 7:  # a stop signal between two checkpoints
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(D3rlpyAlgorithm, "update", update_then_signal)
+    with pytest.raises(Interrupted):
+        Trainer(config(tmp_path / "cut"), log=lambda m: None).run()
+    monkeypatch.setattr(D3rlpyAlgorithm, "update", update)
+    Trainer(config(tmp_path / "cut"), resume=True, log=lambda m: None).run()
+
+    a = torch.load(tmp_path / "full" / "checkpoints" / "final-d3rlpy.IQL.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "final-d3rlpy.IQL.pt", weights_only=True)
+    lr = a["algo_state"]["modules"]["actor_optim"]["optim"]["param_groups"][0]["lr"]
+    assert lr < 1e-5  # the cosine schedule ran its course: 3e-4 at step 0, ~0 at T_max
+    assert b["algo_state"]["modules"]["actor_optim"]["optim"]["param_groups"][0]["lr"] == lr
+    assert_same_state(a, b)

@@ -24,6 +24,7 @@ from trainer.qa import runner, wants_qa_runner
 from trainer.qa.runner import HybridStage, QATrainer, holdout_mask
 from trainer.train import main
 
+from .test_checkpoint import assert_same_run, finish, start_killed_training, train_here
 from .test_qa_data import build_tiny_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,6 +184,32 @@ def test_init_from_a_qa_checkpoint_starts_a_hybrid_only_run(
     assert "encoder.layers.0.linear1.weight" in base
 
 
+def test_a_hybrid_stage_ended_in_its_value_warm_up_leaves_the_halting_head_untrained(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """The halting head gets no gradient in the value warm-up: a hybrid stage that ends
+    there hands on ``policy_trained`` false, so the next hybrid stage starts a fresh one."""
+    out = tmp_path / "warm"
+    stages = (
+        "[{algo: qa_supervised, name: supervised, steps: 1, batch_size: 4},"
+        " {algo: qa_hybrid, name: warm, init: supervised, steps: 2, batch_size: 4,"
+        "  value_warmup_steps: 5},"
+        " {algo: qa_hybrid, name: hybrid, init: warm, steps: 1, batch_size: 4,"
+        "  value_warmup_steps: 5, halt_bias_init: 3.0}]"
+    )
+    cfg = load_config(
+        CONFIG, overrides(tiny_store, out, f"stages={stages}", "qa.eval_max_examples=4")
+    )
+    QATrainer(cfg, log=lambda m: None).run()
+    warm, hybrid = _state(out, "final-warm.pt"), _state(out, "final-hybrid.pt")
+    assert not bool(warm["policy_trained"]) and not bool(hybrid["policy_trained"])
+    last = max(int(k.split(".")[1]) for k in hybrid if k.startswith("halt_head."))
+    bias = f"halt_head.{last}.bias"
+    assert torch.equal(warm[bias], torch.full_like(warm[bias], -2.0))  # the first reset's
+    # the third stage reset the head with its own init, and warm-up kept it there
+    assert torch.equal(hybrid[bias], torch.full_like(hybrid[bias], 3.0))
+
+
 def test_early_stopping_stops_and_hands_on_the_best_weights(
     tiny_store: Path, tmp_path: Path
 ) -> None:
@@ -288,43 +315,28 @@ def test_dispatch_and_config_checks(tiny_store: Path, tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_hybrid_then_resume_matches_an_uninterrupted_run(
-    tiny_store: Path, tmp_path: Path
+def test_sigkill_mid_hybrid_then_resume_is_bit_for_bit_the_uninterrupted_run(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A real process killed with SIGKILL (no handler runs) resumes from its last checkpoint."""
-    import time
+    """A real process killed with SIGKILL (no handler runs) inside the hybrid stage, between
+    two checkpoints, resumes (here) to the same bits as a run never interrupted (here,
+    meanwhile)."""
+    # rows at hybrid stage steps 3, 6, 8; checkpoints every 2 stage steps
+    extra = ["stages.1.steps=8", "log_every=3", "eval.every=4", "qa.eval_max_examples=8"]
 
-    extra = ["stages.1.steps=40", "checkpoint.every=3", "log_every=5", "eval.every=10"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-
-    def cmd(out: Path, *flags: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "trainer.train",
-            str(CONFIG),
-            *overrides(tiny_store, out, *extra),
-            *flags,
-        ]
+    def argv(out: Path, *flags: str) -> list[str]:
+        return [str(CONFIG), *overrides(tiny_store, out, *extra), *flags]
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    subprocess.run(cmd(whole), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cmd(cut), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-    target = cut / "checkpoints" / "step-000000016.pt"  # hybrid stage step 12
-    deadline = time.monotonic() + 300
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "summary.json").exists(), "the run finished before it was killed"
-    subprocess.run(
-        cmd(cut, "--resume"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600
-    )
-    a, b = _state(whole, "final-hybrid.pt"), _state(cut, "final-hybrid.pt")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert _comparable(whole) == _comparable(cut)
+    # killed after the row of hybrid stage step 6 (global 10), before its checkpoint
+    victim = start_killed_training(argv(cut), kill_at=10)
+    train_here(argv(whole), capsys)
+    code, err = finish(victim)
+    assert code == -signal.SIGKILL, err
+    steps = sorted(int(p.name[5:-3]) for p in (cut / "checkpoints").glob("step-*.pt"))
+    assert steps[-1] == 8 and not (cut / "summary.json").exists()
+    assert "step-000000008.pt" in train_here(argv(cut, "--resume"), capsys)
+    assert_same_run(whole, cut)
 
 
 @pytest.mark.slow

@@ -157,6 +157,36 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
+# Checkpoint entries that hold wall-clock figures (and the run directory), not training state.
+CLOCK_KEYS = frozenset(
+    {"wall_time_s", "train_time_s", "metrics_offset", "time", "steps_per_s", "examples_per_s"}
+)
+
+
+def assert_same_state(
+    a: Any, b: Any, where: str = "checkpoint", skip: frozenset[str] = CLOCK_KEYS
+) -> None:
+    """Every tensor bit for bit (``torch.equal``, same dtype and shape) and every other value
+    equal, through nested dicts and lists; keys in ``skip`` and the run's ``out`` are left out."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, a.keys(), b)
+        for k in a:
+            if k not in skip and k != "out":
+                assert_same_state(a[k], b[k], f"{where}.{k}", skip)
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]", skip)
+    elif isinstance(a, float) and np.isnan(a):
+        assert isinstance(b, float) and np.isnan(b), where
+    else:
+        assert a == b, (where, a, b)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -223,6 +253,12 @@ def base_raw() -> dict[str, Any]:
             {"reward": {"normalize": "zscore"}},
             r"reward\.normalize: must be one of none, return_range",
         ),
+        ({"gamma": 1.5}, r"^gamma: must be in \[0, 1\], got 1\.5"),
+        ({"gamma": True}, r"^gamma: must be a number \(the discount of TD targets"),
+        (
+            {"stages": [{"algo": "iql", "steps": 1, "gamma": -0.1}]},
+            r"stages\.0\.gamma: must be in \[0, 1\]",
+        ),
     ],
 )
 def test_config_errors_name_the_key_and_the_fix(change: dict[str, Any], message: str) -> None:
@@ -248,12 +284,16 @@ def test_stage_params_names_and_round_trip() -> None:
             "grad_clip": 1,
             "lr_schedule": "linear",
         },
-        {"algo": "iql", "steps": 5, "init": "iql"},
+        {"algo": "iql", "steps": 5, "init": "iql", "gamma": 0.5},
     ]
     cfg = config_from_dict(raw)
     assert [s.name for s in cfg.stages] == ["bc", "iql", "iql-2"]
     assert cfg.stages[1].params == {"expectile": 0.8}
     assert cfg.stages[1].algo_config() == {"expectile": 0.8, "grad_clip": 1.0}
+    # gamma is the loop's key, not a hyper-parameter: the stage's, else the run's, else the store's
+    assert cfg.stages[2].gamma == 0.5 and "gamma" not in cfg.stages[2].params
+    assert [cfg.stage_gamma(i, 0.99) for i in range(3)] == [0.99, 0.99, 0.5]
+    assert config_from_dict({**raw, "gamma": 0.9}).stage_gamma(1, 0.99) == 0.9
     assert cfg.stages[1].lr_schedule.kind == "linear"
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
@@ -377,7 +417,9 @@ def _rows(run: Path) -> list[dict[str, Any]]:
 def test_end_to_end_bc_then_iql_subprocess(tmp_path: Path, pendulum_store: Path) -> None:
     run = tmp_path / "run"
     raw = tiny_config(pendulum_store, tmp_path / "ignored")
-    raw["stages"][1]["lr_schedule"] = {"kind": "cosine", "warmup_steps": 5}
+    # warm-up over the first two metric rows of the IQL stage, cosine decay over the last two
+    raw["stages"][1]["lr_schedule"] = {"kind": "cosine", "warmup_steps": 25}
+    raw["stages"][1].update(actor_lr=1e-3, critic_lr=1e-3, value_lr=1e-3)
     cfg = write_config(tmp_path / "c.yaml", raw)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
@@ -399,7 +441,8 @@ def test_end_to_end_bc_then_iql_subprocess(tmp_path: Path, pendulum_store: Path)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["out"] == str(run) and resolved["stages"][1]["steps"] == 40
     assert resolved["store_hash"] == open_store(pendulum_store).content_hash
-    assert config_from_dict(resolved).stages[1].lr_schedule.warmup_steps == 5
+    assert resolved["gamma"] == 0.99  # not set: the store's discount, recorded
+    assert config_from_dict(resolved).stages[1].lr_schedule.warmup_steps == 25
 
     rows = _rows(run)
     assert all({"step", "stage", "algo"} <= set(r) for r in rows)
@@ -417,8 +460,12 @@ def test_end_to_end_bc_then_iql_subprocess(tmp_path: Path, pendulum_store: Path)
             assert isinstance(r[k], float) and np.isfinite(r[k])
         assert any(k.startswith("val/") for k in r)
     assert all(np.isfinite(v) for r in train for k, v in r.items() if isinstance(v, float))
-    lrs = [r["lr"] for r in train if r["stage"] == "iql"]
-    assert lrs[0] < lrs[1] or lrs[-1] < lrs[1]  # warm-up then cosine decay
+    from trainer.config import LRSchedule
+
+    lrs = [r["lr"] for r in train if r["stage"] == "iql"]  # after stage steps 10, 20, 30, 40
+    factor = LRFactor(LRSchedule("cosine", warmup_steps=25), 40)
+    assert lrs == pytest.approx([1e-3 * factor(s) for s in (10, 20, 30, 40)], rel=1e-6)
+    assert lrs[0] < lrs[1] and lrs[3] < lrs[2]  # warm-up, then cosine decay
 
     summary = json.loads((run / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["bc", "iql"]
@@ -478,6 +525,93 @@ def test_early_stopping_and_best_checkpoint(tmp_path: Path, pendulum_store: Path
     assert best["step"] == 10
 
 
+def measured_gamma(algo: Any, batch: Any) -> float:
+    """The discount of an IQL-like algorithm's TD targets, read from its ``evaluate`` alone.
+
+    With e = Q(s, a) - r - gamma * (1 - d) * V(s'), ``td_error`` is mean(e^2); shifting every
+    reward by 1 gives mean((e - 1)^2), so mean(e) = (1 - (td(r + 1) - td(r))) / 2. The
+    difference of mean(e) between a batch marked terminated (no bootstrap) and the same batch
+    not terminated is gamma * mean(V(s')), and ``v_mean`` of the next observations is
+    mean(V(s')).
+    """
+    from dataclasses import replace
+
+    def mean_error(b: Any) -> float:
+        td0 = algo.evaluate(b)["td_error"]
+        td1 = algo.evaluate(replace(b, rewards=b.rewards + 1.0))["td_error"]
+        return (1.0 - (td1 - td0)) / 2.0
+
+    ones, zeros = torch.ones_like(batch.terminated), torch.zeros_like(batch.terminated)
+    ended = mean_error(replace(batch, terminated=ones))
+    bootstrapped = mean_error(replace(batch, terminated=zeros))
+    v_next = algo.evaluate(replace(batch, observations=batch.next_observations))["v_mean"]
+    return (ended - bootstrapped) / v_next
+
+
+def test_gamma_is_a_training_setting_that_reaches_every_algorithm(
+    tmp_path: Path, pendulum_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store was built with discount 0.99; the run trains with gamma 0.5 (a stage: 0.3)."""
+    from trainer import loop
+    from trainer.loop import RunError
+
+    built: dict[str, Any] = {}
+    build = loop.build_algorithm
+
+    def recording(stage: Any, ctx: Any, data: Any) -> Any:
+        built[stage.name] = build(stage, ctx, data)
+        return built[stage.name]
+
+    monkeypatch.setattr(loop, "build_algorithm", recording)
+    enc = {"hidden_units": [16]}
+    raw = tiny_config(pendulum_store, tmp_path / "run", gamma=0.5, tensorboard=False)
+    raw["stages"] = [
+        {"algo": "iql", "steps": 2, "batch_size": 8, "compute_dtype": "float32", **SMALL_CRITIC},
+        {"algo": "cql", "steps": 2, "batch_size": 8, "gamma": 0.3, **SMALL_CRITIC},
+        {
+            "algo": "d3rlpy.IQL",
+            "steps": 2,
+            "batch_size": 8,
+            **{f"{k}_encoder_factory": enc for k in ("actor", "critic", "value")},
+        },
+    ]
+    raw["eval"] = {"every": 0, "episodes": 0, "val_transitions": 16}
+    Trainer(config_from_dict(raw)).run()
+    assert open_store(pendulum_store).discount == pytest.approx(0.99)
+    assert built["iql"].ctx.discount == 0.5 and built["cql"].ctx.discount == 0.3
+    assert built["d3rlpy.IQL"].algo.config.gamma == 0.5  # d3rlpy's own TD targets
+    # IQL's TD target r + gamma * (1 - terminated) * V(s') uses 0.5: measured from outside
+    batch = loop.TransitionSampler(
+        loop.load_run_data(config_from_dict(raw), torch.device("cpu")).train, 64, seed=0
+    ).sample()
+    assert measured_gamma(built["iql"], batch) == pytest.approx(0.5, abs=1e-3)
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["gamma"] == 0.5 and resolved["stages"][1]["gamma"] == 0.3
+    with pytest.raises(RunError, match="`gamma` differs"):  # it changes what is trained
+        Trainer(config_from_dict({**raw, "gamma": 0.9}), resume=True).run()
+
+
+def test_evaluation_does_not_move_the_training_random_streams(
+    tmp_path: Path, pendulum_store: Path
+) -> None:
+    """CQL draws random actions every step; evaluation samples actions too (a stochastic
+    policy online, CQL's validation metrics offline). Evaluating every 3 steps or only at the
+    end must train the same weights."""
+
+    def run(out: Path, every: int) -> dict[str, Any]:
+        raw = tiny_config(pendulum_store, out, tensorboard=False)
+        raw["stages"] = [{"algo": "cql", "steps": 12, "batch_size": 16, **SMALL_CRITIC}]
+        raw["eval"] = {"every": every, "episodes": 1, "deterministic": False, "val_transitions": 32}
+        Trainer(config_from_dict(raw)).run()
+        return torch.load(out / "checkpoints" / "final-cql.pt", weights_only=True)
+
+    often, at_end = run(tmp_path / "often", 3), run(tmp_path / "end", 0)
+    for key in ("algo_state", "optimizers", "sampler", "rng"):
+        assert_same_state(often[key], at_end[key], key)
+    evals = [r for r in _rows(tmp_path / "often") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6, 9, 12]
+
+
 # --------------------------------------------------------------------------- d3rlpy
 
 
@@ -507,7 +641,7 @@ def test_mdp_dataset_keeps_every_transition(pendulum_store: Path, cartpole_store
 
 
 def test_d3rlpy_stages_train_in_our_loop(
-    tmp_path: Path, pendulum_store: Path, cartpole_store: Path
+    tmp_path: Path, pendulum_store: Path, cartpole_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     enc = {"hidden_units": [32, 32]}
     raw = tiny_config(pendulum_store, tmp_path / "p")
@@ -532,7 +666,18 @@ def test_d3rlpy_stages_train_in_our_loop(
     ]
     raw["eval"] = {"every": 0, "episodes": 1, "val_transitions": 32}
     raw["log_every"] = 3
+    from trainer import d3rlpy_adapter
+
+    conversions: list[int] = []
+    convert = d3rlpy_adapter.to_mdp_dataset
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        conversions.append(1)
+        return convert(*a, **kw)
+
+    monkeypatch.setattr(d3rlpy_adapter, "to_mdp_dataset", counted)
     summary = Trainer(config_from_dict(raw)).run()
+    assert conversions == []  # our sampler's batches: no d3rlpy dataset is built
     assert [s["steps"] for s in summary["stages"]] == [6, 6]
     rows = _rows(tmp_path / "p")
     ev = [r for r in rows if r["kind"] == "eval"]
@@ -551,12 +696,33 @@ def test_d3rlpy_stages_train_in_our_loop(
     ]
     raw["eval"] = {"every": 0, "episodes": 1, "val_transitions": 32}
     summary = Trainer(config_from_dict(raw)).run()
+    assert conversions == [1]  # d3rlpy samples: the dataset is converted, once
     ev = summary["stages"][0]["final_eval"]
-    assert ev["eval/return_mean"] > 0 and 0 <= ev["val/accuracy"] <= 1
     ck = torch.load(
         tmp_path / "c" / "checkpoints" / "final-d3rlpy.DiscreteCQL.pt", weights_only=True
     )
     assert ck["algo_state"]["grad_step"] == 5
+    # The final evaluation is the return of the final weights, reset with eval.seed: the
+    # checkpoint loaded into a fresh algorithm and rolled out by a plain loop gives it again.
+    from trainer.d3rlpy_adapter import make_d3rlpy_algorithm
+    from trainer.loop import algo_context
+
+    store = open_store(cartpole_store)
+    stage = config_from_dict(raw).stages[0]
+    fresh = make_d3rlpy_algorithm(
+        stage.algo,
+        algo_context(store, torch.device("cpu"), 0.99),
+        {**stage.algo_config(), "sampler": "store"},
+        batch_size=16,
+    )
+    fresh.load_state_dict(ck["algo_state"])
+    env = gym.make("CartPole-v1", max_episode_steps=40)
+    obs, _ = env.reset(seed=10_000)  # eval.seed's default
+    total, done = 0.0, False
+    while not done:
+        obs, r, term, trunc, _ = env.step(int(fresh.act(np.asarray(obs, np.float32))))
+        total, done = total + float(r), term or trunc
+    assert ev["eval/return_mean"] == total
 
 
 # --------------------------------------------------------------------------- compare
@@ -619,15 +785,15 @@ def test_shipped_configs_are_valid(path: Path) -> None:
 
 
 def test_training_metrics_are_averaged_over_the_steps_that_report_them() -> None:
-    from trainer.loop import _mean_metrics
+    from trainer.loop import mean_metrics
 
     buf: list[dict[str, Any]] = [
         {"q": torch.tensor(1.0), "actor": torch.tensor(4.0)},
         {"q": torch.tensor(3.0)},
         {"q": torch.tensor(5.0), "actor": torch.tensor(6.0), "f": 2.0},
     ]
-    assert _mean_metrics(buf) == {"q": 3.0, "actor": 5.0, "f": 2.0}
-    assert _mean_metrics([]) == {}
+    assert mean_metrics(buf) == {"q": 3.0, "actor": 5.0, "f": 2.0}
+    assert mean_metrics([]) == {}
 
 
 def test_d3rlpy_returns_to_go_come_from_the_store() -> None:

@@ -35,16 +35,23 @@ class AlgoContext:
     action_space: ActionSpace  # .type 'discrete' | 'continuous', .n, .dim, .low, .high
     obs_mean: np.ndarray  # (obs_dim,) from the store manifest
     obs_std: np.ndarray  # (obs_dim,)
+    # The discount of TD targets: the run's `gamma` setting (trainer.config), which defaults
+    # to the store's discount.
     discount: float
     device: torch.device
 
 
 @runtime_checkable
 class Algorithm(Protocol):
-    """The interface the training loop, checkpoints and evaluation code against."""
+    """The interface the training loop, checkpoints and evaluation code against: the native
+    algorithms (:class:`AlgorithmBase`) and d3rlpy's (``trainer.d3rlpy_adapter``)."""
 
     name: str
-    optimizers: dict[str, torch.optim.Optimizer]
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimizer by name (the loop saves them and schedules their LRs)."""
+        ...
 
     def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """One gradient step; metrics are 0-dim detached tensors (no device sync)."""

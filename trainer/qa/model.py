@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ConfigError, _need_int
+from trainer.config import ConfigError, need_int
 from trainer.qa.data import NO_ANSWER_POSITION, QABatch
 
 # The policy's hand-made inputs beside the memory (all detached, all in [-1, 1] or [0, 1]):
@@ -83,7 +83,7 @@ class ReaderConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "ffn_dim", "memory_dim", "head_hidden"):
-            _need_int(name, getattr(self, name), 1)
+            need_int(name, getattr(self, name), 1)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"n_heads: {self.n_heads} does not divide d_model {self.d_model}; "
@@ -95,7 +95,7 @@ class ReaderConfig:
             raise ConfigError(
                 f"halt_reads_memory: must be true or false, got {self.halt_reads_memory!r}"
             )
-        _need_int("max_answer_tokens", self.max_answer_tokens, 1)
+        need_int("max_answer_tokens", self.max_answer_tokens, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,13 @@ import numpy as np
 import torch
 
 from pipeline.format import StoreError
-from pipeline.qa_store import SegmentStore, open_segment_store
+from pipeline.segments.store import SegmentStore, open_segment_store
 from trainer.checkpoint import (
     CheckpointError,
     load_checkpoint,
     seed_everything,
 )
-from trainer.config import ConfigError, StageConfig, TrainConfig, _build, _need_int
+from trainer.config import ConfigError, StageConfig, TrainConfig, build_section, need_int
 from trainer.logging import mark_panel, save_panels, stage_starts
 from trainer.loop import (
     LRFactor,
@@ -139,7 +140,7 @@ class QASettings:
             raise ConfigError(
                 f"eval_max_examples: must be an integer >= 1 or null, got {self.eval_max_examples!r}"
             )
-        _need_int("eval_batch_size", self.eval_batch_size, 1)
+        need_int("eval_batch_size", self.eval_batch_size, 1)
         self.f1_weight = _number("f1_weight", self.f1_weight, 0.0, 1.0)
         self.answer_threshold = _number("answer_threshold", self.answer_threshold)
         self.halt_threshold = _number("halt_threshold", self.halt_threshold, 0.0, 1.0)
@@ -163,8 +164,8 @@ def parse_settings(raw: dict[str, Any] | None) -> QASettings:
         if isinstance(model, dict):
             model.pop("vocab_size", None)  # always the store's
             model.pop("max_positions", None)
-        raw["model"] = _build(ReaderConfig, model, "qa.model")
-    return _build(QASettings, raw, "qa")
+        raw["model"] = build_section(ReaderConfig, model, "qa.model")
+    return build_section(QASettings, raw, "qa")
 
 
 @dataclass
@@ -224,7 +225,8 @@ class HybridParams:
     weight_decay: float = 0.01
     # lambda: reward = F1 at the halt - segment_cost * segments read.
     segment_cost: float = 0.01
-    # Discount over decisions (1: the episode's return as such).
+    # Discount over decisions (1: the episode's return as such); the stage's `gamma` key,
+    # else the run's `gamma` when set.
     gamma: float = 1.0
     # gae: GAE(gamma, gae_lambda) over the value head; reinforce: return minus the value.
     advantage: str = "gae"
@@ -274,8 +276,8 @@ class HybridParams:
         self.entropy_floor = _number("entropy_floor", self.entropy_floor, 0.0)
         self.sl_weight = _number("sl_weight", self.sl_weight, 0.0)
         self.halt_bias_init = _number("halt_bias_init", self.halt_bias_init)
-        _need_int("episodes_per_question", self.episodes_per_question, 1)
-        _need_int("value_warmup_steps", self.value_warmup_steps, 0)
+        need_int("episodes_per_question", self.episodes_per_question, 1)
+        need_int("value_warmup_steps", self.value_warmup_steps, 0)
         _check_eval_every(self.eval_every)
 
 
@@ -294,9 +296,14 @@ def stage_params(cfg: TrainConfig, index: int) -> StageParams:
     cls: type = SupervisedParams if st.algo == "qa_supervised" else HybridParams
     raw = dict(st.params)
     if isinstance(raw.get("curriculum"), dict) or raw.get("curriculum") is None:
-        raw["curriculum"] = _build(Curriculum, raw.get("curriculum"), f"{where}.curriculum")
+        raw["curriculum"] = build_section(Curriculum, raw.get("curriculum"), f"{where}.curriculum")
     raw["grad_clip"] = st.grad_clip
-    return _build(cls, raw, where)
+    gamma = st.gamma if st.gamma is not None else cfg.gamma
+    if cls is HybridParams and gamma is not None:
+        raw["gamma"] = gamma  # the stage's `gamma` loop key, else the run's
+    elif st.gamma is not None:
+        raise ConfigError(f"{where}.gamma: qa_supervised has no discount; remove the key")
+    return build_section(cls, raw, where)
 
 
 # --------------------------------------------------------------------------- stages
@@ -450,7 +457,8 @@ class HybridStage:
         pol_norm = _clip(self.policy_params, self.p.grad_clip)
         for opt in self.optimizers.values():
             opt.step()
-        self.model.policy_trained.fill_(True)
+        if step >= self.p.value_warmup_steps:  # the halting head has had a gradient
+            self.model.policy_trained.fill_(True)
         if qa_norm is not None and pol_norm is not None:
             m["grad_norm/qa"], m["grad_norm/policy"] = qa_norm.detach(), pol_norm.detach()
         return m
@@ -649,7 +657,6 @@ class QATrainer(StagedTrainer):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._prepare_dir()
         store = self._open_store()
-        self._check_resumed_store(ckpt, store.content_hash)
         self.store = store
         self.reader_cfg = self._reader_config(store)
         self._n_params = sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
@@ -659,7 +666,7 @@ class QATrainer(StagedTrainer):
         if self.settings.eval_max_examples is not None:
             eval_pool = eval_pool[: self.settings.eval_max_examples]
         self.evaluator = QAEvaluator(store, self.arrays, eval_pool, self.settings, device)
-        self._write_config(store.content_hash, device)
+        self._open_run(ckpt, store.content_hash, device)
         init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
         if ckpt is None:
             self.extra = [_StageExtra() for _ in cfg.stages]
@@ -683,7 +690,7 @@ class QATrainer(StagedTrainer):
             )
         return dict(ckpt["algo_state"])
 
-    def _build(self, index: int, model: MemoryReader) -> SupervisedStage | HybridStage:
+    def _build_stage(self, index: int, model: MemoryReader) -> SupervisedStage | HybridStage:
         p = self.params[index]
         if isinstance(p, SupervisedParams):
             return SupervisedStage(model, p)
@@ -699,59 +706,98 @@ class QATrainer(StagedTrainer):
     def _run_stage(
         self, index: int, ckpt: dict[str, Any] | None, init_state: dict[str, Any] | None
     ) -> None:
-        cfg, state = self.cfg, self.state
-        stage = cfg.stages[index]
-        p = self.params[index]
-        sp, extra = state.stages[index], self.extra[index]
-        state.stage_index = index
+        """Stage ``index``: resumed from ``ckpt`` or started (from ``init`` / ``init_state``),
+        trained to its end or an early stop, then its weights handed on."""
+        cfg = self.cfg
+        stage, p = cfg.stages[index], self.params[index]
+        self.state.stage_index = index
         if ckpt is None:
             seed_everything(step_seed(cfg.seed, index, stream=0x57A6E))
         model = MemoryReader(self.reader_cfg).to(self.device)
         model.train()
-        sampler = CurriculumSampler(
+        sampler = self._sampler(index)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["algo_state"])
+        else:
+            self._start_model(index, model, init_state)
+        algo = self._build_stage(index, model)
+        schedulers = self._schedulers(algo, stage)
+        if ckpt is not None:
+            self._resume_stage(ckpt, algo.optimizers, schedulers, sampler)
+        else:
+            self.state.stages[index].start_step = self.state.step
+            self._write_stage_start(stage)
+            if isinstance(p, HybridParams):
+                self._write_baseline(index, model)
+
+        elapsed = self._train_steps(
+            index,
+            self._pending_metrics(ckpt, self.device),
+            step=self._stepper(index, algo, sampler),
+            schedulers=schedulers,
+            row_rates=self._row_rates(algo, stage),
+            evaluate=lambda: self._evaluate(model, index),
+            save=lambda buf: self._save_step(model, algo, schedulers, sampler, index, buf),
+            every_eval=cfg.eval.every if p.eval_every is None else p.eval_every,
+        )
+        self._restore_best(model, index)
+        sp = self.state.stages[index]
+        sp.done = True
+        sp.wall_time_s = elapsed()
+        self._final_states[stage.name] = {k: v.clone() for k, v in model.state_dict().items()}
+        self._save_final(index, self._checkpoint(model, algo, schedulers, sampler, index, []))
+
+    def _sampler(self, index: int) -> CurriculumSampler:
+        """The curriculum sampler of stage ``index`` over its kind's training questions."""
+        stage, p = self.cfg.stages[index], self.params[index]
+        return CurriculumSampler(
             self.arrays.n_segments,
             self.pools[stage.algo],
             stage.batch_size,
-            cfg.seed,
+            self.cfg.seed,
             stream=index,
             total_steps=stage.steps,
             start_segments=p.curriculum.start_segments,
             full_at=p.curriculum.full_at,
         )
-        if ckpt is not None:
-            model.load_state_dict(ckpt["algo_state"])
-            algo = self._build(index, model)
-            schedulers = self._schedulers(algo, stage)
-            self._resume_stage(ckpt, algo.optimizers, schedulers, sampler)
-        else:
-            sp.start_step = state.step
-            source = self._stage_final_state(stage.init) if stage.init else init_state
-            if source is not None:
-                try:
-                    model.load_state_dict(source)
-                except RuntimeError as e:
-                    where = f"stages.{index}.init" if stage.init else "--init-from"
-                    first = str(e).strip().splitlines()[0]
-                    raise RunError(
-                        f"{where}: the weights do not fit this reader ({first})"
-                    ) from None
-            if isinstance(p, HybridParams) and not bool(model.policy_trained):
-                model.reset_policy(p.halt_bias_init)
-            algo = self._build(index, model)
-            schedulers = self._schedulers(algo, stage)
-            self._write_stage_start(stage)
-            if isinstance(p, HybridParams):
-                base = self.evaluator(model, halting=False)
-                extra.baseline_eval = {"step": state.step, **base}
-                self.writer.write(
-                    {
-                        "step": state.step,
-                        "stage": stage.name,
-                        "algo": stage.algo,
-                        "kind": "baseline",
-                        **{"baseline/" + k.split("/", 1)[1]: v for k, v in base.items()},
-                    }
-                )
+
+    def _start_model(
+        self, index: int, model: MemoryReader, init_state: dict[str, Any] | None
+    ) -> None:
+        """A starting stage's weights: the ``init`` stage's (or ``init_state``); a hybrid
+        stage whose halting head was never trained gets fresh policy heads."""
+        stage, p = self.cfg.stages[index], self.params[index]
+        source = self._stage_final_state(stage.init) if stage.init else init_state
+        if source is not None:
+            try:
+                model.load_state_dict(source)
+            except RuntimeError as e:
+                where = f"stages.{index}.init" if stage.init else "--init-from"
+                first = str(e).strip().splitlines()[0]
+                raise RunError(f"{where}: the weights do not fit this reader ({first})") from None
+        if isinstance(p, HybridParams) and not bool(model.policy_trained):
+            model.reset_policy(p.halt_bias_init)
+
+    def _write_baseline(self, index: int, model: MemoryReader) -> None:
+        """The hybrid stage's initial model read everything: the baseline row and record."""
+        stage = self.cfg.stages[index]
+        base = self.evaluator(model, halting=False)
+        self.extra[index].baseline_eval = {"step": self.state.step, **base}
+        self.writer.write(
+            {
+                "step": self.state.step,
+                "stage": stage.name,
+                "algo": stage.algo,
+                "kind": "baseline",
+                **{"baseline/" + k.split("/", 1)[1]: v for k, v in base.items()},
+            }
+        )
+
+    def _stepper(
+        self, index: int, algo: SupervisedStage | HybridStage, sampler: CurriculumSampler
+    ) -> Callable[[int], dict[str, Any]]:
+        """One training step of stage ``index`` at stage step ``s0``: a batch, one update."""
+        extra = self.extra[index]
 
         def step(s0: int) -> dict[str, Any]:
             examples = sampler.sample()
@@ -762,6 +808,14 @@ class QATrainer(StagedTrainer):
             metrics["curriculum/max_segments"] = float(sampler.limit(s0))
             return metrics
 
+        return step
+
+    @staticmethod
+    def _row_rates(
+        algo: SupervisedStage | HybridStage, stage: StageConfig
+    ) -> Callable[[int, float], dict[str, Any]]:
+        """The learning rate and throughputs of a metrics row."""
+
         def row_rates(steps: int, seconds: float) -> dict[str, Any]:
             return {
                 "lr": float(algo.optimizers["qa"].param_groups[0]["lr"]),
@@ -769,21 +823,7 @@ class QATrainer(StagedTrainer):
                 "examples_per_s": round(steps * stage.batch_size / seconds, 2),
             }
 
-        elapsed = self._train_steps(
-            index,
-            self._pending_metrics(ckpt, self.device),
-            step=step,
-            schedulers=schedulers,
-            row_rates=row_rates,
-            evaluate=lambda: self._evaluate(model, index),
-            save=lambda buf: self._save_step(model, algo, schedulers, sampler, index, buf),
-            every_eval=cfg.eval.every if p.eval_every is None else p.eval_every,
-        )
-        self._restore_best(model, index)
-        sp.done = True
-        sp.wall_time_s = elapsed()
-        self._final_states[stage.name] = {k: v.clone() for k, v in model.state_dict().items()}
-        self._save_final(index, self._checkpoint(model, algo, schedulers, sampler, index, []))
+        return row_rates
 
     def _schedulers(
         self, algo: SupervisedStage | HybridStage, stage: StageConfig
