@@ -69,7 +69,10 @@ def up_to_date(
     """The manifest of an existing store at ``target`` built from the same inputs, else None.
 
     A source whose size and mtime match the manifest's is taken at the manifest's sha256
-    (``--force`` always rebuilds); any other is hashed. Sets ``sources[i].sha256``."""
+    (``--force`` always rebuilds); any other is hashed. Sets ``sources[i].sha256``. What a
+    killed build left is cleaned first, so a store that a killed publish had moved aside is
+    back in place (and may well be up to date)."""
+    clean_stale(target.parent, target.name)
     try:
         manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.format import MANIFEST, StoreError
+from pipeline.storage import clean_stale
 from pipeline.store import open_store
 from pipeline.transitions.layout import TRANSITIONS_ARROW
 from pipeline.verify import verify
@@ -310,34 +311,103 @@ def test_killed_rebuild_keeps_the_old_store(tmp_path: Path, big_spec: Path) -> N
     assert open_store(old.path).content_hash == old.manifest["content_hash"]
 
 
-def test_rebuild_killed_while_publishing_keeps_a_store(tmp_path: Path) -> None:
-    spec = small_input(tmp_path)
-    out = tmp_path / "out"
-    build_store(spec, out)
-    target = (out / "store").resolve()
-    # the real CLI, SIGKILLed right after it moved the old store away
-    code = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
+# Code run before `pipeline.build.main` in a subprocess: it SIGKILLs the build at one point
+# of `pipeline.storage.publish`, the atomic swap of the finished staging directory.
+KILL = "import os, signal\nfrom pathlib import Path\nimport pipeline.storage as storage\n"
+KILL_POINTS = {
+    # renameat2(RENAME_EXCHANGE): killed just before / just after the exchange (before the
+    # old store, now in the staging directory, is removed); exit 3 if it is unsupported here
+    "before-exchange": KILL
+    + (
+        "def exchange(a, b):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "storage.rename_exchange = exchange\n"
+    ),
+    "after-exchange": KILL
+    + (
+        "real = storage.rename_exchange\n"
+        "def exchange(a, b):\n"
+        "    if not real(a, b):\n"
+        "        os._exit(3)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "storage.rename_exchange = exchange\n"
+    ),
+    # no exchange: the old store is moved aside, killed before the new one is moved in
+    "between-renames": KILL
+    + (
+        "storage.rename_exchange = lambda a, b: False\n"
         "real = os.replace\n"
-        "def replace(src, dst, *a, **k):\n"
-        "    real(src, dst, *a, **k)\n"
-        f"    if Path(src).resolve() == Path({str(target)!r}):\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if '.old-' in Path(dst).name:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "os.replace = replace\n"
-        "from pipeline.build import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+    ),
+}
+
+
+def build_killed_at(
+    point: str, spec: Path, out: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    code = (
+        KILL_POINTS[point] + "from pipeline.build import main\nmain(__import__('sys').argv[1:])\n"
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
-    subprocess.run(
-        [PYTHON, "-c", code, str(spec), "--out", str(out), "--force", "--quiet"],
+    return subprocess.run(
+        [PYTHON, "-c", code, str(spec), "--out", str(out), "--quiet", *args],
         cwd=REPO,
         env=env,
+        capture_output=True,
+        text=True,
         check=False,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(
+    ("point", "survivor"),
+    [("before-exchange", "old"), ("after-exchange", "new"), ("between-renames", "old")],
+)
+def test_rebuild_killed_while_publishing_keeps_a_store(
+    tmp_path: Path, point: str, survivor: str
+) -> None:
+    spec = small_input(tmp_path)
+    out = tmp_path / "out"
+    old = build_store(spec, out).manifest["content_hash"]
+    write_lines(tmp_path / "raw" / "a.jsonl", episode_lines("e1", 4))  # new content
+    proc = build_killed_at(point, spec, out)
+    if proc.returncode == 3:
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not supported on this file system")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # killed inside the swap
+    leftovers = sorted(p.name.split("-")[0] for p in out.glob(".store.*"))
+    if point == "between-renames":
+        # the one moment with no store: the old one is aside, the new one not yet in place
+        assert not (out / "store").exists()
+        assert leftovers == [".store.build", ".store.old"]
+    else:
+        assert verify(out / "store") == []  # the swap is atomic: always a whole store
+        assert leftovers == [".store.build"]
+    clean_stale(out, "store")  # what the next build does first
+    assert sorted(p.name for p in out.iterdir()) == ["store"]
     assert verify(out / "store") == []
+    content = open_store(out / "store").content_hash
+    assert (content == old) == (survivor == "old")
+    again = build_store(spec, out)
+    assert again.status == ("built" if survivor == "old" else "up to date")
+    assert again.manifest["content_hash"] != old
+
+
+def test_the_next_build_restores_a_store_moved_aside_by_a_killed_publish(tmp_path: Path) -> None:
+    spec = small_input(tmp_path)
+    out = tmp_path / "out"
+    old = build_store(spec, out).manifest["content_hash"]
+    assert build_killed_at("between-renames", spec, out, "--force").returncode == -signal.SIGKILL
+    assert not (out / "store").exists()
+    # same inputs: the restored old store is up to date
+    again = build_store(spec, out)
+    assert again.status == "up to date" and again.manifest["content_hash"] == old
+    assert sorted(p.name for p in out.iterdir()) == ["store"]
 
 
 def test_stale_staging_of_a_dead_build_is_removed(tmp_path: Path) -> None:

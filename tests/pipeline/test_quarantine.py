@@ -11,16 +11,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_specs.schema import TransitionSpec, parse_transition_spec
 from pipeline.build import BuildResult
 from pipeline.store import TransitionStore, open_store
-from pipeline.transitions.parse import ChunkParser, check_line
+from pipeline.transitions.parse import ChunkParser, check_line, get_path, parse_line
 
 from .conftest import (
     N_ACTIONS,
+    SPILL,
     Layout,
     assert_one_error_line,
     build_store,
@@ -45,11 +47,18 @@ def build_files(
     *,
     layout: Layout = "step_per_line",
     fields: dict[str, Any] | None = None,
+    episode_key: str | None = None,
+    **options: Any,
 ) -> tuple[BuildResult, TransitionStore]:
+    """Write the files, build them (``options`` go to the build), check the counts."""
     for name, lines in files.items():
         write_lines(d / "raw" / name, lines)
     spec = write_spec(d, [str(d / "raw" / "*")], layout=layout, fields=fields)
-    result = build_store(spec, d / "out")
+    if episode_key is not None:
+        doc = yaml.safe_load(spec.read_text(encoding="utf-8"))
+        doc["source"]["episode_key"] = episode_key
+        spec.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    result = build_store(spec, d / "out", **options)
     store = open_store(result.path)
     n_lines = sum(len(v) for v in files.values())
     c = result.manifest["counts"]
@@ -400,6 +409,181 @@ def test_duplicate_episode(tmp_path: Path) -> None:
     assert store.episodes.length[0] == 2  # the first one is kept
 
 
+def test_duplicate_episode_names_the_kept_line(tmp_path: Path) -> None:
+    lines: list[Line] = [episode_record("other"), episode_record("dup", 2)]
+    files: dict[str, list[Line]] = {"a.jsonl": lines, "b.jsonl.zst": [episode_record("dup", 3)]}
+    _, store = build_files(tmp_path, files, layout="episode_per_line")
+    rec = the_record(store, "b.jsonl.zst", 1)
+    assert rec["reason"] == "duplicate_episode"
+    assert "a.jsonl:2" in rec["detail"], rec["detail"]
+
+
+def cut_off(rec: dict[str, Any]) -> dict[str, Any]:
+    """The episode line with no end flag and no final observation."""
+    for step in rec["steps"]:
+        step["term"] = step["trunc"] = False
+    return rec
+
+
+# one chunk for the whole file, or one chunk per line or two (across chunks)
+CHUNKINGS = [pytest.param({}, id="one-chunk"), pytest.param({"chunk_bytes": 97}, id="small-chunks")]
+
+
+@pytest.mark.parametrize("options", CHUNKINGS)
+def test_a_rejected_copy_does_not_use_up_its_id(tmp_path: Path, options: dict[str, Any]) -> None:
+    # x: one step cut off (unbootstrappable), y, then a valid x of three steps
+    lines: list[Line] = [
+        cut_off(episode_record("x", 1)),
+        episode_record("y"),
+        episode_record("x", 3),
+    ]
+    _, store = build_files(tmp_path, {"a.jsonl": lines}, layout="episode_per_line", **options)
+    assert store.episodes.episode_id == ["y", "x"]
+    np.testing.assert_array_equal(store.episodes.length, [2, 3])
+    assert store.episodes.source_line.tolist() == [2, 3]
+    assert [(r["line"], r["reason"]) for r in quarantine_records(store.path)] == [
+        (1, "unbootstrappable")
+    ]
+
+
+@pytest.mark.parametrize("options", CHUNKINGS)
+def test_the_first_valid_copy_is_kept_and_a_later_one_is_a_duplicate(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    lines: list[Line] = [
+        cut_off(episode_record("x", 1)),  # rejected: uses nothing up
+        episode_record("x", 2),  # kept
+        episode_record("y"),
+        episode_record("x", 3),  # valid, but x is kept already
+        cut_off(episode_record("x", 1)),  # rejected for its own reason
+    ]
+    _, store = build_files(tmp_path, {"a.jsonl": lines}, layout="episode_per_line", **options)
+    assert store.episodes.episode_id == ["x", "y"]
+    assert store.episodes.source_line.tolist() == [2, 3]
+    np.testing.assert_array_equal(store.episodes.length, [2, 2])
+    records = quarantine_records(store.path)
+    assert [(r["line"], r["reason"]) for r in records] == [
+        (1, "unbootstrappable"),
+        (4, "duplicate_episode"),
+        (5, "unbootstrappable"),
+    ]
+    assert "a.jsonl:2" in records[1]["detail"] and records[1]["episode_id"] == "x"
+
+
+def test_two_copies_of_a_step_per_line_episode_reject_it(tmp_path: Path) -> None:
+    lines: list[Line] = [*episode_lines("x"), *episode_lines("good"), *episode_lines("x")]
+    _, store = build_files(tmp_path, {"a.jsonl": lines})
+    assert kept_ids(store) == {"good"}
+    records = quarantine_records(store.path)
+    assert [r["line"] for r in records] == [1, 2, 3, 7, 8, 9]
+    assert {r["reason"] for r in records} == {"duplicate_step"}
+
+
+# --------------------------------------------------------------------------- episode ids
+
+ID_KEYS = ["ep", "meta.id"]  # a top-level and a nested key take the same path
+ID_BUILDS = [pytest.param({}, id="in-memory"), pytest.param(SPILL, id="spilled")]
+
+
+def with_id(rec: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """``rec`` with its id (``ep``) moved to the dotted ``key``."""
+    out = {k: v for k, v in rec.items() if k != "ep"}
+    node = out
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    return out
+
+
+def steps_with_ids(key: str, ids: list[Any], name: str = "x") -> list[Line]:
+    """One episode of len(ids) steps, the last terminated, each step with its own id."""
+    return [with_id(r, key, i) for r, i in zip(episode_lines(name, len(ids)), ids)]
+
+
+@pytest.mark.parametrize("options", ID_BUILDS)
+@pytest.mark.parametrize("key", ID_KEYS)
+def test_a_float_id_is_neither_a_string_nor_an_integer(
+    tmp_path: Path, key: str, options: dict[str, Any]
+) -> None:
+    lines = [*steps_with_ids(key, ["3", 3.0, 3.0]), *steps_with_ids(key, ["g", "g"])]
+    _, store = build_files(tmp_path, {"a.jsonl": lines}, episode_key=key, **options)
+    assert kept_ids(store) == {"g"}
+    records = quarantine_records(store.path)
+    assert [(r["line"], r["reason"]) for r in records] == [
+        (1, "unbootstrappable"),  # "3" is a one-step episode of its own, cut off
+        (2, "wrong_type"),
+        (3, "wrong_type"),
+    ]
+    assert key in records[1]["detail"] and "3.0" in records[1]["detail"]
+    assert [r["episode_id"] for r in records] == ["3", None, None]
+
+
+@pytest.mark.parametrize("options", ID_BUILDS)
+@pytest.mark.parametrize("key", ID_KEYS)
+@pytest.mark.parametrize("ids", [["3", 3, 3], [3, "3", 3], [3, 3, "3"]])
+def test_a_string_and_an_integer_id_of_one_text_never_merge(
+    tmp_path: Path, key: str, ids: list[Any], options: dict[str, Any]
+) -> None:
+    lines = [*steps_with_ids(key, ["g", "g"], "g"), *steps_with_ids(key, ids)]
+    _, store = build_files(tmp_path, {"a.jsonl": lines}, episode_key=key, **options)
+    assert kept_ids(store) == {"g"}
+    records = quarantine_records(store.path)
+    assert [(r["line"], r["reason"]) for r in records] == [
+        (3, "ambiguous_episode_id"),
+        (4, "ambiguous_episode_id"),
+        (5, "ambiguous_episode_id"),
+    ]
+    assert "both as a string and as an integer" in records[0]["detail"]
+
+
+@pytest.mark.parametrize("key", ID_KEYS)
+def test_integer_ids_are_ids(tmp_path: Path, key: str) -> None:
+    lines = [*steps_with_ids(key, [3, 3, 3]), *steps_with_ids(key, ["3x", "3x"])]
+    zero = [dumps(r).replace(b'"@"', b"-0") for r in steps_with_ids(key, ["@", 0])]
+    _, store = build_files(tmp_path, {"a.jsonl": [*lines, *zero]}, episode_key=key)
+    assert store.episodes.episode_id == ["3", "3x", "0"]  # -0 is the integer 0
+    np.testing.assert_array_equal(store.episodes.length, [3, 2, 2])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "3.0",
+        "1e2",
+        "-2.5",
+        "true",
+        "[3]",
+        '{"n":3}',
+        "18446744073709551616",
+        "-9223372036854775809",
+    ],
+)
+@pytest.mark.parametrize("key", ID_KEYS)
+def test_ids_that_are_not_strings_or_64_bit_integers_are_quarantined(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    bad = dumps(steps_with_ids(key, ["@"])[0]).replace(b'"@"', value.encode())
+    lines: list[Line] = [*steps_with_ids(key, ["g", "g"]), bad]
+    _, store = build_files(tmp_path, {"a.jsonl": lines}, episode_key=key)
+    assert kept_ids(store) == {"g"}
+    assert_quarantined(store, "a.jsonl", 3, "wrong_type", bad)
+
+
+@pytest.mark.parametrize("key", ["episode", "meta.id"])
+def test_episode_per_line_ids_of_two_types_are_duplicates(tmp_path: Path, key: str) -> None:
+    def line(value: Any, n: int) -> dict[str, Any]:
+        rec = episode_record("@", n)
+        del rec["episode"]
+        return with_id({"ep": None, **rec}, key, value)
+
+    lines: list[Line] = [line("3", 2), line(3, 3), line(4, 2)]
+    _, store = build_files(tmp_path, {"a.jsonl": lines}, layout="episode_per_line", episode_key=key)
+    assert store.episodes.episode_id == ["3", "4"]
+    rec = assert_quarantined(store, "a.jsonl", 2, "duplicate_episode", lines[1])
+    assert "a.jsonl:1" in rec["detail"]
+
+
 def test_episode_rejected_across_files(tmp_path: Path) -> None:
     bad = step_record("bad", 2, last=True, obs=[1.0])
     files: dict[str, list[Line]] = {
@@ -501,6 +685,11 @@ SPEC_VARIANTS: dict[str, dict[str, Any]] = {
             "final_observation": {"path": "final_obs"},
         },
     },
+    "steps-nested-id": {
+        "layout": "step_per_line",
+        "episode_key": "meta.id",
+        "fields": step_fields(),
+    },
     "steps-composite-nested": {
         "layout": "step_per_line",
         "fields": {
@@ -517,7 +706,7 @@ def variant_spec(name: str) -> TransitionSpec:
     v = SPEC_VARIANTS[name]
     source: dict[str, Any] = {"paths": ["unused"], "layout": v["layout"]}
     if v["layout"] == "step_per_line":
-        source.update(episode_key="ep", step_key="t")
+        source.update(episode_key=v.get("episode_key", "ep"), step_key="t")
     else:
         source.update(episode_key="episode", steps_key="steps")
     return parse_transition_spec({"name": name, "source": source, "fields": v["fields"]})
@@ -529,8 +718,8 @@ unit = st.integers(-4, 4).map(lambda k: k / 4)
 
 @st.composite
 def valid_record(draw: st.DrawFn, variant: str) -> dict[str, Any]:
-    ep = draw(st.sampled_from(["a", "b", "c"]))
-    if variant == "steps-discrete":
+    ep = draw(st.sampled_from(["a", "b", "c", 3, "3", -7]))
+    if variant in ("steps-discrete", "steps-nested-id"):
         rec = step_record(ep, draw(st.integers(0, 5)))
         rec.update(
             obs=draw(st.lists(num, min_size=3, max_size=3)),
@@ -540,7 +729,7 @@ def valid_record(draw: st.DrawFn, variant: str) -> dict[str, Any]:
         )
         if draw(st.booleans()):
             rec["final_obs"] = draw(st.lists(num, min_size=3, max_size=3))
-        return rec
+        return with_id(rec, "meta.id", ep) if variant == "steps-nested-id" else rec
     if variant == "episodes-continuous-dict-obs":
         n = draw(st.integers(1, 3))
         steps = [
@@ -606,10 +795,6 @@ def mutated_line(draw: st.DrawFn, variant: str) -> bytes:
         for k in path[:-1]:
             parent = parent[k]
         key = path[-1]
-        if path in (("ep",), ("episode",)) and op in ("replace", "non_finite"):
-            # an object or a non-finite number as episode id: known disagreements, tested
-            # on their own below
-            op = "null"
         if op == "drop":
             del parent[key]
         elif op == "null":
@@ -645,10 +830,13 @@ def mutated_line(draw: st.DrawFn, variant: str) -> bytes:
 def decisions(
     spec: TransitionSpec, lines: list[bytes]
 ) -> tuple[list[str | None], list[str | None]]:
-    """Per line: None if kept, else the reason; by the chunk parser, and by check_line."""
+    """Per line: None if kept, else the reason; by the chunk parser, and by check_line.
+
+    Also asserts that the chunk parser reads each kept line's episode id as the
+    reference does: the same text and the same JSON type (string or integer)."""
     parser = ChunkParser(spec)
     data = b"\n".join(lines) + b"\n"
-    _, rejected = parser.parse(data, np.arange(1, len(lines) + 1), lambda i: lines[i])
+    steps, rejected = parser.parse(data, np.arange(1, len(lines) + 1), lambda i: lines[i])
     fast: list[str | None] = [None] * len(lines)
     for r in rejected:
         assert fast[r.line - 1] is None, "a line rejected twice"
@@ -657,6 +845,13 @@ def decisions(
     for raw in lines:
         err = check_line(parser.validator, raw)
         slow.append(None if err is None else err.reason)
+    fast_ids = dict(
+        zip(steps.line.tolist(), zip(steps.episode_id.to_list(), steps.id_int.tolist()))
+    )
+    for line, (f, s) in enumerate(zip(fast, slow), start=1):
+        if f is None and s is None:
+            value = get_path(parse_line(lines[line - 1]), spec.source.episode_key)
+            assert fast_ids[line] == (str(value), isinstance(value, int)), lines[line - 1]
     return fast, slow
 
 

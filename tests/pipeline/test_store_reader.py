@@ -84,7 +84,13 @@ def test_shapes_and_dtypes(store: TransitionStore) -> None:
     assert e.episode_id == ["a", "b", "c"]
     np.testing.assert_array_equal(e.start, [0, 3, 5])
     np.testing.assert_array_equal(e.length, [3, 2, 2])
-    np.testing.assert_allclose(e.returns, [0.5, 0.5, 4.0])
+    # c's dropped last step still counts: its reward is in the return and return_to_go
+    np.testing.assert_allclose(e.returns, [0.5, 0.5, 6.0])
+    np.testing.assert_array_equal(e.dropped_reward, [0.0, 0.0, 2.0])
+    np.testing.assert_array_equal(e.last_step_dropped, [False, False, True])
+    np.testing.assert_allclose(
+        store.return_to_go[5:], [2.0 + 0.99 * (2.0 + 0.99 * 2.0), 2.0 + 0.99 * 2.0]
+    )
     assert store.quarantine() == []
     assert store.obs_mean.shape == store.obs_std.shape == (OBS_DIM,)
 
@@ -111,13 +117,14 @@ def test_arrow_file_schema_is_the_documented_one(arrow_store: TransitionStore) -
     with pa.memory_map(str(arrow_store.path / EPISODES_ARROW)) as source:
         episodes = pa.ipc.open_stream(source).read_all()
     assert episodes.column_names == [
-        "episode_id", "start", "length", "return", "terminated", "truncated",
-        "source_file", "source_line",
+        "episode_id", "start", "length", "return", "dropped_reward", "last_step_dropped",
+        "terminated", "truncated", "source_file", "source_line",
     ]  # fmt: skip
 
 
-def mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges where ``path`` is memory-mapped in this process."""
+def mapped_ranges(path: Path) -> list[tuple[int, int, int]]:
+    """(start, end, file offset) of each address range where ``path`` is memory-mapped in
+    this process."""
     target = str(path.resolve())
     out = []
     with open("/proc/self/maps", encoding="utf-8") as f:
@@ -125,7 +132,7 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5].strip() == target:
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                out.append((lo, hi))
+                out.append((lo, hi, int(parts[2], 16)))
     return out
 
 
@@ -133,28 +140,47 @@ def address(a: np.ndarray) -> int:
     return int(a.__array_interface__["data"][0])
 
 
+def column_offsets(path: Path) -> dict[str, int]:
+    """Where each numeric column's values start in an Arrow IPC file, found by reading
+    the file into memory (no map) and locating the buffers in it."""
+    data = pa.py_buffer(path.read_bytes())
+    table = pa.ipc.open_stream(data).read_all()
+    out = {}
+    for name in table.column_names:
+        arr = table.column(name).chunk(0)
+        if pa.types.is_fixed_size_list(arr.type):
+            arr = arr.values
+        if pa.types.is_string(arr.type) or pa.types.is_boolean(arr.type):
+            continue
+        out[name] = arr.buffers()[1].address - data.address + arr.offset * arr.type.bit_width // 8
+    return out
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
 def test_arrow_columns_are_zero_copy_views_of_the_mapped_file(
     arrow_store: TransitionStore,
 ) -> None:
-    ranges = mapped_ranges(arrow_store.path / TRANSITIONS_ARROW)
+    path = arrow_store.path / TRANSITIONS_ARROW
+    ranges = mapped_ranges(path)
     assert ranges, "transitions.arrow is not memory-mapped"
-    for name in (
-        "observations",
-        "next_observations",
-        "actions",
-        "rewards",
-        "return_to_go",
-        "steps",
+    offsets = column_offsets(path)
+    for name, column in (
+        ("observations", "observation"),
+        ("next_observations", "next_observation"),
+        ("actions", "action"),
+        ("rewards", "reward"),
+        ("return_to_go", "return_to_go"),
+        ("steps", "step"),
     ):
         a = getattr(arrow_store, name)
         assert not a.flags.writeable, name
         assert a.flags.c_contiguous, name
         lo = address(a)
-        assert any(start <= lo and lo + a.nbytes <= end for start, end in ranges), name
-    # the same memory every time: no copy per access
-    assert np.shares_memory(arrow_store.observations, arrow_store.observations)
-    assert address(arrow_store.observations) == address(arrow_store.column("observation"))
+        where = [(s, off) for s, e, off in ranges if s <= lo and lo + a.nbytes <= e]
+        assert where, f"{name} is not in the mapped file: a copy"
+        # ... and it is that column's buffer, wherever the file holds it
+        start, map_offset = where[0]
+        assert map_offset + lo - start == offsets[column], name
 
 
 def test_as_tensors(store: TransitionStore) -> None:
