@@ -718,7 +718,7 @@ unit = st.integers(-4, 4).map(lambda k: k / 4)
 
 @st.composite
 def valid_record(draw: st.DrawFn, variant: str) -> dict[str, Any]:
-    ep = draw(st.sampled_from(["a", "b", "c", 3, "3", -7]))
+    ep: Any = draw(st.sampled_from(["a", "b", "c", 3, "3", -7]))
     if variant in ("steps-discrete", "steps-nested-id"):
         rec = step_record(ep, draw(st.integers(0, 5)))
         rec.update(
