@@ -52,10 +52,7 @@ UNBOOTSTRAPPABLE = "unbootstrappable"
 FAST_CHECK = "rejected"
 
 # Internal column names of parsed step rows.
-EP, T, OBS, ACT, REW, TERM, TRUNC, END, FOBS, FILE, LINE, ID_INT = (
-    "_ep", "_t", "_obs", "_act", "_rew", "_term", "_trunc", "_end", "_fobs", "_file", "_line",
-    "_id_int",
-)  # fmt: skip
+EP, T, LINE, ID_INT = "_ep", "_t", "_line", "_id_int"
 
 
 class RecordError(Exception):
@@ -129,9 +126,6 @@ class Layout:
     @property
     def per_line(self) -> bool:
         return self.spec.source.layout == "episode_per_line"
-
-    def step_prefix(self) -> str:
-        return "_s." if self.per_line else ""
 
 
 def make_layout(spec: TransitionSpec) -> Layout:
@@ -554,11 +548,6 @@ def _obs_ok_expr(parts: list[tuple[pl.Expr, int | None]]) -> pl.Expr:
         else:
             ok = ok & expr.is_not_null() & (expr.list.len() == size)
     return ok
-
-
-def _obs_present_expr(parts: list[tuple[pl.Expr, int | None]], root: pl.Expr) -> pl.Expr:
-    """A final observation counts as given when its root value is not null."""
-    return root.is_not_null()
 
 
 @dataclass
