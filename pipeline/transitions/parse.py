@@ -464,6 +464,8 @@ _DIGIT = np.zeros(256, dtype=bool)
 _DIGIT[ord("0") : ord("9") + 1] = True
 _NUMBER_GOES_ON = np.zeros(256, dtype=bool)  # after the digits: a fraction or an exponent
 _NUMBER_GOES_ON[[ord("."), ord("e"), ord("E")]] = True
+# bytes frequent in JSON logs, most frequent last (any other byte is rarer than these)
+_JSON_COMMON = b'Esnlufrte}{][-:.,9876543210 "'
 # a key with an escape in it, e.g. "\u0065p": found by what follows a backslash
 _ESCAPED_KEY = re.compile(rb'\\(?:[^"\\\n]|\\.)*"[ \t\r]*:')
 
@@ -486,15 +488,16 @@ def key_value_kinds(data: bytes, key: str) -> tuple[np.ndarray, np.ndarray]:
     ``VALUE_STRING``, ``VALUE_INTEGER`` (an optional minus and 1-18 digits, no fraction or
     exponent: it fits in 64 bits) or ``VALUE_OTHER`` (anything else: a float, true, null, an
     object, a longer integer, or a match right after a backslash). Vectorised over bytes."""
-    pattern = np.frombuffer(b'"' + key.encode("utf-8") + b'"', dtype=np.uint8)
+    pattern = b'"' + key.encode("utf-8") + b'"'
     buf = np.frombuffer(data, dtype=np.uint8)
     n, k = len(buf), len(pattern)
-    if n < k:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8)
-    hit = buf[: n - k + 1] == pattern[0]
-    for j in range(1, k):
-        hit &= buf[j : n - k + 1 + j] == pattern[j]
-    pos = np.flatnonzero(hit)
+    # candidates where the key's least common byte is, then the other bytes checked there
+    j = min(range(k), key=lambda i: _JSON_COMMON.find(pattern[i : i + 1]))
+    pos = np.flatnonzero(buf == pattern[j]) - j
+    pos = pos[(pos >= 0) & (pos <= n - k)]
+    for i in range(k):
+        if i != j:
+            pos = pos[buf[pos + i] == pattern[i]]
     colon = _skip(buf, pos + k, _WHITESPACE, 64)
     is_key = colon < n
     is_key[is_key] = buf[colon[is_key]] == ord(":")
@@ -643,6 +646,11 @@ class ChunkParser:
         self._ep_expr = _field(src.episode_key)
         self._t_expr = _field(src.step_key) if src.step_key else None
         self._steps_expr = _field(src.steps_key) if src.steps_key else None
+        # "NAME": followed by neither a string nor a short integer (NAME: the id key's last)
+        name = re.escape(src.episode_key.rsplit(".", 1)[-1].encode("utf-8"))
+        self._id_other = re.compile(
+            rb'"' + name + rb'"[ \t\r]*:[ \t\r]*(?!"|-?[0-9]{1,18}(?![0-9.eE]))'
+        )
 
     # ------------------------------------------------------------ polars parse
     def _read(self, data: bytes) -> pl.DataFrame:
@@ -733,15 +741,23 @@ class ChunkParser:
         """The JSON type of every row's episode id, as column ``ID_INT``.
 
         polars reads any id as text (the string "3", the integer 3 and the float 3.0 all
-        become "3"; an object its JSON), so the type comes from one scan of the chunk's
-        bytes for the key's last name (:func:`key_value_kinds`), the same for a nested key
-        as for a top-level one. Where that scan cannot tell for sure (another kind of value
-        under the same name on the line, an escaped key, a float, ...) the line goes to the
-        reference check, which rejects an id that is not a string or an integer, and
-        otherwise reads the type from the parsed record."""
+        become "3"; an object its JSON), so the type comes from the chunk's bytes, looked
+        at under the key's last name, the same for a nested key as for a top-level one.
+        When no id reads as an integer's text and that name is followed by nothing but
+        strings (one regex search), every id is a string. Otherwise one scan finds what
+        follows each occurrence of the name (:func:`key_value_kinds`); a line where that
+        cannot tell for sure (another kind of value under the same name, an escaped key, a
+        float, ...) goes to the reference check, which rejects an id that is not a string
+        or an integer, and otherwise reads the type from the parsed record."""
         if len(keep_idx) == 0:
             return df.with_columns(pl.Series(ID_INT, [], dtype=pl.Boolean)), keep_idx, []
         key = self.spec.source.episode_key
+        text = df.select(self._ep_expr).to_series()
+        looks_int = text.str.contains(r"^-?[0-9]+$").fill_null(False).to_numpy()
+        plain = not looks_int.any() and b"\\" not in chunk_data  # no escaped key either
+        if plain and self._id_other.search(chunk_data) is None:
+            # no id text an integer could give, no other kind of value: all strings
+            return df.with_columns(pl.lit(False).alias(ID_INT)), keep_idx, []
         pos, kind = key_value_kinds(chunk_data, key.rsplit(".", 1)[-1])
         line_starts = np.concatenate([[0], _newlines(chunk_data) + 1])
         at = np.searchsorted(line_starts, pos, side="right") - 1  # line of each match
@@ -750,8 +766,6 @@ class ChunkParser:
             np.bincount(at[kind == k], minlength=len(line_starts))[row_line]
             for k in (VALUE_STRING, VALUE_INTEGER, VALUE_OTHER)
         )
-        text = df.select(self._ep_expr).to_series()
-        looks_int = text.str.contains(r"^-?[0-9]+$").fill_null(False).to_numpy()
         unsure = (n_other > 0) | np.where(looks_int, (n_str > 0) == (n_int > 0), n_str == 0)
         if b"\\" in chunk_data:
             escaped = [m.start() for m in _ESCAPED_KEY.finditer(chunk_data)]
