@@ -259,7 +259,7 @@ def test_resumed_d3rlpy_stage_keeps_its_lr_schedule(
 
     a = torch.load(tmp_path / "full" / "checkpoints" / "final-d3rlpy.IQL.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoints" / "final-d3rlpy.IQL.pt", weights_only=True)
-    lr = a["algo_state"]["modules"]["actor_optim"]["optim"]["param_groups"][0]["lr"]
+    lr = a["optimizers"]["actor_optim"]["param_groups"][0]["lr"]
     assert lr < 1e-5  # the cosine schedule ran its course: 3e-4 at step 0, ~0 at T_max
-    assert b["algo_state"]["modules"]["actor_optim"]["optim"]["param_groups"][0]["lr"] == lr
+    assert b["optimizers"]["actor_optim"]["param_groups"][0]["lr"] == lr
     assert_same_state(a, b)
