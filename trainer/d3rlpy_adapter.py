@@ -206,7 +206,7 @@ def build_config(
     allowed = sorted(set(default) | set(_OWN_KEYS))
     merged = copy.deepcopy(default)
     if "gamma" in default:
-        merged["gamma"] = discount  # the store's discount unless the stage sets gamma
+        merged["gamma"] = discount  # the stage's gamma (its own, the run's or the store's)
     for key, value in params.items():
         if key in _OWN_KEYS:
             continue
