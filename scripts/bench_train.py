@@ -1,21 +1,26 @@
-"""Gradient steps per second of our BC / IQL / CQL against d3rlpy's, on the same data.
+"""Gradient steps per second of our BC / IQL / CQL against d3rlpy's, in float32, on the same data.
 
-    python scripts/bench_train.py            # ~15 s per algorithm and side, CPU (+ CUDA if present)
-    python scripts/bench_train.py --quick    # 2 s smoke run
+    python scripts/bench_train.py                  # ~12 s per algorithm and side, CPU (+ CUDA)
+    python scripts/bench_train.py --quick          # smoke run, ~1 s per algorithm and side
+    python scripts/bench_train.py --algos iql cql --actions continuous --steps 100 --rounds 6
 
-One synthetic dataset per action type is generated in memory (>= 1M transitions; obs 17;
-6 continuous actions in [-1, 1], or 6 discrete actions), in episodes of 1000 steps with
-some early terminations. Both sides use d3rlpy's default network sizes (256 x 256 hidden,
-twin critics for IQL / CQL, one for discrete CQL), batch 256, one CPU thread by default
-(the training configs' setting; ``--threads``), and each step includes
-drawing its batch: ours one index draw and one gather from the data packed in one
-matrix, d3rlpy ``sample_transition_batch`` on its replay buffer. Ours and d3rlpy's take
-turns in short rounds so a noisy machine slows both alike; what matters is the ratio.
+One synthetic dataset per action type is generated in memory (1M transitions by default;
+obs 17; 6 continuous actions in [-1, 1], or 6 discrete actions), in episodes of 1000 steps
+with some early terminations. Both sides use d3rlpy's default network sizes (256 x 256
+hidden, twin critics for IQL / CQL, one for discrete CQL), batch 256, one CPU thread by
+default (the training configs' setting; ``--threads``), and float32 arithmetic throughout
+(our ``compute_dtype`` and ``penalty_dtype`` pinned to float32, as the demo configs do;
+``--bf16`` adds rows with bfloat16 hidden layers for information, on devices with bf16
+units). Each step includes drawing its batch: ours from the training loop's own
+:class:`trainer.samplers.TransitionSampler` (one index draw, one gather), d3rlpy's from
+``sample_transition_batch`` on its replay buffer, as its ``fit`` does.
 
-Columns: steps/s of each side over the whole budget; ``ratio`` = ours / d3rlpy, the median
-over rounds of the ratio within a round (robust to bursts of load from other processes);
-``upd-ratio`` the same with the sampling time taken out of both sides (what the update
-alone gains); the issue's target and PASS / MISS on ``ratio``.
+The two sides take turns in short rounds (``--rounds``), so a machine shared with other
+work slows both alike. Columns: steps/s of each side over all its rounds, in CPU time
+(``time.process_time``: the time the process actually ran, which time-slicing with other
+processes does not inflate); ``ratio`` = ours / d3rlpy, the median over rounds of the ratio
+of CPU-time rates within a round; ``wall`` the same in wall-clock time; the target and
+PASS / MISS on ``ratio``. d3rlpy has no discrete IQL: that row shows ours alone.
 """
 
 from __future__ import annotations
@@ -38,90 +43,48 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.store import ActionSpace  # noqa: E402
-from trainer.algos import CONFIGS, AlgoContext, make_algorithm  # noqa: E402
-from trainer.algos.base import has_fast_bf16, resolve_dtype  # noqa: E402
-from trainer.batch import TransitionBatch  # noqa: E402
+from trainer.algos import AlgoContext, make_algorithm  # noqa: E402
+from trainer.algos.base import has_fast_bf16  # noqa: E402
+from trainer.samplers import DeviceTransitions, TransitionArrays, TransitionSampler  # noqa: E402
 
 OBS_DIM, ACT_DIM, N_DISCRETE, BATCH, EPISODE_LEN = 17, 6, 6, 256, 1000
 TARGETS = {"bc": 3.0, "iql": 2.5, "cql": 3.0}
+FLOAT32 = {"compute_dtype": "float32"}
 
 
 # ----------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class Dataset:
-    """Episodes laid end to end; ``next_observations[i]`` is the row after ``i`` in its episode."""
-
-    observations: np.ndarray  # (N, 17) float32
-    actions: np.ndarray  # (N, 6) float32 in [-1, 1], or (N,) int64
-    rewards: np.ndarray  # (N,) float32
-    next_observations: np.ndarray  # (N, 17) float32
-    terminated: np.ndarray  # (N,) bool
-    truncated: np.ndarray  # (N,) bool
-
-
-def make_dataset(n: int, discrete: bool, seed: int) -> Dataset:
+def make_dataset(n: int, discrete: bool, seed: int) -> TransitionArrays:
+    """Episodes of a smooth random walk laid end to end, 30% of them really ending."""
     rng = np.random.default_rng(seed)
     n_episodes = max(n // EPISODE_LEN, 1)
     n = n_episodes * EPISODE_LEN
-    # a smooth random walk per episode, with one extra row for the last next_observation
+    # one extra row per episode for the last next_observation
     steps = rng.standard_normal((n_episodes, EPISODE_LEN + 1, OBS_DIM), dtype=np.float32) * 0.1
     walk = np.cumsum(steps, axis=1)
-    obs = walk[:, :-1].reshape(n, OBS_DIM)
-    next_obs = walk[:, 1:].reshape(n, OBS_DIM)
     if discrete:
         actions: np.ndarray = rng.integers(0, N_DISCRETE, size=n, dtype=np.int64)
     else:
         actions = np.clip(rng.normal(0.0, 0.5, size=(n, ACT_DIM)), -1.0, 1.0).astype(np.float32)
-    rewards = rng.standard_normal(n, dtype=np.float32)
     terminated = np.zeros(n, dtype=bool)
     truncated = np.zeros(n, dtype=bool)
     last = np.arange(1, n_episodes + 1) * EPISODE_LEN - 1
-    ends_early = rng.random(n_episodes) < 0.3  # 30% really end (no bootstrap), the rest time out
+    ends_early = rng.random(n_episodes) < 0.3
     terminated[last[ends_early]] = True
     truncated[last[~ends_early]] = True
-    return Dataset(obs, actions, rewards, next_obs, terminated, truncated)
+    return TransitionArrays(
+        observations=walk[:, :-1].reshape(n, OBS_DIM),
+        actions=actions,
+        rewards=rng.standard_normal(n, dtype=np.float32),
+        next_observations=walk[:, 1:].reshape(n, OBS_DIM),
+        terminated=terminated,
+        truncated=truncated,
+        return_to_go=np.zeros(n, dtype=np.float32),  # unused by these algorithms
+        episode_start=np.arange(n_episodes, dtype=np.int64) * EPISODE_LEN,
+        episode_length=np.full(n_episodes, EPISODE_LEN, dtype=np.int64),
+    )
 
 
-class GatherSampler:
-    """The whole dataset as one (N, width) matrix on the device; a batch is one gather."""
-
-    def __init__(self, data: Dataset, device: torch.device, seed: int) -> None:
-        self.discrete = data.actions.ndim == 1
-        act = data.actions.reshape(len(data.rewards), -1).astype(np.float32)
-        columns = [
-            data.observations,
-            act,
-            data.rewards[:, None],
-            data.next_observations,
-            data.terminated[:, None].astype(np.float32),
-            data.truncated[:, None].astype(np.float32),
-            np.zeros_like(data.rewards)[:, None],  # return-to-go: unused by these algorithms
-        ]
-        widths = [c.shape[1] for c in columns]
-        self.bounds = np.cumsum([0, *widths]).tolist()
-        self.matrix = torch.from_numpy(np.concatenate(columns, axis=1)).to(device)
-        self.n = len(data.rewards)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.device = device
-
-    def sample(self, batch_size: int) -> TransitionBatch:
-        idx = torch.randint(self.n, (batch_size,), device=self.device, generator=self.generator)
-        rows = self.matrix.index_select(0, idx)
-        b = self.bounds
-        cols = [rows[:, b[i] : b[i + 1]] for i in range(len(b) - 1)]
-        actions = cols[1].squeeze(1).long() if self.discrete else cols[1]
-        return TransitionBatch(
-            observations=cols[0],
-            actions=actions,
-            rewards=cols[2].squeeze(1),
-            next_observations=cols[3],
-            terminated=cols[4].squeeze(1),
-            truncated=cols[5].squeeze(1),
-            return_to_go=cols[6].squeeze(1),
-        )
-
-
-def make_ctx(data: Dataset, discrete: bool, device: torch.device) -> AlgoContext:
+def make_ctx(data: TransitionArrays, discrete: bool, device: torch.device) -> AlgoContext:
     if discrete:
         space = ActionSpace("discrete", N_DISCRETE, None, None, None)
     else:
@@ -137,22 +100,33 @@ def make_ctx(data: Dataset, discrete: bool, device: torch.device) -> AlgoContext
 
 
 # ----------------------------------------------------------------------------- d3rlpy
-def d3rlpy_dataset(data: Dataset) -> Any:
+D3RLPY_NAMES = {
+    "bc-mse": "BC (deterministic)",
+    "bc-nll": "BC (stochastic)",
+    "iql": "IQL",
+    "cql": "CQL",
+    "discrete-bc": "DiscreteBC",
+    "discrete-cql": "DiscreteCQL",
+}
+
+
+def d3rlpy_dataset(data: TransitionArrays) -> Any:
     import d3rlpy
 
-    space = d3rlpy.ActionSpace.DISCRETE if data.actions.ndim == 1 else d3rlpy.ActionSpace.CONTINUOUS
+    discrete = data.actions.ndim == 1
     return d3rlpy.dataset.MDPDataset(
         observations=data.observations,
         actions=data.actions,
         rewards=data.rewards,
         terminals=data.terminated.astype(np.float32),
         timeouts=data.truncated.astype(np.float32),
-        action_space=space,
-        action_size=N_DISCRETE if data.actions.ndim == 1 else ACT_DIM,
+        action_space=d3rlpy.ActionSpace.DISCRETE if discrete else d3rlpy.ActionSpace.CONTINUOUS,
+        action_size=N_DISCRETE if discrete else ACT_DIM,
     )
 
 
 def d3rlpy_algo(kind: str, dataset: Any, device: torch.device) -> Any:
+    """d3rlpy's algorithm with its defaults (batch 256; float32, not compiled)."""
     import d3rlpy
 
     configs: dict[str, Callable[[], Any]] = {
@@ -170,55 +144,40 @@ def d3rlpy_algo(kind: str, dataset: Any, device: torch.device) -> Any:
 
 
 # ----------------------------------------------------------------------------- timing
+Step = Callable[[], Any]
+
+
 @dataclass
 class Tally:
-    steps: int = 0
-    seconds: float = 0.0
-    sample_seconds: float = 0.0
-    rounds: list[tuple[float, float]] = field(default_factory=list)  # (rate, update rate)
+    """Steps and times of one side, per round: (steps, cpu seconds, wall seconds)."""
 
-    @property
-    def rate(self) -> float:
-        return self.steps / self.seconds if self.seconds else float("nan")
+    rounds: list[tuple[int, float, float]] = field(default_factory=list)
 
-    @property
-    def update_rate(self) -> float:
-        spent = self.seconds - self.sample_seconds
-        return self.steps / spent if spent > 0 else float("nan")
+    def rate(self, which: int) -> float:
+        """Steps/s over all rounds; ``which`` 1 = CPU time, 2 = wall time."""
+        steps = sum(r[0] for r in self.rounds)
+        seconds = sum(r[which] for r in self.rounds)
+        return steps / seconds if seconds > 0 else float("nan")
+
+    def round_rates(self, which: int) -> list[float]:
+        return [r[0] / max(r[which], 1e-9) for r in self.rounds]
 
 
-def run_for(
-    tally: Tally,
-    seconds: float,
-    sample: Callable[[], Any],
-    update: Callable[[Any], Any],
-    sync: Callable[[], None],
-) -> None:
-    """Steps of ``update(sample())`` for ``seconds`` of wall time, added to ``tally``."""
+def run_round(tally: Tally, step: Step, seconds: float, steps: int | None, sync: Step) -> None:
+    """``step()`` for ``steps`` steps, or until ``seconds`` of CPU time; added to ``tally``."""
     sync()
-    start = time.perf_counter()
-    sampling = 0.0
-    steps = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    done = 0
     while True:
-        t0 = time.perf_counter()
-        batch = sample()
-        t1 = time.perf_counter()
-        update(batch)
-        sampling += t1 - t0
-        steps += 1
-        if time.perf_counter() - start >= seconds:
+        step()
+        done += 1
+        if steps is not None:
+            if done >= steps:
+                break
+        elif time.process_time() - cpu0 >= seconds:
             break
     sync()
-    elapsed = time.perf_counter() - start
-    tally.steps += steps
-    tally.seconds += elapsed
-    tally.sample_seconds += sampling
-    tally.rounds.append((steps / elapsed, steps / max(elapsed - sampling, 1e-9)))
-
-
-def median_ratio(ours: Tally, theirs: Tally, which: int) -> float:
-    """Median over rounds of ours / theirs; rounds alternate, so each pair shares the load."""
-    return float(np.median([a[which] / b[which] for a, b in zip(ours.rounds, theirs.rounds)]))
+    tally.rounds.append((done, time.process_time() - cpu0, time.perf_counter() - wall0))
 
 
 @dataclass
@@ -228,180 +187,174 @@ class Row:
     ours: Tally
     theirs: Tally | None
     target: float | None
-    note: str = ""
+    versus: str
+
+    def ratio(self, which: int) -> float:
+        """Median over rounds of ours / theirs (rounds alternate, so each pair shares the load)."""
+        if self.theirs is None:
+            return float("nan")
+        pairs = zip(self.ours.round_rates(which), self.theirs.round_rates(which))
+        return float(np.median([a / b for a, b in pairs]))
+
+    @property
+    def result(self) -> str:
+        if self.theirs is None:
+            return "-"
+        if self.target is None:
+            return "(info)"
+        return "PASS" if self.ratio(1) >= self.target else "MISS"
 
 
 def compare(
-    label: str,
-    action: str,
-    ours: tuple[Callable[[], Any], Callable[[Any], Any]],
-    theirs: tuple[Callable[[], Any], Callable[[Any], Any]] | None,
-    target: float | None,
-    seconds: float,
-    rounds: int,
-    sync: Callable[[], None],
-    note: str = "",
-) -> Row:
+    ours: Step,
+    theirs: Step | None,
+    args: argparse.Namespace,
+    sync: Step,
+) -> tuple[Tally, Tally | None]:
     mine, other = Tally(), (Tally() if theirs is not None else None)
-    for side in (ours, theirs):  # warm-up: first steps allocate, fill caches, compile
+    for side in (ours, theirs):  # warm-up: first steps allocate and fill caches
         if side is not None:
-            sample, update = side
-            for _ in range(5):
-                update(sample())
-    for _ in range(rounds):
-        run_for(mine, seconds / rounds, *ours, sync)
+            for _ in range(args.warmup):
+                side()
+    for _ in range(args.rounds):
+        run_round(mine, ours, args.seconds / args.rounds, args.steps, sync)
         if theirs is not None and other is not None:
-            run_for(other, seconds / rounds, *theirs, sync)
-    row = Row(label, action, mine, other, target, note)
-    print_row(row)
-    return row
+            run_round(other, theirs, args.seconds / args.rounds, args.steps, sync)
+    return mine, other
+
+
+def fmt(value: float, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if np.isnan(value) else f"{value:{width}{spec}}"
 
 
 HEADER = (
-    f"{'algo':<26} {'actions':<10} {'ours/s':>8} {'d3rlpy/s':>9} {'ratio':>6} "
-    f"{'upd-ratio':>9} {'target':>7}  result"
+    f"{'algo':<18} {'actions':<10} {'ours/s':>8} {'d3rlpy/s':>9} {'ratio':>6} {'wall':>6} "
+    f"{'target':>7}  result  versus"
 )
 
 
-def print_row(row: Row) -> None:
-    theirs = f"{row.theirs.rate:9.1f}" if row.theirs else f"{'-':>9}"
-    if row.theirs:
-        ratio = median_ratio(row.ours, row.theirs, 0)
-        upd = median_ratio(row.ours, row.theirs, 1)
-        ratio_s, upd_s = f"{ratio:6.2f}", f"{upd:9.2f}"
-    else:
-        ratio, ratio_s, upd_s = float("nan"), f"{'-':>6}", f"{'-':>9}"
+def row_line(row: Row) -> str:
+    theirs = row.theirs.rate(1) if row.theirs else float("nan")
     target = f"{row.target:6.1f}x" if row.target else f"{'-':>7}"
-    if row.target and row.theirs:
-        result = "PASS" if ratio >= row.target else "MISS"
-    else:
-        result = "-" if row.theirs is None else "(info)"
-    note = f"  {row.note}" if row.note else ""
-    print(
-        f"{row.algo:<26} {row.action:<10} {row.ours.rate:8.1f} {theirs} {ratio_s} {upd_s} "
-        f"{target}  {result}{note}",
-        flush=True,
+    return (
+        f"{row.algo:<18} {row.action:<10} {fmt(row.ours.rate(1), '.1f', 8)} "
+        f"{fmt(theirs, '.1f', 9)} {fmt(row.ratio(1), '.2f', 6)} {fmt(row.ratio(2), '.2f', 6)} "
+        f"{target}  {row.result:<6}  {row.versus}"
     )
 
 
-# ----------------------------------------------------------------------------- main
-Plan = list[tuple[str, str, dict[str, Any], str | None, float | None, str]]
-Side = tuple[Callable[[], Any], Callable[[Any], Any]]
-
-
-def dtype_name(value: str, device: torch.device) -> str:
-    return str(resolve_dtype(value, device)).removeprefix("torch.")
-
-
-def plan_for(discrete: bool, device: torch.device) -> Plan:
-    """(label, our algorithm, our config, d3rlpy counterpart, target, note) per row.
-
-    Rows with a target run our defaults; the "(info)" rows run the other matmul precision
-    for comparison (bfloat16 where the default is float32 and the device has bf16 units).
-    """
-    bf16 = has_fast_bf16(device)
-
-    def default_dtype(name: str, field: str = "compute_dtype") -> str:
-        return dtype_name(getattr(CONFIGS[name](), field), device)
-
-    def other(name: str, base: dict[str, Any], d3: str | None, note: str) -> Plan:
-        current = default_dtype(name)
-        alt = "float32" if current == "bfloat16" else "bfloat16"
-        if alt == "bfloat16" and not bf16:
-            return []
-        label = f"{name}{' (' + base['loss'] + ')' if 'loss' in base else ''} [{alt}]"
-        return [(label, name, {**base, "compute_dtype": alt}, d3, None, note)]
-
-    def row(name: str, base: dict[str, Any], d3: str | None, note: str) -> Plan:
-        label = f"{name}{' (' + base['loss'] + ')' if 'loss' in base else ''}"
-        target = TARGETS[name] if d3 is not None else None
-        return [(label, name, base, d3, target, f"{note} [{default_dtype(name)}]".strip())]
-
-    if discrete:
-        return [
-            *row("bc", {}, "discrete-bc", "vs DiscreteBC"),
-            *other("bc", {}, "discrete-bc", "vs DiscreteBC"),
-            *row("iql", {}, None, "(d3rlpy has no discrete IQL)"),
-            *row("cql", {}, "discrete-cql", "vs DiscreteCQL"),
-            *other("cql", {}, "discrete-cql", "vs DiscreteCQL"),
-        ]
-    penalty = default_dtype("cql", "penalty_dtype")
-    return [
-        *row("bc", {"loss": "mse"}, "bc-mse", "vs BC deterministic"),
-        *other("bc", {"loss": "mse"}, "bc-mse", "vs BC deterministic"),
-        *row("bc", {"loss": "nll"}, "bc-nll", "vs BC stochastic"),
-        *row("iql", {}, "iql", "vs IQL"),
-        *other("iql", {}, "iql", "vs IQL"),
-        *row("cql", {}, "cql", f"vs CQL, penalty {penalty}"),
-        (
-            "cql [all float32]",
-            "cql",
-            {"compute_dtype": "float32", "penalty_dtype": "float32"},
-            "cql",
-            None,
-            "vs CQL",
-        ),
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| algo | actions | ours steps/s | d3rlpy steps/s | ours / d3rlpy | (wall clock) | target | result |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
+    for r in rows:
+        theirs = f"{r.theirs.rate(1):.1f}" if r.theirs else "-"
+        ratio = f"{r.ratio(1):.2f}x" if r.theirs else r.versus
+        wall = f"{r.ratio(2):.2f}x" if r.theirs else "-"
+        target = f">= {r.target:g}x" if r.target else "-"
+        lines.append(
+            f"| {r.algo} | {r.action} | {r.ours.rate(1):.1f} | {theirs} | {ratio} | {wall} | "
+            f"{target} | {r.result} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Case:
+    label: str
+    name: str  # our algorithm
+    config: dict[str, Any]
+    d3rlpy: str | None  # key of D3RLPY_NAMES, None = no counterpart
+    target: float | None  # None: an information row
+
+
+def plan_for(discrete: bool, device: torch.device, bf16: bool) -> list[Case]:
+    """Target rows run float32; ``bf16`` adds bfloat16 rows (information only)."""
+    f32_cql = {**FLOAT32, "penalty_dtype": "float32"}
+    if discrete:
+        cases = [
+            Case("bc", "bc", FLOAT32, "discrete-bc", TARGETS["bc"]),
+            Case("iql", "iql", FLOAT32, None, None),
+            Case("cql", "cql", FLOAT32, "discrete-cql", TARGETS["cql"]),
+        ]
+    else:
+        cases = [
+            Case("bc (mse)", "bc", {**FLOAT32, "loss": "mse"}, "bc-mse", TARGETS["bc"]),
+            Case("bc (nll)", "bc", {**FLOAT32, "loss": "nll"}, "bc-nll", TARGETS["bc"]),
+            Case("iql", "iql", FLOAT32, "iql", TARGETS["iql"]),
+            Case("cql", "cql", f32_cql, "cql", TARGETS["cql"]),
+        ]
+    if bf16 and has_fast_bf16(device):
+        low = {"compute_dtype": "bfloat16"}
+        extra = [
+            Case(f"{c.label} [bf16]", c.name, {**c.config, **low}, c.d3rlpy, None)
+            for c in cases
+            if c.d3rlpy is not None
+        ]
+        if not discrete:  # CQL's sampled-action penalty too
+            extra[-1] = Case("cql [bf16]", "cql", {**low, "penalty_dtype": "bfloat16"}, "cql", None)
+        cases += extra
+    return cases
+
+
+def ours_step(algo: Any, sampler: TransitionSampler) -> Step:
+    return lambda: algo.update(sampler.sample())
+
+
+def d3rlpy_step(algo: Any, dataset: Any) -> Step:
+    return lambda: algo.update(dataset.sample_transition_batch(BATCH))
 
 
 def bench_action_type(
-    device: torch.device, discrete: bool, args: argparse.Namespace, sync: Callable[[], None]
+    device: torch.device, discrete: bool, args: argparse.Namespace, sync: Step
 ) -> list[Row]:
     action = "discrete" if discrete else "continuous"
+    cases = [c for c in plan_for(discrete, device, args.bf16) if c.name in args.algos]
+    if not cases:
+        return []
     t0 = time.perf_counter()
     data = make_dataset(args.transitions, discrete, seed=0)
-    sampler = GatherSampler(data, device, seed=0)
+    sampler = TransitionSampler(DeviceTransitions(data, device=device), BATCH, seed=0)
     ctx = make_ctx(data, discrete, device)
     d3_data = None if args.no_d3rlpy else d3rlpy_dataset(data)
     print(
-        f"-- {action}: {len(data.rewards):,} transitions generated and loaded in "
+        f"-- {action}: {data.n_transitions:,} transitions generated and loaded in "
         f"{time.perf_counter() - t0:.1f} s",
         flush=True,
     )
     print(HEADER, flush=True)
 
-    def ours(name: str, config: dict[str, Any]) -> Side:
-        torch.manual_seed(0)
-        algo = make_algorithm(name, ctx, config)
-        return (lambda: sampler.sample(BATCH)), algo.update
-
-    def theirs(kind: str | None) -> Side | None:
-        if d3_data is None or kind is None:
-            return None
-        algo = d3rlpy_algo(kind, d3_data, device)
-        return (lambda: d3_data.sample_transition_batch(BATCH)), algo.update
-
     rows = []
-    for label, name, config, kind, target, note in plan_for(discrete, device):
-        if args.algos and name not in args.algos:
-            continue
-        rows.append(
-            compare(
-                label,
-                action,
-                ours(name, config),
-                theirs(kind),
-                target,
-                seconds=args.seconds,
-                rounds=args.rounds,
-                sync=sync,
-                note=note,
-            )
-        )
+    for case in cases:
+        torch.manual_seed(0)
+        ours = ours_step(make_algorithm(case.name, ctx, dict(case.config)), sampler)
+        theirs = None
+        if d3_data is not None and case.d3rlpy is not None:
+            theirs = d3rlpy_step(d3rlpy_algo(case.d3rlpy, d3_data, device), d3_data)
+        versus = f"vs {D3RLPY_NAMES[case.d3rlpy]}" if case.d3rlpy else "d3rlpy has no discrete IQL"
+        mine, other = compare(ours, theirs, args, sync)
+        row = Row(case.label, action, mine, other, case.target if theirs else None, versus)
+        print(row_line(row), flush=True)
+        rows.append(row)
     return rows
 
 
 def bench_device(device: torch.device, args: argparse.Namespace) -> list[Row]:
+    budget = f"{args.steps} steps" if args.steps else f"{args.seconds:g} s CPU time"
     print(
-        f"\n== device: {describe(device)} | batch {BATCH} | hidden 256x256 | "
-        f"{args.seconds:g} s each side"
+        f"\n== device: {describe(device)} | batch {BATCH} | hidden 256x256 | float32 | "
+        f"{budget} per side in {args.rounds} alternating rounds",
+        flush=True,
     )
-    sync: Callable[[], None] = (
+    sync: Step = (
         (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     )
     rows: list[Row] = []
     for discrete in (False, True):
-        rows += bench_action_type(device, discrete, args, sync)
+        if args.actions in ("both", "discrete" if discrete else "continuous"):
+            rows += bench_action_type(device, discrete, args, sync)
     return rows
 
 
@@ -422,21 +375,23 @@ def quiet_d3rlpy() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--quick", action="store_true", help="1 s per side in 2 rounds, 100k rows")
     parser.add_argument(
-        "--quick", action="store_true", help="2 s per algorithm and side (smoke run)"
+        "--seconds", type=float, default=None, help="CPU time per side and row (default 12)"
     )
     parser.add_argument(
-        "--seconds", type=float, default=None, help="wall-clock budget per side (default 15)"
+        "--steps", type=int, default=None, help="steps per round and side instead of --seconds"
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="alternating rounds per budget (default 10)"
+        "--rounds", type=int, default=None, help="alternating rounds per row (default 8)"
     )
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per side first")
     parser.add_argument(
-        "--transitions", type=int, default=1_000_000, help="dataset size (>= 1M for the report)"
+        "--transitions", type=int, default=None, help="dataset size (default 1M; --quick 100k)"
     )
     parser.add_argument(
         "--threads",
@@ -445,13 +400,32 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads (default 1, as the training configs use; 0 = torch's default)",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--algos", nargs="*", choices=["bc", "iql", "cql"], help="only these")
+    parser.add_argument(
+        "--algos", nargs="*", choices=["bc", "iql", "cql"], default=["bc", "iql", "cql"]
+    )
+    parser.add_argument(
+        "--actions", choices=["both", "continuous", "discrete"], default="both", help="which rows"
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="add bfloat16 rows (devices with bf16 units only)"
+    )
     parser.add_argument("--no-d3rlpy", action="store_true", help="time ours only")
     args = parser.parse_args(argv)
     if args.seconds is None:
-        args.seconds = 2.0 if args.quick else 15.0
+        args.seconds = 1.0 if args.quick else 12.0
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 10
+        args.rounds = 2 if args.quick else 8
+    if args.transitions is None:
+        args.transitions = 100_000 if args.quick else 1_000_000
+    for name in ("seconds", "rounds", "transitions", "steps"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} must be > 0, got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if not args.no_d3rlpy:
@@ -476,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         devices.append(torch.device("cuda"))
     print(f"bench_train: {args.transitions:,} transitions per dataset, batch {BATCH}")
     for device in devices:
-        bench_device(device, args)
+        rows = bench_device(device, args)
+        if rows:
+            print(f"\n{describe(device)}, float32, ours / d3rlpy in steps/s (CPU time):")
+            print(markdown(rows), flush=True)
     return 0
 
 
