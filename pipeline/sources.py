@@ -113,21 +113,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Chunk:
-    data: bytes  # whole lines, each ending in b"\n" (one is added to a last line without it)
-    first_line: int  # 1-based line number of the first line in ``data``
-    starts: np.ndarray  # (L,) int64 byte offset of each line in ``data``
-    ends: np.ndarray  # (L,) int64 byte offset of each line's "\n"
-
-    @property
-    def n_lines(self) -> int:
-        return len(self.starts)
-
-    def line(self, i: int) -> bytes:
-        return self.data[self.starts[i] : self.ends[i]]
-
-
 def _split_lines(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     buf = np.frombuffer(data, dtype=np.uint8)
     ends = np.flatnonzero(buf == 10).astype(np.int64)
@@ -136,6 +121,52 @@ def _split_lines(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         starts[0] = 0
         starts[1:] = ends[:-1] + 1
     return starts, ends
+
+
+@dataclass
+class Chunk:
+    """A run of whole lines of one input file.
+
+    Only the bytes and the number of the first line are kept (and sent to a worker
+    process); where each line starts and ends is found when first asked for."""
+
+    data: bytes  # whole lines, each ending in b"\n" (one is added to a last line without it)
+    first_line: int  # 1-based line number of the first line in ``data``
+    _bounds: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """(L,) int64 byte offset of each line in ``data``."""
+        return self._lines()[0]
+
+    @property
+    def ends(self) -> np.ndarray:
+        """(L,) int64 byte offset of each line's ``\n``."""
+        return self._lines()[1]
+
+    def _lines(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._bounds is None:
+            self._bounds = _split_lines(self.data)
+        return self._bounds
+
+    @property
+    def n_lines(self) -> int:
+        return self.data.count(b"\n") if self._bounds is None else len(self._bounds[0])
+
+    def line(self, i: int) -> bytes:
+        """The i-th line (0-based in the chunk), without its newline."""
+        return self.data[self.starts[i] : self.ends[i]]
+
+    def nonblank(self) -> np.ndarray:
+        """Indices of the lines that hold something besides whitespace."""
+        buf = np.frombuffer(self.data, dtype=np.uint8)
+        starts, ends = self.starts, self.ends
+        first = buf[np.minimum(starts, len(buf) - 1)] if len(buf) else np.zeros(0, np.uint8)
+        ws_first = (ends == starts) | (first == 32) | (first == 9) | (first == 13)
+        keep = ~ws_first
+        for i in np.flatnonzero(ws_first):  # rare: lines that start with whitespace
+            keep[i] = bool(self.data[starts[i] : ends[i]].strip())
+        return np.flatnonzero(keep)
 
 
 def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]:
@@ -159,10 +190,9 @@ def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]
                     carry = data
                     continue
                 carry = data[cut + 1 :]
-                data = data[: cut + 1]
-                starts, ends = _split_lines(data)
-                yield Chunk(data, line_no, starts, ends)
-                line_no += len(starts)
+                chunk = Chunk(data[: cut + 1], line_no)
+                yield chunk
+                line_no += chunk.n_lines
         except (OSError, EOFError) as e:
             raise BuildError(
                 f"{src.display}: cannot decompress ({e}); the file is corrupt or truncated"
@@ -174,9 +204,7 @@ def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]
                 ) from None
             raise
         if carry:
-            data = carry + b"\n"
-            starts, ends = _split_lines(data)
-            yield Chunk(data, line_no, starts, ends)
+            yield Chunk(carry + b"\n", line_no)
         hashing.read_rest()
         src.sha256 = hashing.hasher.hexdigest()
 
