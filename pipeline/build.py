@@ -26,7 +26,7 @@ def build(spec_path: str | Path, out_dir: str | Path = "stores", **options: Any)
     """Build (or find up to date) the store for ``spec_path`` under ``out_dir/NAME``.
 
     ``options`` go to the kind's builder: ``force``, ``max_bad_fraction``, ``chunk_bytes``,
-    ``progress`` for every kind, and the kind's own tuning knobs."""
+    ``progress``, ``workers`` for every kind, and the kind's own tuning knobs."""
     kind = spec_kind(spec_path, KINDS)
     return store_kind(kind, str(spec_path)).build(spec_path, out_dir, **options)
 
@@ -60,10 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="input read per chunk, MiB (memory ~ a few times this)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that parse and check the input (default: the CPUs, at most 8; "
+        "1: this process only); the store is the same for any number",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary")
     args = p.parse_args(argv)
     if args.max_bad_fraction is not None and not 0.0 <= args.max_bad_fraction <= 1.0:
         print("error: --max-bad-fraction must be between 0 and 1", file=sys.stderr)
+        return 2
+    if args.workers is not None and args.workers < 1:
+        print("error: --workers must be 1 or more", file=sys.stderr)
         return 2
     try:
         result = build(
@@ -72,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             max_bad_fraction=args.max_bad_fraction,
             chunk_bytes=args.chunk_mb << 20,
+            workers=args.workers,
         )
     except (SpecError, BuildError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)

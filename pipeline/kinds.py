@@ -35,8 +35,10 @@ class StoreKind(Protocol):
         max_bad_fraction: float | None = None,
         chunk_bytes: int = 16 << 20,
         progress: bool | None = None,
+        workers: int | None = None,
     ) -> BuildResult:
-        """Build (or find up to date) the store of ``spec_path`` under ``out_dir/NAME``."""
+        """Build (or find up to date) the store of ``spec_path`` under ``out_dir/NAME``;
+        ``workers``: processes the build may use (None: the kind's default)."""
         ...
 
     def summary_lines(self, result: BuildResult) -> list[str]:

@@ -493,11 +493,12 @@ def build(
     max_bad_fraction: float | None = None,
     chunk_bytes: int | None = None,
     progress: bool | None = None,
+    workers: int | None = None,
 ) -> BuildResult:
     """Build (or find up to date) the segment store for ``spec_path`` under ``out_dir/NAME``.
 
-    ``chunk_bytes`` and ``progress`` are accepted for the common ``build`` signature; a
-    segment build reads whole files and is short enough to show no bar.
+    ``chunk_bytes``, ``progress`` and ``workers`` are accepted for the common ``build``
+    signature; a segment build reads whole files in this process and shows no bar.
     """
     t0 = time.perf_counter()
     spec = load_segment_spec(spec_path)

@@ -207,13 +207,11 @@ class ColumnSink:
         return {name: h.hexdigest() for name, h in self._hash.items()}
 
     def read_column(self, c: ColumnInfo, start: int, stop: int) -> np.ndarray:
-        width = max(c.width, 1)
-        item = c.dtype.itemsize * width
-        with (self.directory / f"{c.name}.bin").open("rb") as f:
-            f.seek(start * item)
-            buf = f.read((stop - start) * item)
-        arr = np.frombuffer(buf, dtype=c.dtype)
-        return arr.reshape(-1, width) if c.width > 0 else arr
+        return read_column(self.directory, c, start, stop)
+
+    def files(self) -> ColumnFiles:
+        """What a merge needs of a closed sink (picklable: it crosses processes)."""
+        return ColumnFiles(self.directory, self.columns, self.episodes, self.rows)
 
     def episodes_table(self) -> pa.Table:
         e = self.episodes
@@ -231,6 +229,30 @@ class ColumnSink:
                 "source_line": pa.array([x["source_line"] for x in e], pa.int64()),
             }
         )
+
+
+def read_column(directory: Path, c: ColumnInfo, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of the raw column file of ``c`` in ``directory``."""
+    width = max(c.width, 1)
+    item = c.dtype.itemsize * width
+    with (directory / f"{c.name}.bin").open("rb") as f:
+        f.seek(start * item)
+        buf = f.read((stop - start) * item)
+    arr = np.frombuffer(buf, dtype=c.dtype)
+    return arr.reshape(-1, width) if c.width > 0 else arr
+
+
+@dataclass
+class ColumnFiles:
+    """The column files and episode rows of a closed :class:`ColumnSink` (a spilled run)."""
+
+    directory: Path
+    columns: list[ColumnInfo]
+    episodes: list[dict[str, Any]]
+    rows: int
+
+    def read_column(self, c: ColumnInfo, start: int, stop: int) -> np.ndarray:
+        return read_column(self.directory, c, start, stop)
 
 
 # --------------------------------------------------------------------------- hashing

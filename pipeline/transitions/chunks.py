@@ -1,0 +1,319 @@
+"""The per-chunk work of a transition build, as pure functions of ``(context, task)``.
+
+These functions are the same whether :class:`pipeline.engine.LocalEngine` runs them in
+the building process or in a worker process (and the same a distributed engine would
+run): each reads only its arguments and the files they name, returns compact NumPy /
+Arrow results, and writes only the files its task names, whole or not at all, so that a
+task run twice writes the same bytes.
+
+* :func:`episode_chunk` (episode_per_line): parse and check a chunk of lines and build
+  the transitions of its episodes;
+* :func:`step_chunk` (step_per_line): parse and check a chunk; its steps are returned, or
+  spilled to one Arrow file per chunk holding one record batch per hash bucket of
+  episode ids, so that a bucket holds whole episodes;
+* :func:`bucket_transitions` and :func:`bucket_run` (step_per_line): the transitions of
+  the episodes of one bucket, once every chunk has been read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from data_specs.schema import TransitionSpec
+from pipeline.sources import Chunk
+from pipeline.transitions.episodes import Transitions, build_transitions
+from pipeline.transitions.parse import (
+    EPISODE_REJECTED,
+    ChunkParser,
+    ParsedSteps,
+    Rejected,
+    get_path,
+    is_episode_id,
+    parse_line,
+)
+from pipeline.transitions.writer import ColumnFiles, ColumnSink
+
+# A record quarantined once its episode is known: (file index, line, reason, detail, id).
+Deferred = tuple[int, int, str, str, str | None]
+
+
+@dataclass
+class BuildContext:
+    """What every task of one build shares; sent once to each worker process."""
+
+    spec: TransitionSpec  # observation shape resolved (parse.infer_shapes)
+    source_names: list[str]  # display name of each input file, by file index
+    n_buckets: int = 1  # step_per_line: hash buckets of episode ids
+    spill_dir: Path | None = None  # step_per_line: where step_chunk spills (None: in memory)
+    _parser: ChunkParser | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def parser(self) -> ChunkParser:
+        if self._parser is None:  # built once per process
+            self._parser = ChunkParser(self.spec)
+        return self._parser
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_parser": None}
+
+    def build(self, steps: ParsedSteps, file_idx: np.ndarray, sorted_by_line: bool) -> Transitions:
+        """:func:`build_transitions` with the spec's end reasons and discount."""
+        end = self.spec.fields.end
+        return build_transitions(
+            steps,
+            file_idx,
+            sorted_by_line=sorted_by_line,
+            terminated_reasons=end.terminated if end else (),
+            truncated_reasons=end.truncated if end else (),
+            gamma=self.spec.store.discount,
+        )
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    index: int  # position of the chunk in the build (names its spill file)
+    file_index: int
+    chunk: Chunk
+    exclude: tuple[int, ...] = ()  # episode_per_line: lines left out (duplicate ids)
+
+
+@dataclass
+class ChunkInfo:
+    """What a chunk tells the build besides its steps."""
+
+    records: int  # non-blank lines
+    blank_lines: int
+    steps_read: int  # step rows that passed the checks
+    rejected: list[Rejected]  # in line order, each with its episode id where it has one
+
+
+def parse_chunk(ctx: BuildContext, chunk: Chunk) -> tuple[ParsedSteps, ChunkInfo]:
+    """The checked step rows of a chunk, and its rejected lines."""
+    nb = chunk.nonblank()
+    steps, rejected = ctx.parser.parse(
+        chunk.data, chunk.first_line + nb, lambda i: chunk.line(int(nb[i])), chunk.first_line
+    )
+    key = ctx.spec.source.episode_key
+    for r in rejected:
+        r.episode_id = episode_id_of(r.raw, key)
+    return steps, ChunkInfo(len(nb), chunk.n_lines - len(nb), len(steps), rejected)
+
+
+def episode_id_of(raw: bytes, key: str) -> str | None:
+    """The episode id of a raw record, if it can be read and is a string or an integer."""
+    try:
+        obj = parse_line(raw)
+    except Exception:  # noqa: BLE001 - unreadable: no episode to name
+        return None
+    v = get_path(obj, key)
+    return str(v) if is_episode_id(v) else None
+
+
+# --------------------------------------------------------------------------- episode_per_line
+
+
+@dataclass
+class EpisodeChunk(ChunkInfo):
+    transitions: Transitions | None = None  # None: no line of the chunk had a valid step
+
+
+def episode_chunk(ctx: BuildContext, task: ChunkTask) -> EpisodeChunk:
+    """episode_per_line: the chunk's lines are whole episodes; build them (except the lines
+    in ``task.exclude``). Episodes rejected by the build join ``rejected``, in line order."""
+    chunk = task.chunk
+    steps, info = parse_chunk(ctx, chunk)
+    if task.exclude:
+        steps = steps.subset(~np.isin(steps.line, np.asarray(task.exclude, dtype=np.int64)))
+    out = EpisodeChunk(**info.__dict__)
+    if len(steps) == 0:
+        return out
+    tr = ctx.build(steps, np.full(len(steps), task.file_index, dtype=np.int64), True)
+    for rej in tr.rejected:
+        ln = int(steps.line[rej.rows[0]])
+        raw = chunk.line(ln - chunk.first_line)
+        out.rejected.append(Rejected(ln, rej.reason, rej.detail, raw, rej.episode_id))
+    out.rejected.sort(key=lambda r: r.line)
+    out.transitions = tr
+    return out
+
+
+# --------------------------------------------------------------------------- step_per_line
+
+
+@dataclass
+class StepChunk(ChunkInfo):
+    steps: ParsedSteps | None = None  # not spilled: the chunk's steps
+    spill: Path | None = None  # spilled: the chunk's file, one record batch per bucket
+    buckets: list[int] = field(default_factory=list)  # the bucket of each batch, in order
+
+
+def bucket_of(ids: pl.Series, n: int) -> np.ndarray:
+    """The spill bucket of each episode id (the same in every process)."""
+    if n == 1:
+        return np.zeros(len(ids), dtype=np.int64)
+    return (ids.hash(seed=0) % n).to_numpy().astype(np.int64)
+
+
+def step_chunk(ctx: BuildContext, task: ChunkTask) -> StepChunk:
+    """step_per_line: the chunk's checked steps, returned or spilled by bucket."""
+    steps, info = parse_chunk(ctx, task.chunk)
+    out = StepChunk(**info.__dict__)
+    if ctx.spill_dir is None:
+        out.steps = steps
+        return out
+    if len(steps) == 0:
+        return out
+    bucket = bucket_of(steps.episode_id, ctx.n_buckets)
+    order = np.argsort(bucket, kind="stable")  # by bucket, then line
+    bucket = bucket[order]
+    cuts = np.flatnonzero(np.diff(bucket)) + 1
+    batch = _steps_to_batch(steps, task.file_index).take(pa.array(order))
+    path = ctx.spill_dir / f"chunk-{task.index:06d}.arrow"
+    partial = path.with_suffix(".partial")
+    with pa.OSFile(str(partial), "wb") as f, pa.ipc.new_file(f, batch.schema) as w:
+        for start, stop in zip(np.r_[0, cuts], np.r_[cuts, len(bucket)]):
+            w.write_batch(batch.slice(int(start), int(stop - start)))
+    os.replace(partial, path)
+    out.spill, out.buckets = path, bucket[np.r_[0, cuts]].tolist()
+    return out
+
+
+@dataclass(frozen=True)
+class BucketTask:
+    bucket: int
+    parts: list[tuple[Path, int]]  # (spill file, batch index) of its steps, in chunk order
+    rejected: dict[str, str]  # ids of this bucket that a record got rejected -> why
+    run_dir: Path | None = None  # bucket_run: where the run's column files go
+
+
+@dataclass
+class BucketResult:
+    deferred: list[Deferred]  # records quarantined now that their episodes are known
+    counts: Counter[str]
+    transitions: Transitions | None = None  # bucket_transitions
+    run: ColumnFiles | None = None  # bucket_run: the transitions, as column files
+
+
+def load_bucket(parts: list[tuple[Path, int]]) -> tuple[ParsedSteps, np.ndarray]:
+    """The spilled steps of one bucket (and the file index of each), in chunk order."""
+    batches = []
+    for path, i in parts:
+        with pa.memory_map(str(path)) as source:
+            batches.append(pa.ipc.open_file(source).get_batch(i))
+    return _batch_to_steps(pa.Table.from_batches(batches))
+
+
+def bucket_transitions(
+    ctx: BuildContext, steps: ParsedSteps, file_idx: np.ndarray, rejected: dict[str, str]
+) -> BucketResult:
+    """The transitions of whole episodes (step_per_line, any row order). Records of an
+    episode that a record was rejected from go too (``rejected``: id -> why)."""
+    deferred: list[Deferred] = []
+    if rejected and len(steps):
+        bad = steps.episode_id.is_in(list(rejected)).to_numpy()
+        ids = steps.episode_id.to_list()
+        for i in np.flatnonzero(bad):
+            ep = ids[i]
+            detail = f"episode {ep} was rejected by another record ({rejected[ep]})"
+            deferred.append((int(file_idx[i]), int(steps.line[i]), EPISODE_REJECTED, detail, ep))
+        if bad.any():
+            steps, file_idx = steps.subset(~bad), file_idx[~bad]
+    tr = ctx.build(steps, file_idx, False)
+    for rej in tr.rejected:
+        detail = f"episode {rej.episode_id}: {rej.detail}"
+        for row in rej.rows:
+            line = int(steps.line[row])
+            deferred.append((int(file_idx[row]), line, rej.reason, detail, rej.episode_id))
+    return BucketResult(deferred, tr.counts, transitions=tr)
+
+
+def bucket_run(ctx: BuildContext, task: BucketTask) -> BucketResult:
+    """One spilled bucket: its transitions written as a run of column files to
+    ``task.run_dir`` (merged with the other runs in first-appearance order afterwards)."""
+    assert task.run_dir is not None
+    steps, file_idx = load_bucket(task.parts)
+    result = bucket_transitions(ctx, steps, file_idx, task.rejected)
+    assert result.transitions is not None
+    lay = ctx.parser.layout
+    discrete = ctx.spec.fields.action.type == "discrete"
+    sink = ColumnSink(task.run_dir, lay.obs_dim, discrete, lay.act_dim or 0, track=False)
+    try:
+        sink.append(result.transitions, ctx.source_names)
+    finally:
+        sink.close()
+    result.transitions, result.run = None, sink.files()
+    return result
+
+
+# --------------------------------------------------------------------------- spill format
+
+
+def _fixed(a: np.ndarray) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(a).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, a.shape[1])
+
+
+def _steps_to_batch(s: ParsedSteps, file_idx: int) -> pa.RecordBatch:
+    cols: dict[str, pa.Array] = {
+        "ep": s.episode_id.to_arrow(compat_level=pl.CompatLevel.oldest()),
+        "ep_int": pa.array(s.id_int),
+        "t": pa.array(s.t),
+        "obs": _fixed(s.obs),
+        "act": _fixed(s.act) if s.act.ndim == 2 else pa.array(s.act),
+        "rew": pa.array(s.rew),
+        "term": pa.array(s.term),
+        "trunc": pa.array(s.trunc),
+        "line": pa.array(s.line),
+        "file": pa.array(np.full(len(s), file_idx, dtype=np.int32)),
+    }
+    if s.end is not None:
+        cols["end"] = pa.array(list(s.end), pa.string())
+    if s.fobs is not None and s.fobs_present is not None:
+        # sparse: a list per row, empty where the row has no final observation
+        d = s.obs.shape[1]
+        offsets = np.concatenate([[0], np.cumsum(s.fobs_present.astype(np.int32) * d)])
+        cols["fobs"] = pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)), pa.array(s.fobs.reshape(-1))
+        )
+    return pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
+
+
+def _to_np(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
+    names = set(t.column_names)
+    obs = _to_np(t.column("obs")).astype(np.float32, copy=False)
+    fobs = fobs_present = None
+    if "fobs" in names:
+        arr = t.column("fobs").combine_chunks()
+        fobs_present = np.diff(arr.offsets.to_numpy()) > 0
+        fobs = arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        fobs = fobs.reshape(-1, obs.shape[1])
+    steps = ParsedSteps(
+        episode_id=pl.Series("_ep", t.column("ep").combine_chunks()).cast(pl.Utf8),
+        id_int=_to_np(t.column("ep_int")).astype(bool, copy=False),
+        t=_to_np(t.column("t")).astype(np.int64, copy=False),
+        obs=obs,
+        act=_to_np(t.column("act")),
+        rew=_to_np(t.column("rew")).astype(np.float64, copy=False),
+        term=_to_np(t.column("term")).astype(bool, copy=False),
+        trunc=_to_np(t.column("trunc")).astype(bool, copy=False),
+        end=np.asarray(t.column("end").to_pylist(), dtype=object) if "end" in names else None,
+        fobs=fobs,
+        fobs_present=fobs_present,
+        line=_to_np(t.column("line")).astype(np.int64, copy=False),
+    )
+    return steps, _to_np(t.column("file")).astype(np.int64, copy=False)
