@@ -123,6 +123,10 @@ def _split_lines(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+# the first bytes of the lines that Chunk.nonblank looks at more closely
+_WHITESPACE_STARTS = (b"\n", b" ", b"\t", b"\r")
+
+
 @dataclass
 class Chunk:
     """A run of whole lines of one input file.
@@ -159,7 +163,10 @@ class Chunk:
 
     def nonblank(self) -> np.ndarray:
         """Indices of the lines that hold something besides whitespace."""
-        buf = np.frombuffer(self.data, dtype=np.uint8)
+        d = self.data
+        if d[:1] not in _WHITESPACE_STARTS and not any(b"\n" + w in d for w in _WHITESPACE_STARTS):
+            return np.arange(self.n_lines)  # no line is empty or starts with whitespace
+        buf = np.frombuffer(d, dtype=np.uint8)
         starts, ends = self.starts, self.ends
         first = buf[np.minimum(starts, len(buf) - 1)] if len(buf) else np.zeros(0, np.uint8)
         ws_first = (ends == starts) | (first == 32) | (first == 9) | (first == 13)
