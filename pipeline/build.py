@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=None,
-        help="processes that parse and check the input (default: the CPUs, at most 8; "
-        "1: this process only); the store is the same for any number",
+        help="processes that parse and check the input (default: the CPUs, at most 8, for "
+        "inputs of 64 MiB or more; 1: this process only); the store is the same for any number",
     )
     p.add_argument("--quiet", action="store_true", help="no summary")
     args = p.parse_args(argv)

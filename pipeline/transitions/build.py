@@ -81,6 +81,7 @@ DUPLICATE_EPISODE = "duplicate_episode"
 BUCKET_TARGET_BYTES = 96 << 20  # parsed step rows per spill bucket (memory per bucket ~3x)
 IN_MEMORY_INPUT_BYTES = 256 << 20  # step_per_line inputs up to this size are not spilled
 MERGE_WINDOW_ROWS = 1 << 16  # spilled runs are merged back this many rows at a time
+POOL_MIN_BYTES = 64 << 20  # smaller inputs build in-process unless workers are asked for
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class BuildOptions:
     bucket_bytes: int = BUCKET_TARGET_BYTES  # step_per_line: parsed steps per spill bucket
     in_memory_bytes: int = IN_MEMORY_INPUT_BYTES  # step_per_line: larger inputs are spilled
     merge_rows: int = MERGE_WINDOW_ROWS  # rows merged back from spilled runs at a time
-    workers: int | None = None  # processes that parse chunks (None: the CPUs, at most 8)
+    workers: int | None = None  # processes that parse chunks (None: the CPUs, at most 8,
+    # for inputs of POOL_MIN_BYTES or more)
 
 
 def build(
@@ -111,7 +113,8 @@ def build(
     """Build (or find up to date) the transition store for ``spec_path`` under ``out_dir/NAME``.
 
     ``workers``: processes that parse and check the chunks (1: this process only; None:
-    :func:`pipeline.engine.default_workers`). The store is the same for any number."""
+    :func:`pipeline.engine.default_workers` for inputs of ``POOL_MIN_BYTES`` or more, whose
+    build outlasts starting the workers, else 1). The store is the same for any number."""
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise BuildError(f"--workers {workers}: give 1 or more worker processes")
@@ -207,14 +210,17 @@ def _plan(
     """The context every task shares, and how many worker processes to use.
 
     step_per_line inputs over ``in_memory_bytes`` are spilled to hash buckets of about
-    ``bucket_bytes`` of parsed steps. A pool is started only for inputs of several chunks."""
+    ``bucket_bytes`` of parsed steps. A pool is started only for inputs of several chunks
+    (and by default only for inputs of ``POOL_MIN_BYTES`` or more)."""
     est = sum(s.size * (5 if s.path.suffix in (".gz", ".zst") else 1) for s in sources)
     n_buckets, spill_dir = 1, None
     if spec.source.layout == "step_per_line" and est > opts.in_memory_bytes:
         n_buckets = max(1, min(256, math.ceil(est * 0.35 / opts.bucket_bytes)))
         spill_dir = work / "spill"
         spill_dir.mkdir(parents=True)
-    workers = opts.workers if opts.workers is not None else default_workers()
+    workers = opts.workers
+    if workers is None:
+        workers = default_workers() if est >= POOL_MIN_BYTES else 1
     workers = max(1, min(workers, math.ceil(est / opts.chunk_bytes)))
     return BuildContext(spec, [s.display for s in sources], n_buckets, spill_dir), workers
 

@@ -138,3 +138,12 @@ def test_workers_on_the_command_line(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     # an input of one chunk is parsed in the building process: no pool to start
     assert open_store(tmp_path / "out" / "store").manifest["build_workers"] == 1
+
+
+def test_small_inputs_build_in_process_by_default(tmp_path: Path) -> None:
+    """Without --workers, an input under POOL_MIN_BYTES starts no pool, however small its
+    chunks (starting workers would take longer than the build)."""
+    write_lines(tmp_path / "raw" / "a.jsonl", episode_lines("a") + episode_lines("b"))
+    spec = write_spec(tmp_path, [tmp_path / "raw" / "a.jsonl"])
+    result = build_store(spec, tmp_path / "out", chunk_bytes=97)
+    assert result.manifest["build_workers"] == 1
