@@ -1,39 +1,57 @@
-"""Benchmark ``pipeline.build`` against the parse floor and a plain Python loop, in one run.
+"""Benchmark ``pipeline.build`` against the orjson parse floor and a json.loads loop, in one run.
 
-    python scripts/bench_build.py [--steps 1000000] [--big-steps 4000000] [--quick]
+    python scripts/bench_build.py [--steps 1000000] [--rounds 3] [--quick] [--big-steps N]
 
 Generates JSONL of episodes with 17-float observations and 6-float actions in both
-layouts (one episode per line, one step per line), then times, on the same files:
+layouts (one episode per line, one step per line), then, in each of ``--rounds`` rounds,
+times every variant on the same files, interleaved (their order rotates from round to
+round) so that other load on the machine hits all of them alike:
 
-* the raw floor: read the bytes; the parse floor: ``orjson.loads`` of every line;
+* the parse floor: ``orjson.loads`` of every line, one thread;
 * the style this replaces: ``json.loads`` per line and a Python loop building one dict
-  per transition (timed on a prefix of the file and reported as steps/s);
-* ``pipeline.build`` in a fresh subprocess (wall time and its peak RSS).
+  per transition (timed on a prefix of ``--loop-steps`` steps, reported as steps/s);
+* ``python -m pipeline.build --workers 2`` and ``--workers 1``, each in a fresh process:
+  wall time, CPU time, and peak memory (the sum of the resident sets of the build and
+  its worker processes, sampled every 50 ms).
 
-Peak RSS is measured again at ``--big-steps`` to show it does not grow with the input.
-Ratios are what to read (the machine is noisy); targets: build >= 5x the json.loads
-loop, <= 2x the orjson parse floor, peak RSS at 4M <= 1.5x that at 1M and < 1 GiB.
+Ratios are taken within a round and their median is reported (absolute times on a
+shared machine mean little). Targets: the build >= 5x faster than the json.loads loop,
+and <= 2x the orjson parse floor.
+
+It also measures whether a cheaper parse of this fixed layout (orjson per line into
+preallocated NumPy arrays, no checks) beats the build's own typed polars parse and
+checks (``ChunkParser.parse``), both on one thread. ``--big-steps N`` also builds N steps
+to show that peak memory does not grow with the input.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
+ROOT = Path(__file__).resolve().parent.parent
 OBS, ACT, EP_LEN = 17, 6, 1000
+LAYOUTS = ("episode_per_line", "step_per_line")
+JSON_TARGET, FLOOR_TARGET = 5.0, 2.0
+
+
+# --------------------------------------------------------------------------- data
 
 
 def _episodes(
@@ -99,12 +117,15 @@ def write_spec(d: Path, name: str, data: Path, layout: str) -> Path:
     return p
 
 
-def time_read(path: Path) -> float:
-    t0 = time.perf_counter()
-    with path.open("rb") as f:
-        while f.read(16 << 20):
-            pass
-    return time.perf_counter() - t0
+def dataset(work: Path, layout: str, n_steps: int) -> Path:
+    data = work / f"{layout}-{n_steps}.jsonl"
+    if not data.exists():
+        write = write_episode_per_line if layout == "episode_per_line" else write_step_per_line
+        write(data, n_steps)
+    return data
+
+
+# --------------------------------------------------------------------------- variants
 
 
 def time_orjson(path: Path) -> float:
@@ -151,124 +172,303 @@ def python_loop(path: Path, layout: str, max_steps: int) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def run_build(spec: Path, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a fresh `python -m pipeline.build` process."""
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+@dataclass
+class BuildRun:
+    wall: float
+    cpu: float  # the build's and its workers' user + system seconds
+    rss_mib: float  # peak of the summed resident sets (build + workers)
+
+
+def run_build(spec: Path, out: Path, workers: int) -> BuildRun:
+    """A fresh ``python -m pipeline.build`` process, with its memory sampled."""
     if out.exists():
         shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "pipeline.build", str(spec), "--out", str(out), "--quiet"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.build", str(spec), "--out", str(out), "--quiet"],
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+    proc = subprocess.Popen([*cmd, "--workers", str(workers)], cwd=ROOT)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"build of {spec} failed")
-    return wall, usage.ru_maxrss / 1024
+    rss = max(peak[0] / 2**20, usage.ru_maxrss / 1024)
+    return BuildRun(wall, usage.ru_utime + usage.ru_stime, rss)
+
+
+# --------------------------------------------------------------------------- parse paths
+
+
+def _cpu_and_wall(fn: Callable[[], Any]) -> tuple[float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c0, time.perf_counter() - t0
+
+
+def fixed_layout_orjson(path: Path, layout: str, chunk_bytes: int) -> None:
+    """The cheapest parse of this fixed layout: orjson per line into preallocated NumPy
+    arrays (ids, observations, actions, rewards, flags), with none of the checks."""
+    for data in _chunks(path, chunk_bytes):
+        records = [orjson.loads(line) for line in data.splitlines()]
+        steps = (
+            [s for r in records for s in r["steps"]] if layout == "episode_per_line" else records
+        )
+        n = len(steps)
+        obs, act = np.empty((n, OBS)), np.empty((n, ACT))
+        rew, term, trunc = np.empty(n), np.empty(n, bool), np.empty(n, bool)
+        obs[:] = [s["obs"] for s in steps]
+        act[:] = [s["act"] for s in steps]
+        rew[:] = [s["rew"] for s in steps]
+        term[:] = [s["terminal"] for s in steps]
+        trunc[:] = [s["timeout"] for s in steps]
+
+
+def fixed_layout_orjson_checked(path: Path, layout: str, chunk_bytes: int) -> None:
+    """The same, plus the checks that exact verdicts need before a record may be kept:
+    every list of the declared length and of numbers only (no bool, null or string),
+    finite values, actions in range, booleans for the flags, and the id a string. A chunk
+    that fails would go to the reference path for its reasons (not timed here)."""
+    for data in _chunks(path, chunk_bytes):
+        records = [orjson.loads(line) for line in data.splitlines()]
+        steps = (
+            [s for r in records for s in r["steps"]] if layout == "episode_per_line" else records
+        )
+        ids = [r["episode" if layout == "episode_per_line" else "ep"] for r in records]
+        ok = set(map(type, ids)) <= {str}
+        for key, width in (("obs", OBS), ("act", ACT)):
+            lists = [s[key] for s in steps]
+            ok &= set(map(type, lists)) == {list} and set(map(len, lists)) == {width}
+            ok &= set(map(type, itertools.chain.from_iterable(lists))) <= {float, int}
+        rews = [s["rew"] for s in steps]
+        ok &= set(map(type, rews)) <= {float, int}
+        for key in ("terminal", "timeout"):
+            ok &= set(map(type, [s[key] for s in steps])) == {bool}
+        n = len(steps)
+        obs, act = np.empty((n, OBS)), np.empty((n, ACT))
+        obs[:] = [s["obs"] for s in steps]
+        act[:] = [s["act"] for s in steps]
+        rew = np.asarray(rews, dtype=np.float64)
+        ok &= bool(np.isfinite(obs).all() and np.isfinite(act).all() and np.isfinite(rew).all())
+        ok &= bool(((act >= -1) & (act <= 1)).all())
+        term = np.asarray([s["terminal"] for s in steps], dtype=bool)
+        trunc = np.asarray([s["timeout"] for s in steps], dtype=bool)
+        assert ok and len(term) == len(trunc) == n
+
+
+def polars_parse(spec_path: Path, chunk_bytes: int) -> None:
+    """The build's own parse and checks of every chunk (``ChunkParser.parse``)."""
+    sys.path.insert(0, str(ROOT))
+    from data_specs.schema import load_spec
+    from pipeline.transitions.chunks import BuildContext, parse_chunk
+    from pipeline.transitions.parse import infer_shapes, parse_line
+
+    spec = load_spec(spec_path)
+    path = Path(spec.source.paths[0])
+    with path.open("rb") as f:
+        spec = infer_shapes(spec, [parse_line(f.readline())])
+    ctx = BuildContext(spec, [str(path)])
+    from pipeline.sources import Chunk
+
+    for data in _chunks(path, chunk_bytes):
+        parse_chunk(ctx, Chunk(data, 1))
+
+
+def _chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        carry = b""
+        while block := f.read(chunk_bytes):
+            data = carry + block
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            yield data[:cut]
+        if carry:
+            yield carry
+
+
+def parse_paths_in_one_thread(
+    spec: Path, data: Path, layout: str
+) -> dict[str, tuple[float, float]]:
+    """(CPU, wall) seconds of both parse paths on one thread (POLARS_MAX_THREADS=1)."""
+    code = (
+        "import sys, json, time; sys.path.insert(0, {root!r}); sys.argv = ['x']\n"
+        "import bench_build as b\n"
+        "from pathlib import Path\n"
+        "out = {{}}\n"
+        "out['polars'] = b._cpu_and_wall(lambda: b.polars_parse(Path({spec!r}), 16 << 20))\n"
+        "out['orjson'] = b._cpu_and_wall(lambda: b.fixed_layout_orjson(Path({data!r}), {layout!r}, 16 << 20))\n"
+        "out['checked'] = b._cpu_and_wall(lambda: b.fixed_layout_orjson_checked(Path({data!r}), {layout!r}, 16 << 20))\n"
+        "print(json.dumps(out))\n"
+    ).format(root=str(ROOT / "scripts"), spec=str(spec), data=str(data), layout=layout)
+    env = dict(os.environ, POLARS_MAX_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    return {k: tuple(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+@dataclass
+class Round:
+    orjson: float
+    loop_rate: float  # json.loads loop, steps/s
+    builds: dict[int, BuildRun] = field(default_factory=dict)  # workers -> run
+
+
+def one_round(
+    r: int, layout: str, data: Path, spec: Path, work: Path, loop_steps: int, steps: int
+) -> Round:
+    variants: list[tuple[str, Callable[[], Any]]] = [
+        ("orjson", lambda: time_orjson(data)),
+        ("loop", lambda: python_loop(data, layout, loop_steps)),
+        ("w2", lambda: run_build(spec, work / "stores", 2)),
+        ("w1", lambda: run_build(spec, work / "stores", 1)),
+    ]
+    k = r % len(variants)
+    got = {name: fn() for name, fn in variants[k:] + variants[:k]}
+    t_loop, n_loop = got["loop"]
+    rnd = Round(got["orjson"], n_loop / t_loop, {2: got["w2"], 1: got["w1"]})
+    load = os.getloadavg()[0]
+    w2, w1 = rnd.builds[2], rnd.builds[1]
+    print(
+        f"  round {r + 1} {layout:<17} orjson {rnd.orjson:6.2f}s  json loop {steps / rnd.loop_rate:7.2f}s"
+        f"  build w2 {w2.wall:6.2f}s (cpu {w2.cpu:5.1f}s)  w1 {w1.wall:6.2f}s (cpu {w1.cpu:5.1f}s)"
+        f"  load {load:.1f}",
+        flush=True,
+    )
+    return rnd
+
+
+def _med(xs: list[float]) -> str:
+    m = statistics.median(xs)
+    return f"{m:.2f}" if len(xs) == 1 else f"{m:.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def report(results: dict[str, list[Round]], steps: int, parse: dict[str, dict[str, Any]]) -> None:
+    print()
+    print(
+        f"pipeline.build, {steps:,} steps (obs {OBS}, action {ACT}, episodes of {EP_LEN}), "
+        f"{os.cpu_count()} CPUs; median over {len(next(iter(results.values())))} interleaved rounds (min-max)"
+    )
+    hdr = (
+        f"{'layout':<17}{'variant':<26}{'wall s':>8}{'x json loop':>20}"
+        f"{'/ orjson floor':>20}{'peak RSS MiB':>14}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    verdicts: list[tuple[str, str, float, str, bool]] = []
+    for layout, rounds in results.items():
+        floor = [r.orjson for r in rounds]
+        loop = [steps / r.loop_rate for r in rounds]
+        print(f"{layout:<17}{'json.loads loop':<26}{statistics.median(loop):>8.2f}{'1.00':>20}"
+              f"{_med([a / b for a, b in zip(loop, floor)]):>20}{'':>14}")  # fmt: skip
+        print(f"{'':<17}{'orjson parse floor':<26}{statistics.median(floor):>8.2f}"
+              f"{_med([a / b for a, b in zip(loop, floor)]):>20}{'1.00':>20}{'':>14}")  # fmt: skip
+        for w in (2, 1):
+            wall = [r.builds[w].wall for r in rounds]
+            speed = [a / b for a, b in zip(loop, wall)]
+            over = [a / b for a, b in zip(wall, floor)]
+            rss = max(r.builds[w].rss_mib for r in rounds)
+            name = f"pipeline.build --workers {w}"
+            print(f"{'':<17}{name:<26}{statistics.median(wall):>8.2f}{_med(speed):>20}"
+                  f"{_med(over):>20}{rss:>14,.0f}")  # fmt: skip
+            s, o = statistics.median(speed), statistics.median(over)
+            verdicts.append(
+                (layout, f"workers {w}: x json loop", s, f">= {JSON_TARGET:g}", s >= JSON_TARGET)
+            )
+            verdicts.append((layout, f"workers {w}: / orjson floor", o, f"<= {FLOOR_TARGET:g}", o <= FLOOR_TARGET))  # fmt: skip
+        p = parse.get(layout)
+        if p:
+            pc = p["polars"][0]
+            print(f"{'':<17}parse paths, one thread, CPU s: the build's polars parse + checks {pc:.2f}; "
+                  f"orjson to NumPy {p['orjson'][0]:.2f} ({p['orjson'][0] / pc:.2f}x), "
+                  f"with the checks exact verdicts need {p['checked'][0]:.2f} ({p['checked'][0] / pc:.2f}x)")  # fmt: skip
+    print()
+    print(f"{'layout':<17}{'target':<30}{'measured':>10}{'target':>10}  verdict")
+    for layout, name, value, target, ok in verdicts:
+        print(f"{layout:<17}{name:<30}{value:>10.2f}{target:>10}  {'PASS' if ok else 'MISS'}")
+
+
+def big_rss(work: Path, big_steps: int, small: dict[str, float]) -> None:
+    print()
+    for layout in LAYOUTS:
+        data = dataset(work, layout, big_steps)
+        spec = write_spec(work, f"bench-big-{layout}", data, layout)
+        run = run_build(spec, work / "stores", 2)
+        data.unlink()
+        ratio = run.rss_mib / small[layout]
+        print(
+            f"{layout}: peak RSS {run.rss_mib:,.0f} MiB at {big_steps:,} steps, "
+            f"{ratio:.2f}x that at the small size ({'PASS' if ratio <= 1.5 else 'MISS'} <= 1.5x)"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--steps", type=int, default=1_000_000)
-    ap.add_argument("--big-steps", type=int, default=4_000_000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     ap.add_argument(
         "--loop-steps", type=int, default=200_000, help="prefix timed for the json.loads loop"
     )
-    ap.add_argument("--quick", action="store_true", help="100k / 300k steps, for a smoke run")
-    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--big-steps", type=int, default=0, help="also build this many (memory)")
+    ap.add_argument("--quick", action="store_true", help="100k steps, 1 round: a smoke run")
+    ap.add_argument("--dir", default=None, help="work directory, keeps the data (default: temp)")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.big_steps, args.loop_steps = 100_000, 300_000, 50_000
+        args.steps, args.rounds, args.loop_steps = 100_000, 1, 50_000
+        args.big_steps = min(args.big_steps, 300_000)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-build-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[Any, ...]] = []
+    steps = (args.steps // EP_LEN) * EP_LEN
     try:
-        for layout in ("episode_per_line", "step_per_line"):
-            data = work / f"{layout}-{args.steps}.jsonl"
-            if not data.exists():
-                (write_episode_per_line if layout == "episode_per_line" else write_step_per_line)(
-                    data, args.steps
+        files = {
+            layout: (data := dataset(work, layout, args.steps), write_spec(work, f"bench-{layout}", data, layout))
+            for layout in LAYOUTS
+        }  # fmt: skip
+        results: dict[str, list[Round]] = {layout: [] for layout in LAYOUTS}
+        for r in range(args.rounds):
+            for layout, (data, spec) in files.items():
+                results[layout].append(
+                    one_round(r, layout, data, spec, work, args.loop_steps, steps)
                 )
-            steps = (args.steps // EP_LEN) * EP_LEN
-            size = data.stat().st_size
-            t_read = time_read(data)
-            t_orjson = time_orjson(data)
-            t_loop, loop_n = python_loop(data, layout, args.loop_steps)
-            loop_rate = loop_n / t_loop
-            spec = write_spec(work, f"bench-{layout}", data, layout)
-            t_build, rss = run_build(spec, work / "stores")
-            rows.append((layout, steps, size, t_read, t_orjson, loop_rate, t_build, rss))
-            data_big = work / f"{layout}-{args.big_steps}.jsonl"
-            if not data_big.exists():
-                (write_episode_per_line if layout == "episode_per_line" else write_step_per_line)(
-                    data_big, args.big_steps
-                )
-            spec_big = write_spec(work, f"bench-big-{layout}", data_big, layout)
-            t_big, rss_big = run_build(spec_big, work / "stores")
-            rows[-1] = rows[-1] + (t_big, rss_big, (args.big_steps // EP_LEN) * EP_LEN)
-            data_big.unlink()
-            shutil.rmtree(work / "stores", ignore_errors=True)
+        parse = {
+            layout: parse_paths_in_one_thread(spec, data, layout)
+            for layout, (data, spec) in files.items()
+        }
+        report(results, steps, parse)
+        if args.big_steps:
+            small = {k: max(r.builds[2].rss_mib for r in v) for k, v in results.items()}
+            big_rss(work, args.big_steps, small)
     finally:
+        shutil.rmtree(work / "stores", ignore_errors=True)
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
-    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print()
-    print(
-        f"pipeline.build benchmark ({os.cpu_count()} cores; obs {OBS}, action {ACT}, episodes of {EP_LEN})"
-    )
-    hdr = f"{'layout':<18}{'what':<34}{'steps/s':>12}{'vs build':>10}"
-    print(hdr)
-    print("-" * len(hdr))
-    verdicts = []
-    for (
-        layout,
-        steps,
-        size,
-        t_read,
-        t_orjson,
-        loop_rate,
-        t_build,
-        rss,
-        t_big,
-        rss_big,
-        big_steps,
-    ) in rows:
-        build_rate = steps / t_build
-        print(
-            f"{layout:<18}{f'read bytes ({size / 2**20:.0f} MiB)':<34}{steps / t_read:>12,.0f}{t_build / t_read:>9.2f}x"
-        )
-        print(
-            f"{'':<18}{'orjson.loads every line':<34}{steps / t_orjson:>12,.0f}{t_build / t_orjson:>9.2f}x"
-        )
-        print(
-            f"{'':<18}{'json.loads + per-step dict loop':<34}{loop_rate:>12,.0f}{loop_rate / build_rate:>9.2f}x"
-        )
-        print(f"{'':<18}{f'pipeline.build ({steps:,} steps)':<34}{build_rate:>12,.0f}{1.0:>9.2f}x")
-        print(f"{'':<18}{f'pipeline.build ({big_steps:,} steps)':<34}{big_steps / t_big:>12,.0f}")
-        print(
-            f"{'':<18}peak RSS: {rss:,.0f} MiB at {steps:,} steps, {rss_big:,.0f} MiB at {big_steps:,} ({rss_big / rss:.2f}x)"
-        )
-        verdicts += [
-            (
-                f"{layout}: build / json.loads loop >= 5x",
-                build_rate / loop_rate,
-                5.0,
-                build_rate / loop_rate >= 5.0,
-            ),
-            (
-                f"{layout}: build time / orjson parse <= 2x",
-                t_build / t_orjson,
-                2.0,
-                t_build / t_orjson <= 2.0,
-            ),
-            (f"{layout}: peak RSS big / small <= 1.5x", rss_big / rss, 1.5, rss_big / rss <= 1.5),
-            (f"{layout}: peak RSS big < 1024 MiB", rss_big, 1024, rss_big < 1024),
-        ]
-    print()
-    print(f"{'target':<46}{'measured':>10}{'target':>10}  verdict")
-    for name, value, target, ok in verdicts:
-        print(f"{name:<46}{value:>10.2f}{target:>10.1f}  {'PASS' if ok else 'MISS'}")
-    print(f"(benchmark process peak RSS {self_rss:,.0f} MiB)")
 
 
 if __name__ == "__main__":
