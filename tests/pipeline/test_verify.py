@@ -38,6 +38,15 @@ EPISODES = [
 # rows: a = 0, 1, 2 (terminated); b = 3, 4 (truncated); c = 5, 6 (truncated, dropped 2.0)
 
 
+@pytest.fixture(autouse=True)
+def small_check_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows checked 3 at a time (the stores here have 7): every check runs across the
+    boundaries of its passes, where an episode and its next row are split."""
+    import pipeline.transitions.verify as transitions_verify
+
+    monkeypatch.setattr(transitions_verify, "CHECK_ROWS", 3)
+
+
 def make_store(d: Path, fmt: str = "arrow") -> Path:
     """Three episodes and one quarantined line."""
     raw = write_lines(d / "raw" / "a.jsonl", [*(e.episode_record() for e in EPISODES), b"not json"])
