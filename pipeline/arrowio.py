@@ -48,9 +48,13 @@ def read_ipc(path: Path) -> pa.Table:
         source = pa.memory_map(str(path), "r")
         return pa.ipc.open_stream(source).read_all()
     except FileNotFoundError:
-        raise StoreError(f"{path}: missing; the store is incomplete, rebuild with --force") from None
+        raise StoreError(
+            f"{path}: missing; the store is incomplete, rebuild with --force"
+        ) from None
     except (pa.ArrowInvalid, OSError) as e:
-        raise StoreError(f"{path}: unreadable Arrow IPC stream ({e}); rebuild with --force") from None
+        raise StoreError(
+            f"{path}: unreadable Arrow IPC stream ({e}); rebuild with --force"
+        ) from None
 
 
 def write_arrow_table(table: pa.Table, path: Path) -> None:

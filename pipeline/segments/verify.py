@@ -227,5 +227,3 @@ def _decode_check(store: SegmentStore, hit: np.ndarray, row_ex: np.ndarray) -> l
             if len(bad) >= 5:
                 break
     return bad
-
-
