@@ -66,6 +66,11 @@ class TransitionArrays:
     return_to_go: np.ndarray  # (N,) float32
     episode_start: np.ndarray  # (E,) int64, first row of each episode
     episode_length: np.ndarray  # (E,) int64
+    # (E,) float64: reward of a last step the store dropped as unbootstrappable (else 0);
+    # None: no step was dropped. It counts in the return and in every return_to_go.
+    episode_dropped_reward: np.ndarray | None = None
+    # (E,) bool: that last step was dropped (one more reward after the last row)
+    episode_last_dropped: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.rewards)
@@ -91,6 +96,8 @@ class TransitionArrays:
             return_to_go=store.return_to_go,
             episode_start=ep.start,
             episode_length=ep.length,
+            episode_dropped_reward=ep.dropped_reward,
+            episode_last_dropped=ep.last_step_dropped,
         )
 
     @property
@@ -110,11 +117,21 @@ class TransitionArrays:
         return self.actions.ndim == 1
 
     def episode_returns(self) -> np.ndarray:
-        """(E,) float64: the undiscounted return of each episode."""
+        """(E,) float64: the undiscounted return of each episode, every logged reward
+        counted (a dropped last step's too)."""
         if self.n_transitions == 0:
             return np.zeros(0)
         sums = np.add.reduceat(self.rewards.astype(np.float64), self.episode_start)
-        return np.where(self.episode_length > 0, sums, 0.0)
+        sums = np.where(self.episode_length > 0, sums, 0.0)
+        if self.episode_dropped_reward is not None:
+            sums = sums + self.episode_dropped_reward
+        return sums
+
+    def rewards_after_last_row(self) -> np.ndarray:
+        """(E,) int64: 1 where the episode's unbootstrappable last step was dropped, else 0."""
+        if self.episode_last_dropped is None:
+            return np.zeros(self.n_episodes, dtype=np.int64)
+        return self.episode_last_dropped.astype(np.int64)
 
     def rows_of(self, episodes: np.ndarray) -> np.ndarray:
         """(M,) int64: the rows of the given episodes, episode after episode, in order."""
@@ -282,7 +299,9 @@ class DeviceTransitions:
         host[:, c["truncated"]] = take(arrays.truncated)[:, None]
         rtg = take(arrays.return_to_go)
         if not scaling.identity:
-            rtg = scaling.returns(rtg, row_end - np.arange(n), discount)
+            # return_to_go counts a dropped last step's reward: its shift counts too
+            extra = np.repeat(arrays.rewards_after_last_row()[eps], lengths)
+            rtg = scaling.returns(rtg, row_end - np.arange(n) + extra, discount)
         host[:, c["return_to_go"]] = rtg[:, None]
         host[:, c["timestep"]] = timestep[:, None]
 

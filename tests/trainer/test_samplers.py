@@ -327,3 +327,45 @@ def test_validation_batches_cover_a_fixed_subset(arrays: TransitionArrays) -> No
     rows = torch.cat([b.observations[:, 0] for b in part])
     assert len(set(rows.tolist())) == 20
     assert validation_batches(data, 0, 8) == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 8), min_size=1, max_size=5),
+    dropped=st.lists(st.booleans(), min_size=5, max_size=5),
+    shift=st.floats(-2, 2).filter(lambda x: abs(x) > 1e-2),
+    discount=st.sampled_from([0.5, 0.99, 1.0]),
+)
+def test_a_dropped_last_steps_reward_counts_in_scaled_returns(
+    lengths: list[int], dropped: list[bool], shift: float, discount: float
+) -> None:
+    """An episode whose unbootstrappable last step the store dropped logged one reward more
+    than it has rows: the return and every return_to_go count it, scaled like the others."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    last_dropped = np.asarray(dropped[: len(lens)])
+    base = make_arrays(lengths, discount=discount)
+    rng = np.random.default_rng(1)
+    extra = np.where(last_dropped, rng.normal(size=len(lens)), 0.0)
+    # the store's return_to_go: discounted sum over every logged reward, by a plain loop
+    rtg = np.zeros(len(base.rewards))
+    want_scaled = np.zeros(len(base.rewards))
+    want_returns = np.zeros(len(lens))
+    for e, (start, n) in enumerate(zip(base.episode_start, lens)):
+        logged = [float(r) for r in base.rewards[start : start + n]]
+        if last_dropped[e]:
+            logged.append(float(extra[e]))
+        want_returns[e] = sum(logged)
+        for t in range(n):
+            rtg[start + t] = sum(discount**k * r for k, r in enumerate(logged[t:]))
+            want_scaled[start + t] = sum(
+                discount**k * (r + shift) for k, r in enumerate(logged[t:])
+            )
+    arrays = TransitionArrays(
+        base.observations, base.actions, base.rewards, base.next_observations,
+        base.terminated, base.truncated, rtg.astype(np.float32), base.episode_start, lens,
+        episode_dropped_reward=extra, episode_last_dropped=last_dropped,
+    )  # fmt: skip
+    np.testing.assert_allclose(arrays.episode_returns(), want_returns, rtol=1e-5, atol=1e-5)
+    data = DeviceTransitions(arrays, rewards=RewardScaling(1.0, shift), discount=discount)
+    got = data.matrix[:, data.columns["return_to_go"].start].double().numpy()
+    np.testing.assert_allclose(got, want_scaled, rtol=1e-4, atol=1e-3)
