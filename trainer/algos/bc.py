@@ -23,11 +23,11 @@ from trainer.algos.base import (
     check_positive,
     make_adam,
     resolve_dtype,
-    step_optimizer,
 )
 from trainer.batch import TransitionBatch
 from trainer.losses import categorical_log_prob
 from trainer.nets import ActionScaler, CategoricalActor, GaussianActor
+from trainer.stepping import LossFunction, backward_and_step, check_bool
 
 
 @dataclass
@@ -39,9 +39,11 @@ class BCConfig:
     loss: str = "nll"  # continuous only: 'nll' (Gaussian log-likelihood) or 'mse' (mean action)
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     compute_dtype: str = "auto"  # hidden-layer matmuls: float32 / bfloat16 / auto (base.py)
+    compile: bool = False  # torch.compile the loss and its gradient (trainer/stepping.py)
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "bc.hidden")
+        self.compile = check_bool(self.compile, "bc.compile")
         self.compute_dtype = check_dtype(self.compute_dtype, "bc.compute_dtype")
         self.lr = check_positive(self.lr, "bc.lr")
         if self.loss not in ("nll", "mse"):
@@ -63,13 +65,21 @@ class BC(AlgorithmBase):
         self._finish_init()
         self.actor_params = list(self.actor.parameters())
         self.optimizers["actor"] = make_adam(self.actor_params, config.lr, self.device)
+        self._actor_loss = LossFunction(self._loss, config.compile, "bc")
 
     # ------------------------------------------------------------------------- training
     def update(self, batch: TransitionBatch) -> Metrics:
-        obs = self.obs_norm(batch.observations)
-        return self._update_actor(obs, batch.actions)
+        loss, metrics = self._actor_loss(batch.observations, batch.actions)
+        backward_and_step(
+            loss, [(self.optimizers["actor"], self.actor_params)], self.config.grad_clip
+        )
+        return metrics
 
-    def _loss(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def _loss(
+        self, observations: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, Metrics]:
+        """The BC loss of raw observations (B, obs_dim) and the data's actions."""
+        obs = self.obs_norm(observations)
         if isinstance(self.actor, CategoricalActor):
             loss = F.cross_entropy(self.actor(obs), actions)
             return loss, {"bc_loss": loss.detach()}
@@ -81,11 +91,6 @@ class BC(AlgorithmBase):
             return loss, {"bc_loss": loss.detach()}
         loss = -self.actor.log_prob(mean, log_std, unit).mean()
         return loss, {"bc_loss": loss.detach(), "log_std": log_std.detach().mean()}
-
-    def _update_actor(self, obs: torch.Tensor, actions: torch.Tensor) -> Metrics:
-        loss, metrics = self._loss(obs, actions)
-        step_optimizer(self.optimizers["actor"], loss, self.actor_params, self.config.grad_clip)
-        return metrics
 
     # ------------------------------------------------------------------------- using
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:

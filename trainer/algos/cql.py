@@ -37,7 +37,6 @@ from trainer.algos.base import (
     check_positive,
     make_adam,
     resolve_dtype,
-    step_optimizer,
 )
 from trainer.algos.bc import actor_action, actor_metrics
 from trainer.batch import TransitionBatch
@@ -58,6 +57,7 @@ from trainer.nets import (
     gather_actions,
     soft_update_,
 )
+from trainer.stepping import LossFunction, backward_and_step, check_bool
 
 
 @dataclass
@@ -83,9 +83,11 @@ class CQLConfig:
     n_critics: int | None = None  # ensemble size; None = 2 (continuous) / 1 (discrete)
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
     compute_dtype: str = "auto"  # the other hidden-layer matmuls: float32 / bfloat16 / auto
+    compile: bool = False  # torch.compile the losses and their gradient (trainer/stepping.py)
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "cql.hidden")
+        self.compile = check_bool(self.compile, "cql.compile")
         self.critic_hidden = check_hidden(self.critic_hidden, "cql.critic_hidden")
         for name in (
             "actor_lr",
@@ -182,6 +184,15 @@ class CQL(AlgorithmBase):
             self.optimizers["cql_alpha"] = make_adam(
                 [self.log_cql_alpha], config.cql_alpha_lr, self.device
             )
+        self._critic_network = [(self.optimizers["critic"], self.critic_params)]
+        compile_ = config.compile
+        if self.discrete:
+            self._discrete_critic_loss = LossFunction(
+                self._discrete_critic_loss_fn, compile_, "cql"
+            )
+        else:
+            self._critic_loss = LossFunction(self._continuous_critic_loss, compile_, "cql")
+            self._actor_loss = LossFunction(self._actor_loss_fn, compile_, "cql")
 
     # ------------------------------------------------------------------------- training
     def update(self, batch: TransitionBatch) -> Metrics:
@@ -206,11 +217,15 @@ class CQL(AlgorithmBase):
         return metrics
 
     def _update_discrete(self, batch: TransitionBatch) -> Metrics:
-        obs = self.obs_norm(batch.observations)
-        next_obs = self.obs_norm(batch.next_observations)
-        metrics, gap = self._update_discrete_critic(
-            obs, batch.actions, batch.rewards, batch.terminated, next_obs
+        loss, metrics = self._discrete_critic_loss(
+            batch.observations,
+            batch.actions,
+            batch.rewards,
+            batch.terminated,
+            batch.next_observations,
         )
+        backward_and_step(loss, self._critic_network, self.config.grad_clip)
+        gap = metrics.pop("gap")
         if self.config.cql_auto_alpha:
             metrics |= self._update_cql_alpha(gap)
         self._update_target()
@@ -234,6 +249,24 @@ class CQL(AlgorithmBase):
         mean: torch.Tensor,
         log_std: torch.Tensor,
     ) -> tuple[Metrics, torch.Tensor]:
+        loss, metrics = self._critic_loss(
+            obs, actions, rewards, terminated, next_obs, mean.detach(), log_std.detach()
+        )
+        backward_and_step(loss, self._critic_network, self.config.grad_clip)
+        gap = metrics.pop("gap")
+        return metrics, gap
+
+    def _continuous_critic_loss(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        terminated: torch.Tensor,
+        next_obs: torch.Tensor,
+        mean: torch.Tensor,
+        log_std: torch.Tensor,
+    ) -> tuple[torch.Tensor, Metrics]:
+        """TD loss + weighted conservative gap, and metrics with the per-critic ``gap`` (K,)."""
         n = self.config.n_action_samples
         with torch.no_grad():
             next_mean, next_log_std = self.actor(next_obs)
@@ -246,7 +279,7 @@ class CQL(AlgorithmBase):
             random_actions = torch.empty(obs.shape[0], n, self.act_dim, device=obs.device).uniform_(
                 -1.0, 1.0
             )
-            pi_actions, pi_log_prob = self.actor.sample(mean.detach(), log_std.detach(), n)
+            pi_actions, pi_log_prob = self.actor.sample(mean, log_std, n)
             next_pi_actions, next_pi_log_prob = self.actor.sample(next_mean, next_log_std, n)
             sampled = torch.cat([random_actions, pi_actions, next_pi_actions], dim=1)  # (B, 3n, A)
             random_log_density = torch.full_like(pi_log_prob, -self.act_dim * LOG_2)
@@ -262,22 +295,25 @@ class CQL(AlgorithmBase):
         gap = cql_logsumexp_penalty(q_data, q_sampled, log_density)  # (K,)
         td_loss = q_regression_loss(q_data, target)
         loss = td_loss + self._penalty_weight() * gap.sum()
-        step_optimizer(self.optimizers["critic"], loss, self.critic_params, self.config.grad_clip)
         gap = gap.detach()
-        return {
+        return loss, {
             "td_loss": td_loss.detach(),
             "cql_gap": gap.mean(),
             "q_mean": q_data.detach().mean(),
-        }, gap
+            "gap": gap,
+        }
 
-    def _update_discrete_critic(
+    def _discrete_critic_loss_fn(
         self,
-        obs: torch.Tensor,
+        observations: torch.Tensor,
         actions: torch.Tensor,
         rewards: torch.Tensor,
         terminated: torch.Tensor,
-        next_obs: torch.Tensor,
-    ) -> tuple[Metrics, torch.Tensor]:
+        next_observations: torch.Tensor,
+    ) -> tuple[torch.Tensor, Metrics]:
+        """Double-DQN TD loss + weighted exact gap (raw observations), metrics with ``gap``."""
+        obs = self.obs_norm(observations)
+        next_obs = self.obs_norm(next_observations)
         with torch.no_grad():
             target = double_dqn_target(
                 rewards,
@@ -291,33 +327,47 @@ class CQL(AlgorithmBase):
         gap = cql_logsumexp_penalty(q_data, q_all, 0.0)  # (K,)
         td_loss = q_regression_loss(q_data, target)
         loss = td_loss + self._penalty_weight() * gap.sum()
-        step_optimizer(self.optimizers["critic"], loss, self.critic_params, self.config.grad_clip)
         gap = gap.detach()
-        return {
+        return loss, {
             "td_loss": td_loss.detach(),
             "cql_gap": gap.mean(),
             "q_mean": q_data.detach().mean(),
-        }, gap
+            "gap": gap,
+        }
 
     def _update_cql_alpha(self, gap: torch.Tensor) -> Metrics:
         loss = cql_alpha_loss(self.log_cql_alpha, gap, self.config.cql_target_gap)
-        step_optimizer(self.optimizers["cql_alpha"], loss, [self.log_cql_alpha], None)
+        backward_and_step(loss, [(self.optimizers["cql_alpha"], [self.log_cql_alpha])], None)
         return {"cql_alpha": self.log_cql_alpha.detach().exp()}
 
     def _update_actor(
         self, obs: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
     ) -> tuple[Metrics, torch.Tensor]:
+        loss, metrics = self._actor_loss(obs, mean, log_std)
+        backward_and_step(
+            loss, [(self.optimizers["actor"], self.actor_params)], self.config.grad_clip
+        )
+        log_prob = metrics.pop("log_prob")
+        return metrics, log_prob
+
+    def _actor_loss_fn(
+        self, obs: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+    ) -> tuple[torch.Tensor, Metrics]:
+        """SAC's actor loss through pi(s)'s ``mean`` and ``log_std``; metrics with ``log_prob``."""
         actions, log_prob = self.actor.sample(mean, log_std)
         # Gradients flow through Q into the actions only: the critic is not changed here.
         q = self.critic(obs, actions, detach_params=True).amin(dim=0)
         loss = sac_actor_loss(q, log_prob, self._temperature())
-        step_optimizer(self.optimizers["actor"], loss, self.actor_params, self.config.grad_clip)
         log_prob = log_prob.detach()
-        return {"actor_loss": loss.detach(), "entropy": -log_prob.mean()}, log_prob
+        return loss, {
+            "actor_loss": loss.detach(),
+            "entropy": -log_prob.mean(),
+            "log_prob": log_prob,
+        }
 
     def _update_temperature(self, log_prob: torch.Tensor) -> Metrics:
         loss = temperature_loss(self.log_temperature, log_prob, self.target_entropy)
-        step_optimizer(self.optimizers["temperature"], loss, [self.log_temperature], None)
+        backward_and_step(loss, [(self.optimizers["temperature"], [self.log_temperature])], None)
         return {"temperature": self.log_temperature.detach().exp()}
 
     def _update_target(self) -> None:

@@ -3,7 +3,9 @@
 V is regressed to an upper expectile of the target critics' Q over the data's actions,
 Q to ``r + gamma * V(s')``, and the actor by advantage-weighted regression with weights
 ``min(exp(beta * (Q - V)), max_weight)``. All three losses use the networks as they were
-at the start of the step; the order of the sub-updates is the one in ``update``.
+at the start of the step, and each reaches only its own network (targets and advantages
+are detached), so one backward pass of their sum gives V, Q and the actor each the
+gradient of its own loss; ``update`` then steps the three optimizers and the target.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from trainer.algos.base import (
     check_positive,
     make_adam,
     resolve_dtype,
-    step_optimizer,
 )
 from trainer.algos.bc import actor_action, actor_metrics, make_actor
 from trainer.batch import TransitionBatch
@@ -42,6 +43,7 @@ from trainer.nets import (
     ValueNet,
     soft_update_,
 )
+from trainer.stepping import LossFunction, backward_and_step, check_bool
 
 
 @dataclass
@@ -60,9 +62,11 @@ class IQLConfig:
     n_critics: int = 2  # ensemble size; the min over members is used
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
     compute_dtype: str = "auto"  # hidden-layer matmuls: float32 / bfloat16 / auto (base.py)
+    compile: bool = False  # torch.compile the losses and their gradient (trainer/stepping.py)
 
     def __post_init__(self) -> None:
         self.hidden = check_hidden(self.hidden, "iql.hidden")
+        self.compile = check_bool(self.compile, "iql.compile")
         self.compute_dtype = check_dtype(self.compute_dtype, "iql.compute_dtype")
         self.critic_hidden = check_hidden(self.critic_hidden, "iql.critic_hidden")
         for name in ("actor_lr", "critic_lr", "value_lr", "beta", "max_weight"):
@@ -121,20 +125,50 @@ class IQL(AlgorithmBase):
         self.optimizers["actor"] = make_adam(self.actor_params, config.actor_lr, self.device)
         self.optimizers["critic"] = make_adam(self.critic_params, config.critic_lr, self.device)
         self.optimizers["value"] = make_adam(self.value_params, config.value_lr, self.device)
+        self._losses = LossFunction(self._compute_losses, config.compile, "iql")
 
     # ------------------------------------------------------------------------- training
     def update(self, batch: TransitionBatch) -> Metrics:
-        obs = self.obs_norm(batch.observations)
-        next_obs = self.obs_norm(batch.next_observations)
-        actions = batch.actions if self.discrete else self.action_scaler.to_unit(batch.actions)
+        loss, metrics = self._losses(
+            batch.observations,
+            batch.actions,
+            batch.rewards,
+            batch.terminated,
+            batch.next_observations,
+        )
+        # V's, Q's and the actor's losses summed: one backward, each network its own gradient
+        backward_and_step(
+            loss,
+            [
+                (self.optimizers["value"], self.value_params),
+                (self.optimizers["critic"], self.critic_params),
+                (self.optimizers["actor"], self.actor_params),
+            ],
+            self.config.grad_clip,
+        )
+        self._update_target()
+        return metrics
+
+    def _compute_losses(
+        self,
+        observations: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        terminated: torch.Tensor,
+        next_observations: torch.Tensor,
+    ) -> tuple[torch.Tensor, Metrics]:
+        """The sum of the V, Q and actor losses of one batch (raw observations), and metrics."""
+        obs = self.obs_norm(observations)
+        next_obs = self.obs_norm(next_observations)
+        if not self.discrete:
+            actions = self.action_scaler.to_unit(actions)
         with torch.no_grad():
             target_q = self._q(self.target_critic, obs, actions).amin(dim=0)  # (B,)
             next_v = self.value(next_obs)  # (B,)
-        adv, metrics = self._update_v(obs, target_q)
-        metrics |= self._update_q(obs, actions, batch.rewards, batch.terminated, next_v)
-        metrics |= self._update_actor(obs, actions, adv)
-        self._update_target()
-        return metrics
+        v_loss, adv, metrics = self._v_loss(obs, target_q)
+        q_loss, q_metrics = self._q_loss(obs, actions, rewards, terminated, next_v)
+        actor_loss, actor_metrics_ = self._actor_loss(obs, actions, adv)
+        return v_loss + q_loss + actor_loss, metrics | q_metrics | actor_metrics_
 
     @staticmethod
     def _q(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -143,29 +177,35 @@ class IQL(AlgorithmBase):
             return critic(obs, actions)
         return critic.q_of(obs, actions)
 
-    def _update_v(self, obs: torch.Tensor, target_q: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def _v_loss(
+        self, obs: torch.Tensor, target_q: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
         v = self.value(obs)
         diff = target_q - v  # the advantage Q - V, before this step
         loss = expectile_loss(diff, self.config.expectile)
-        step_optimizer(self.optimizers["value"], loss, self.value_params, self.config.grad_clip)
         adv = diff.detach()
-        return adv, {"v_loss": loss.detach(), "v_mean": v.detach().mean(), "adv_mean": adv.mean()}
+        return (
+            loss,
+            adv,
+            {"v_loss": loss.detach(), "v_mean": v.detach().mean(), "adv_mean": adv.mean()},
+        )
 
-    def _update_q(
+    def _q_loss(
         self,
         obs: torch.Tensor,
         actions: torch.Tensor,
         rewards: torch.Tensor,
         terminated: torch.Tensor,
         next_v: torch.Tensor,
-    ) -> Metrics:
+    ) -> tuple[torch.Tensor, Metrics]:
         target = td_target(rewards, terminated, next_v, self.ctx.discount)
         q = self._q(self.critic, obs, actions)  # (K, B)
         loss = q_regression_loss(q, target)
-        step_optimizer(self.optimizers["critic"], loss, self.critic_params, self.config.grad_clip)
-        return {"q_loss": loss.detach(), "q_mean": q.detach().mean()}
+        return loss, {"q_loss": loss.detach(), "q_mean": q.detach().mean()}
 
-    def _update_actor(self, obs: torch.Tensor, actions: torch.Tensor, adv: torch.Tensor) -> Metrics:
+    def _actor_loss(
+        self, obs: torch.Tensor, actions: torch.Tensor, adv: torch.Tensor
+    ) -> tuple[torch.Tensor, Metrics]:
         weights = awr_weights(adv, self.config.beta, self.config.max_weight)
         if isinstance(self.actor, CategoricalActor):
             log_prob = categorical_log_prob(self.actor(obs), actions)
@@ -173,8 +213,7 @@ class IQL(AlgorithmBase):
             mean, log_std = self.actor(obs)
             log_prob = self.actor.log_prob(mean, log_std, actions)
         loss = awr_loss(log_prob, weights)
-        step_optimizer(self.optimizers["actor"], loss, self.actor_params, self.config.grad_clip)
-        return {"actor_loss": loss.detach(), "awr_weight_mean": weights.mean()}
+        return loss, {"actor_loss": loss.detach(), "awr_weight_mean": weights.mean()}
 
     def _update_target(self) -> None:
         soft_update_(self.target_params, self.critic_params, self.config.tau)
