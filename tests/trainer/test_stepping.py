@@ -169,6 +169,30 @@ def test_iql_one_backward_gives_each_network_its_own_loss_gradient(discrete: boo
             torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
 
 
+def test_cql_penalty_in_blocks_of_states_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.algos import cql
+
+    algo: Any = make_algorithm("cql", ctx(False), {**SMALL, "critic_hidden": (16, 16)})
+    b = batch(False, 0)
+    obs, next_obs = algo.obs_norm(b.observations), algo.obs_norm(b.next_observations)
+    actions = algo.action_scaler.to_unit(b.actions)
+    mean, log_std = algo.actor(obs)
+    results = []
+    for rows in (10**9, 70):  # one pass; blocks of 2 states (31 actions each), ragged last
+        monkeypatch.setattr(cql, "PENALTY_CHUNK_ROWS", rows)
+        torch.manual_seed(0)
+        loss, metrics = algo._continuous_critic_loss(
+            obs, actions, b.rewards, b.terminated, next_obs, mean.detach(), log_std.detach()
+        )
+        grads = torch.autograd.grad(loss, algo.critic_params)
+        results.append((loss.detach(), metrics["gap"], grads))
+    (loss1, gap1, grads1), (loss2, gap2, grads2) = results
+    torch.testing.assert_close(loss2, loss1)
+    torch.testing.assert_close(gap2, gap1)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-6)
+
+
 def test_backward_and_step_clips_each_network_on_its_own() -> None:
     a, b = nn.Linear(3, 1), nn.Linear(3, 1)
     opt_a = torch.optim.SGD(a.parameters(), lr=1.0)
