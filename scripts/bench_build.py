@@ -393,8 +393,8 @@ def report(results: dict[str, list[Round]], steps: int, parse: dict[str, dict[st
         f"{os.cpu_count()} CPUs; median over {n_rounds} interleaved rounds (min-max)"
     )
     hdr = (
-        f"{'layout':<17}{'variant':<27}{'wall s':>7}{'CPU s':>7}{'x json loop':>19}"
-        f"{'/ orjson floor':>19}{'CPU / orjson CPU':>19}{'peak MiB':>10}"
+        f"{'layout':<17}{'variant':<27}{'wall s':>7}{'CPU s':>7}{'x json loop':>21}"
+        f"{'/ orjson floor':>21}{'CPU / orjson CPU':>21}{'peak MiB':>10}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -404,9 +404,9 @@ def report(results: dict[str, list[Round]], steps: int, parse: dict[str, dict[st
         floor_cpu = [r.orjson_cpu for r in rounds]
         loop = [steps / r.loop_rate for r in rounds]
         fast = _med([a / b for a, b in zip(loop, floor)])
-        print(f"{layout:<17}{'json.loads loop':<27}{statistics.median(loop):>7.2f}{'':>7}{'1.00':>19}{fast:>19}")  # fmt: skip
+        print(f"{layout:<17}{'json.loads loop':<27}{statistics.median(loop):>7.2f}{'':>7}{'1.00':>21}{fast:>21}")  # fmt: skip
         print(f"{'':<17}{'orjson parse floor':<27}{statistics.median(floor):>7.2f}"
-              f"{statistics.median(floor_cpu):>7.2f}{fast:>19}{'1.00':>19}{'1.00':>19}")  # fmt: skip
+              f"{statistics.median(floor_cpu):>7.2f}{fast:>21}{'1.00':>21}{'1.00':>21}")  # fmt: skip
         for w in (2, 1):
             runs = [r.builds[w] for r in rounds]
             wall = [b.wall for b in runs]
@@ -416,8 +416,8 @@ def report(results: dict[str, list[Round]], steps: int, parse: dict[str, dict[st
             mem = max(b.mem_mib for b in runs)
             cpu = statistics.median(b.cpu for b in runs)
             name = f"pipeline.build --workers {w}"
-            print(f"{'':<17}{name:<27}{statistics.median(wall):>7.2f}{cpu:>7.2f}{_med(speed):>19}"
-                  f"{_med(over):>19}{_med(over_cpu):>19}{mem:>10,.0f}")  # fmt: skip
+            print(f"{'':<17}{name:<27}{statistics.median(wall):>7.2f}{cpu:>7.2f}{_med(speed):>21}"
+                  f"{_med(over):>21}{_med(over_cpu):>21}{mem:>10,.0f}")  # fmt: skip
             s, o = statistics.median(speed), statistics.median(over)
             verdicts.append((layout, f"workers {w}: x json loop", s, f">= {JSON_TARGET:g}", s >= JSON_TARGET))  # fmt: skip
             verdicts.append((layout, f"workers {w}: / orjson floor", o, f"<= {FLOOR_TARGET:g}", o <= FLOOR_TARGET))  # fmt: skip
