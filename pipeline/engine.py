@@ -20,6 +20,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -49,12 +51,21 @@ def default_workers() -> int:
     return max(1, min(cpus, MAX_DEFAULT_WORKERS))
 
 
-def _start_worker(context: bytes, env: dict[str, str]) -> None:
+def _start_worker(context: bytes, env: dict[str, str], parent: int) -> None:
     """A worker's initializer: ``env`` is set before anything imports the libraries it
-    tunes (the context arrives pickled, so unpickling it is what imports them)."""
+    tunes (the context arrives pickled, so unpickling it is what imports them), and the
+    worker exits as soon as the building process ``parent`` is gone (killed, say): a
+    worker blocked on the task queue would otherwise wait forever."""
     global _context
     os.environ.update(env)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     _context = pickle.loads(context)
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _call(fn: Callable[[Any, Any], Any], task: Any) -> Any:
@@ -117,7 +128,7 @@ class LocalEngine(Generic[C]):
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(pickle.dumps(self.context), env),
+                initargs=(pickle.dumps(self.context), env, os.getpid()),
             )
         return self._pool
 

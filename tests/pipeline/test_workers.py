@@ -3,6 +3,10 @@ the per-chunk functions run, never what the store holds."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,8 @@ from pipeline.format import QUARANTINE
 from pipeline.store import open_store
 
 from .conftest import (
+    PYTHON,
+    REPO,
     Layout,
     build_store,
     dumps,
@@ -147,3 +153,49 @@ def test_small_inputs_build_in_process_by_default(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, [tmp_path / "raw" / "a.jsonl"])
     result = build_store(spec, tmp_path / "out", chunk_bytes=97)
     assert result.manifest["build_workers"] == 1
+
+
+ORPHAN_SCRIPT = """
+import os, time
+from pipeline.engine import LocalEngine
+
+def report_and_sleep(context, seconds):
+    print(os.getpid(), flush=True)
+    time.sleep(seconds)
+
+if __name__ == "__main__":
+    with LocalEngine(None, workers=2) as engine:
+        for _ in engine.map(report_and_sleep, [60.0, 60.0]):
+            pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_build_is_killed(tmp_path: Path) -> None:
+    """A worker blocked on its task queue would outlive a killed build; it must not."""
+    script = tmp_path / "build.py"
+    script.write_text(ORPHAN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([PYTHON, str(script)], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None
+    pids: list[int] = []
+    try:
+        pids = [int(proc.stdout.readline()) for _ in range(2)]  # the workers are running
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        proc.kill()
+        proc.wait()
+        for p in filter(_alive, pids):
+            os.kill(p, signal.SIGKILL)
