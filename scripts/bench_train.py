@@ -1,7 +1,7 @@
 """Gradient steps per second of our BC / IQL / CQL against d3rlpy's, in float32, on the same data.
 
-    python scripts/bench_train.py                  # ~12 s per algorithm and side, CPU (+ CUDA)
-    python scripts/bench_train.py --quick          # smoke run, ~1 s per algorithm and side
+    python scripts/bench_train.py                  # ~12 s per row and side, CPU (+ CUDA)
+    python scripts/bench_train.py --quick --no-compile   # smoke run, ~1 s per row and side
     python scripts/bench_train.py --algos iql cql --actions continuous --steps 100 --rounds 6
 
 One synthetic dataset per action type is generated in memory (1M transitions by default;
@@ -11,9 +11,13 @@ hidden, twin critics for IQL / CQL, one for discrete CQL), batch 256, one CPU th
 default (the training configs' setting; ``--threads``), and float32 arithmetic throughout
 (our ``compute_dtype`` and ``penalty_dtype`` pinned to float32, as the demo configs do;
 ``--bf16`` adds rows with bfloat16 hidden layers for information, on devices with bf16
-units). Each step includes drawing its batch: ours from the training loop's own
-:class:`trainer.samplers.TransitionSampler` (one index draw, one gather), d3rlpy's from
-``sample_transition_batch`` on its replay buffer, as its ``fit`` does.
+units). Each of our rows runs twice: as configured by default, and ``[compile]`` with
+``compile: true`` (torch.compile of the losses; the time its first steps spent compiling
+is shown; ``--no-compile`` skips these rows). d3rlpy's own ``compile_graph`` works on CUDA
+only, so its side runs as d3rlpy runs on a CPU. Each step includes drawing its batch: ours
+from the training loop's own :class:`trainer.samplers.TransitionSampler` (one index draw,
+one gather), d3rlpy's from ``sample_transition_batch`` on its replay buffer, as its
+``fit`` does.
 
 The two sides take turns in short rounds (``--rounds``), so a machine shared with other
 work slows both alike. Columns: steps/s of each side over all its rounds, in CPU time
@@ -210,17 +214,22 @@ def compare(
     theirs: Step | None,
     args: argparse.Namespace,
     sync: Step,
-) -> tuple[Tally, Tally | None]:
+) -> tuple[Tally, Tally | None, float]:
+    """Both sides' tallies, and the wall time of our warm-up (which includes compiling)."""
     mine, other = Tally(), (Tally() if theirs is not None else None)
-    for side in (ours, theirs):  # warm-up: first steps allocate and fill caches
+    warmup = 0.0
+    for side in (ours, theirs):  # warm-up: first steps allocate, fill caches, compile
         if side is not None:
+            start = time.perf_counter()
             for _ in range(args.warmup):
                 side()
+            sync()
+            warmup = warmup or time.perf_counter() - start
     for _ in range(args.rounds):
         run_round(mine, ours, args.seconds / args.rounds, args.steps, sync)
         if theirs is not None and other is not None:
             run_round(other, theirs, args.seconds / args.rounds, args.steps, sync)
-    return mine, other
+    return mine, other, warmup
 
 
 def fmt(value: float, spec: str, width: int) -> str:
@@ -228,7 +237,7 @@ def fmt(value: float, spec: str, width: int) -> str:
 
 
 HEADER = (
-    f"{'algo':<18} {'actions':<10} {'ours/s':>8} {'d3rlpy/s':>9} {'ratio':>6} {'wall':>6} "
+    f"{'algo':<20} {'actions':<10} {'ours/s':>8} {'d3rlpy/s':>9} {'ratio':>6} {'wall':>6} "
     f"{'target':>7}  result  versus"
 )
 
@@ -237,7 +246,7 @@ def row_line(row: Row) -> str:
     theirs = row.theirs.rate(1) if row.theirs else float("nan")
     target = f"{row.target:6.1f}x" if row.target else f"{'-':>7}"
     return (
-        f"{row.algo:<18} {row.action:<10} {fmt(row.ours.rate(1), '.1f', 8)} "
+        f"{row.algo:<20} {row.action:<10} {fmt(row.ours.rate(1), '.1f', 8)} "
         f"{fmt(theirs, '.1f', 9)} {fmt(row.ratio(1), '.2f', 6)} {fmt(row.ratio(2), '.2f', 6)} "
         f"{target}  {row.result:<6}  {row.versus}"
     )
@@ -245,17 +254,18 @@ def row_line(row: Row) -> str:
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| algo | actions | ours steps/s | d3rlpy steps/s | ours / d3rlpy | (wall clock) | target | result |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| algo | actions | ours steps/s | d3rlpy steps/s | ours / d3rlpy | (wall clock) | target "
+        "| result | versus |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         theirs = f"{r.theirs.rate(1):.1f}" if r.theirs else "-"
-        ratio = f"{r.ratio(1):.2f}x" if r.theirs else r.versus
+        ratio = f"{r.ratio(1):.2f}x" if r.theirs else "-"
         wall = f"{r.ratio(2):.2f}x" if r.theirs else "-"
         target = f">= {r.target:g}x" if r.target else "-"
         lines.append(
             f"| {r.algo} | {r.action} | {r.ours.rate(1):.1f} | {theirs} | {ratio} | {wall} | "
-            f"{target} | {r.result} |"
+            f"{target} | {r.result} | {r.versus} |"
         )
     return "\n".join(lines)
 
@@ -270,8 +280,9 @@ class Case:
     target: float | None  # None: an information row
 
 
-def plan_for(discrete: bool, device: torch.device, bf16: bool) -> list[Case]:
-    """Target rows run float32; ``bf16`` adds bfloat16 rows (information only)."""
+def plan_for(discrete: bool, device: torch.device, bf16: bool, compile: bool) -> list[Case]:
+    """Target rows run float32, as configured by default and (``compile``) with
+    ``compile: true``; ``bf16`` adds bfloat16 rows (information only)."""
     f32_cql = {**FLOAT32, "penalty_dtype": "float32"}
     if discrete:
         cases = [
@@ -286,12 +297,27 @@ def plan_for(discrete: bool, device: torch.device, bf16: bool) -> list[Case]:
             Case("iql", "iql", FLOAT32, "iql", TARGETS["iql"]),
             Case("cql", "cql", f32_cql, "cql", TARGETS["cql"]),
         ]
+    if compile:
+        cases = [
+            row
+            for c in cases
+            for row in (
+                c,
+                Case(
+                    f"{c.label} [compile]",
+                    c.name,
+                    {**c.config, "compile": True},
+                    c.d3rlpy,
+                    c.target,
+                ),
+            )
+        ]
     if bf16 and has_fast_bf16(device):
         low = {"compute_dtype": "bfloat16"}
         extra = [
             Case(f"{c.label} [bf16]", c.name, {**c.config, **low}, c.d3rlpy, None)
             for c in cases
-            if c.d3rlpy is not None
+            if c.d3rlpy is not None and not c.config.get("compile")
         ]
         if not discrete:  # CQL's sampled-action penalty too
             extra[-1] = Case("cql [bf16]", "cql", {**low, "penalty_dtype": "bfloat16"}, "cql", None)
@@ -311,7 +337,11 @@ def bench_action_type(
     device: torch.device, discrete: bool, args: argparse.Namespace, sync: Step
 ) -> list[Row]:
     action = "discrete" if discrete else "continuous"
-    cases = [c for c in plan_for(discrete, device, args.bf16) if c.name in args.algos]
+    cases = [
+        c
+        for c in plan_for(discrete, device, args.bf16, not args.no_compile)
+        if c.name in args.algos
+    ]
     if not cases:
         return []
     t0 = time.perf_counter()
@@ -334,7 +364,9 @@ def bench_action_type(
         if d3_data is not None and case.d3rlpy is not None:
             theirs = d3rlpy_step(d3rlpy_algo(case.d3rlpy, d3_data, device), d3_data)
         versus = f"vs {D3RLPY_NAMES[case.d3rlpy]}" if case.d3rlpy else "d3rlpy has no discrete IQL"
-        mine, other = compare(ours, theirs, args, sync)
+        mine, other, warmup = compare(ours, theirs, args, sync)
+        if case.config.get("compile"):
+            versus += f"; compiled in {warmup:.0f} s"
         row = Row(case.label, action, mine, other, case.target if theirs else None, versus)
         print(row_line(row), flush=True)
         rows.append(row)
@@ -408,6 +440,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--bf16", action="store_true", help="add bfloat16 rows (devices with bf16 units only)"
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the rows with compile: true"
     )
     parser.add_argument("--no-d3rlpy", action="store_true", help="time ours only")
     args = parser.parse_args(argv)
