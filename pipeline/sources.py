@@ -123,16 +123,12 @@ def _split_lines(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-# the first bytes of the lines that Chunk.nonblank looks at more closely
-_WHITESPACE_STARTS = (b"\n", b" ", b"\t", b"\r")
-
-
 @dataclass
 class Chunk:
-    """A run of whole lines of one input file.
+    """A run of whole lines of one input file (what a worker process is sent).
 
-    Only the bytes and the number of the first line are kept (and sent to a worker
-    process); where each line starts and ends is found when first asked for."""
+    Where each line starts and ends is found when first asked for, unless the reader
+    already knows it."""
 
     data: bytes  # whole lines, each ending in b"\n" (one is added to a last line without it)
     first_line: int  # 1-based line number of the first line in ``data``
@@ -163,10 +159,7 @@ class Chunk:
 
     def nonblank(self) -> np.ndarray:
         """Indices of the lines that hold something besides whitespace."""
-        d = self.data
-        if d[:1] not in _WHITESPACE_STARTS and not any(b"\n" + w in d for w in _WHITESPACE_STARTS):
-            return np.arange(self.n_lines)  # no line is empty or starts with whitespace
-        buf = np.frombuffer(d, dtype=np.uint8)
+        buf = np.frombuffer(self.data, dtype=np.uint8)
         starts, ends = self.starts, self.ends
         first = buf[np.minimum(starts, len(buf) - 1)] if len(buf) else np.zeros(0, np.uint8)
         ws_first = (ends == starts) | (first == 32) | (first == 9) | (first == 13)
@@ -197,7 +190,8 @@ def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]
                     carry = data
                     continue
                 carry = data[cut + 1 :]
-                chunk = Chunk(data[: cut + 1], line_no)
+                data = data[: cut + 1]
+                chunk = Chunk(data, line_no, _split_lines(data))
                 yield chunk
                 line_no += chunk.n_lines
         except (OSError, EOFError) as e:
