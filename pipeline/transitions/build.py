@@ -82,6 +82,10 @@ BUCKET_TARGET_BYTES = 96 << 20  # parsed step rows per spill bucket (memory per 
 IN_MEMORY_INPUT_BYTES = 256 << 20  # step_per_line inputs up to this size are not spilled
 MERGE_WINDOW_ROWS = 1 << 16  # spilled runs are merged back this many rows at a time
 POOL_MIN_BYTES = 64 << 20  # smaller inputs build in-process unless workers are asked for
+# Below this many CPUs one process already keeps them busy (polars parses on its own
+# threads) and a pool only adds start-up and pickling: bench_build measured 2 workers
+# slower than 1 on 2 CPUs. An explicit --workers N is honoured.
+POOL_MIN_CPUS = 4
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def build(
 
     ``workers``: processes that parse and check the chunks (1: this process only; None:
     :func:`pipeline.engine.default_workers` for inputs of ``POOL_MIN_BYTES`` or more, whose
-    build outlasts starting the workers, else 1). The store is the same for any number."""
+    build outlasts starting the workers, on machines of ``POOL_MIN_CPUS`` or more; else 1). The store is the same for any number."""
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise BuildError(f"--workers {workers}: give 1 or more worker processes")
@@ -220,7 +224,8 @@ def _plan(
         spill_dir.mkdir(parents=True)
     workers = opts.workers
     if workers is None:
-        workers = default_workers() if est >= POOL_MIN_BYTES else 1
+        cpus = default_workers()
+        workers = cpus if est >= POOL_MIN_BYTES and cpus >= POOL_MIN_CPUS else 1
     workers = max(1, min(workers, math.ceil(est / opts.chunk_bytes)))
     return BuildContext(spec, [s.display for s in sources], n_buckets, spill_dir), workers
 
