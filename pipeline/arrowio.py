@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.format import FORMAT_NAME, MANIFEST, StoreError
+from pipeline.sources import file_sha256
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -85,12 +85,8 @@ def column_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a store file's bytes (as of an input file: one function for both)."""
+    return file_sha256(path)
 
 
 def data_file_problems(store: Path, manifest: dict[str, Any]) -> list[str]:

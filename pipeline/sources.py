@@ -42,6 +42,20 @@ class SourceFile:
     blank_lines: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
+    def manifest_entry(self, **extra: Any) -> dict[str, Any]:
+        """What a manifest records of this input (``extra`` keys first, e.g. its format)."""
+        return {
+            "path": self.display,
+            **extra,
+            "sha256": self.sha256,
+            "bytes": self.size,
+            "mtime_ns": self.mtime_ns,
+            "records": self.records,
+            "records_kept": self.records - self.quarantined,
+            "records_quarantined": self.quarantined,
+            "blank_lines": self.blank_lines,
+        }
+
 
 def _display(p: Path) -> str:
     try:

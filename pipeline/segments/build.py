@@ -621,20 +621,7 @@ def _build_into(
         "build_key": build_key(
             build_key_parts(spec.sha256(), tok_sha if tok_file else None), sources
         ),
-        "sources": [
-            {
-                "path": s.display,
-                "format": spec.source.format,
-                "sha256": s.sha256,
-                "bytes": s.size,
-                "mtime_ns": s.mtime_ns,
-                "records": s.records,
-                "records_kept": s.records - s.quarantined,
-                "records_quarantined": s.quarantined,
-                "blank_lines": s.blank_lines,
-            }
-            for s in sources
-        ],  # fmt: skip
+        "sources": [s.manifest_entry(format=spec.source.format) for s in sources],
         "segments": {
             "max_tokens": spec.segments.max_tokens,
             "stride": spec.segments.stride,

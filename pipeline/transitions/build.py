@@ -666,19 +666,7 @@ def _manifest(
         "resolved_spec_sha256": spec.sha256(),
         "spec_file": str(spec_path),
         "build_key": build_key(build_key_parts(raw_spec_sha), sources),
-        "sources": [
-            {
-                "path": s.display,
-                "sha256": s.sha256,
-                "bytes": s.size,
-                "mtime_ns": s.mtime_ns,
-                "records": s.records,
-                "records_kept": s.records - s.quarantined,
-                "records_quarantined": s.quarantined,
-                "blank_lines": s.blank_lines,
-            }
-            for s in sources
-        ],  # fmt: skip
+        "sources": [s.manifest_entry() for s in sources],
         "counts": {
             "records": records,
             "records_kept": records - q.count,
