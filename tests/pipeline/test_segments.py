@@ -740,6 +740,19 @@ def test_verify_catches_broken_rules(demo_store: Path, tmp_path: Path) -> None:
     vals = sg.input_values.copy()
     vals[sg.input_offsets[hit] + sg.local_start[hit]] = 7
     assert any("differ from its document's tokens" in p for p in broken(input_values=vals))
+    # a question token changed in an example's second segment only
+    ex = store.examples
+    two = int(np.flatnonzero(ex.n_segments >= 2)[0])
+    row = int(ex.segment_row[two]) + 1
+    vals = sg.input_values.copy()
+    vals[sg.input_offsets[row] + 1] += 1
+    assert any("question tokens differ" in p for p in broken(input_values=vals))
+    # answer_segment pointing past the first segment that holds the answer
+    s = open_segment_store(demo_store)
+    a_seg = ex.answer_segment.copy()
+    a_seg[int(np.flatnonzero(a_seg >= 0)[0])] += 1
+    s.__dict__["examples"] = dataclasses.replace(ex, answer_segment=a_seg)
+    assert any("answer_segment is not the first" in p for p in check_invariants(s))
     # a flipped byte in a data file: named, with the fix implied
     import shutil
 
