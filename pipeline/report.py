@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,14 @@ def hist_lines(values: np.ndarray, bins: int = 10, width: int = 40) -> list[str]
         f"  {edges[i]:>12.4g} .. {edges[i + 1]:<12.4g} | {'#' * max(int(round(width * c / top)), 1 if c else 0):<{width}} {c}"
         for i, c in enumerate(counts)
     ]
+
+
+def quarantine_summary(manifest: dict[str, Any], store: Path) -> list[str]:
+    """The build command's line on what was quarantined, and where (none: nothing was)."""
+    if not manifest["quarantine_reasons"]:
+        return []
+    reasons = ", ".join(f"{k}: {v}" for k, v in manifest["quarantine_reasons"].items())
+    return [f"  quarantine  {reasons}  -> {store / QUARANTINE}"]
 
 
 def quarantine_lines(store: Path, examples: int = 1) -> list[str]:

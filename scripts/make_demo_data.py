@@ -131,9 +131,11 @@ def collect(
     prefix: str,
     width: int,
     rng: np.random.Generator,
+    **env_kwargs: Any,
 ) -> list[Episode]:
-    """Roll out ``n_episodes`` split between ``behaviours`` by share, ids in rollout order."""
-    env = gym.make(env_id)
+    """Roll out ``n_episodes`` split between ``behaviours`` by share, ids in rollout order;
+    ``env_kwargs`` go to ``gym.make`` (e.g. ``max_episode_steps``)."""
+    env = gym.make(env_id, **env_kwargs)
     counts = split_counts(n_episodes, [b.share for b in behaviours])
     episodes: list[Episode] = []
     for behaviour, count in zip(behaviours, counts):

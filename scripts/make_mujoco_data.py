@@ -47,6 +47,7 @@ import orjson
 
 # scripts/ is on sys.path when this file runs as a script
 from make_demo_data import Behaviour, Episode, References, rollout, split_counts, write_bytes
+from make_demo_data import collect as demo_collect
 from numpy.typing import NDArray
 
 ENV_ID = "Hopper-v5"
@@ -109,18 +110,12 @@ def make_env(max_episode_steps: int) -> gym.Env[Any, Any]:
 
 def collect(n_episodes: int, max_episode_steps: int, rng: np.random.Generator) -> list[Episode]:
     """Roll out ``n_episodes`` split between the behaviours by share, ids in rollout order."""
-    env = make_env(max_episode_steps)
     counts = split_counts(n_episodes, [b.share for b in HOPPER_BEHAVIOURS])
     width = max(3, len(str(sum(counts) - 1)))
-    episodes: list[Episode] = []
-    for behaviour, count in zip(HOPPER_BEHAVIOURS, counts):
-        for _ in range(count):
-            ep = rollout(env, behaviour.policy, rng, seed=int(rng.integers(2**31)))
-            ep.episode_id = f"{OUT_NAME}-{len(episodes):0{width}d}"
-            ep.policy = behaviour.name
-            episodes.append(ep)
-    env.close()
-    return episodes
+    return demo_collect(
+        ENV_ID, HOPPER_BEHAVIOURS, n_episodes, OUT_NAME, width, rng,
+        max_episode_steps=max_episode_steps,
+    )  # fmt: skip
 
 
 def mean_return(policy: Any, max_episode_steps: int, n_episodes: int) -> float:

@@ -42,6 +42,7 @@ import pyarrow as pa
 from data_specs.schema import SegmentSpec, load_segment_spec
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
+from pipeline.report import quarantine_summary
 from pipeline.segments.layout import (
     DATA_FILES,
     DOCUMENTS_ARROW,
@@ -910,7 +911,4 @@ def summary_lines(result: Any) -> list[str]:
         f"{c['answers_in_no_segment']} answers in no single segment)",
         f"  tokenizer  {m['tokenizer']['vocab_size']:>8}  tokens ({m['tokenizer']['source']})",
     ]
-    if m["quarantine_reasons"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in m["quarantine_reasons"].items())
-        lines.append(f"  quarantine  {reasons}  -> {result.path / QUARANTINE}")
-    return lines
+    return lines + quarantine_summary(m, result.path)

@@ -35,6 +35,7 @@ from data_specs.schema import TransitionSpec, load_spec
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.engine import LocalEngine, default_workers
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
+from pipeline.report import quarantine_summary
 from pipeline.sources import Chunk, SourceFile, iter_chunks, resolve_sources
 from pipeline.storage import (
     BuildResult,
@@ -708,7 +709,4 @@ def summary_lines(result: BuildResult) -> list[str]:
         f"  episodes  {c['episodes']:>10}  ({c['episodes_terminated']} terminated, {c['episodes_truncated']} truncated)",
         f"  transitions {c['transitions']:>8}  ({c.get('truncated_last_steps_dropped', 0)} unbootstrappable last steps dropped)",
     ]
-    if m["quarantine_reasons"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in m["quarantine_reasons"].items())
-        lines.append(f"  quarantine  {reasons}  -> {result.path / QUARANTINE}")
-    return lines
+    return lines + quarantine_summary(m, result.path)
