@@ -15,6 +15,7 @@ algorithm (checked by the algorithm when the run starts, before any training ste
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,6 +49,8 @@ class ConfigError(ValueError):
 
 NATIVE_ALGOS = ("bc", "iql", "cql")
 QA_ALGOS = ("qa_supervised", "qa_hybrid")  # segment stores: trainer.qa.runner
+AGENT_ALGOS = ("sft",)  # sequence stores: trainer.agent.runner
+PRECISIONS = ("fp32", "bf16", "fp16")
 D3RLPY_PREFIX = "d3rlpy."
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -127,9 +130,10 @@ class StageConfig:
 
     # bc | iql | cql (native), or d3rlpy.NAME for any d3rlpy algorithm (d3rlpy.IQL, d3rlpy.CQL,
     # d3rlpy.DiscreteCQL, d3rlpy.BC, ...), built from its NAMEConfig class; on a segment store
-    # qa_supervised | qa_hybrid (trainer.qa).
+    # qa_supervised | qa_hybrid (trainer.qa); on a sequence store sft (trainer.agent).
     algo: str
-    # Gradient steps in this stage (early stopping may end it sooner).
+    # Gradient steps in this stage (early stopping may end it sooner). An sft stage may give
+    # `epochs` instead (steps: 0 or left out): the runner turns them into steps.
     steps: int
     # The stage's name in metrics, checkpoints and `init`; default: the algo, made unique.
     name: str = ""
@@ -153,13 +157,16 @@ class StageConfig:
             raise ConfigError(
                 f"algo: must be a name (bc, iql, cql or d3rlpy.NAME), got {self.algo!r}"
             )
-        known = (*NATIVE_ALGOS, *QA_ALGOS)
+        known = (*NATIVE_ALGOS, *QA_ALGOS, *AGENT_ALGOS)
         if self.algo not in known and not self.algo.startswith(D3RLPY_PREFIX):
             raise ConfigError(
                 f"algo: unknown algorithm {self.algo!r}{_suggest(self.algo, list(known))}; "
-                "use bc, iql, cql, d3rlpy.NAME (e.g. d3rlpy.IQL), qa_supervised or qa_hybrid"
+                "use bc, iql, cql, d3rlpy.NAME (e.g. d3rlpy.IQL), qa_supervised, qa_hybrid or sft"
             )
-        need_int("steps", self.steps, 1, "gradient steps in this stage")
+        if self.algo in AGENT_ALGOS and self.params.get("epochs") is not None:
+            need_int("steps", self.steps, 0, "0: from `epochs`")
+        else:
+            need_int("steps", self.steps, 1, "gradient steps in this stage")
         if not isinstance(self.name, str) or (self.name and not _NAME_RE.match(self.name)):
             raise ConfigError(
                 f"name: {self.name!r} is used in file names: letters, digits, '.', '_' and '-' only"
@@ -181,6 +188,15 @@ class StageConfig:
     @property
     def is_qa(self) -> bool:
         return self.algo in QA_ALGOS
+
+    @property
+    def family(self) -> str:
+        """The store kind the stage trains on: transitions, segments or sequences."""
+        if self.algo in QA_ALGOS:
+            return "segments"
+        if self.algo in AGENT_ALGOS:
+            return "sequences"
+        return "transitions"
 
     def algo_config(self) -> dict[str, Any]:
         """The mapping handed to the algorithm: its hyper-parameters plus ``grad_clip``."""
@@ -348,6 +364,19 @@ class TrainConfig:
     # QA runs (segment store, qa_* stages): the reader's sizes and the QA evaluation, checked
     # by trainer.qa.runner.QASettings (null: its defaults).
     qa: dict[str, Any] | None = None
+    # Sequence-store runs (sft stages): the student model, {path: DIR} (a local transformers
+    # model directory) or {config: {architecture: llama|gpt2, hidden_size, num_layers,
+    # num_heads, ...}} to train from scratch, with an optional `lora: {r, alpha, dropout,
+    # target_modules}` (trainer.agent.model.ModelSettings).
+    model: dict[str, Any] | None = None
+    # fp32 | bf16 | fp16: the forward and backward passes under autocast in that type
+    # (fp16 with a gradient scaler, CUDA only); the weights and the optimizer stay float32.
+    precision: str = "fp32"
+    # Sequence-store runs: the evaluation split and the online evaluation, checked by
+    # trainer.agent.runner.AgentSettings (null: its defaults).
+    agent: dict[str, Any] | None = None
+    # The preset overlay applied (configs/presets/NAME.yaml), chosen with `preset=NAME`.
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("store", "out"):
@@ -386,20 +415,30 @@ class TrainConfig:
             raise ConfigError(
                 f"qa: must be a mapping such as {{model: {{d_model: 64}}}}, got {self.qa!r}"
             )
-        qa = [st.is_qa for st in self.stages]
-        if any(qa) and not all(qa):
-            i = qa.index(not qa[0])
-            raise ConfigError(
-                f"stages.{i}.algo: {self.stages[i].algo!r} cannot share a run with "
-                f"{self.stages[0].algo!r}; QA stages (qa_supervised, qa_hybrid) train on a segment "
-                "store, the others on a transition store"
-            )
+        families = [st.family for st in self.stages]
+        for i, fam in enumerate(families):
+            if fam != families[0]:
+                raise ConfigError(
+                    f"stages.{i}.algo: {self.stages[i].algo!r} cannot share a run with "
+                    f"{self.stages[0].algo!r}; QA stages (qa_supervised, qa_hybrid) train on a "
+                    "segment store, sft on a sequence store, the others on a transition store"
+                )
+        need_choice("precision", self.precision, PRECISIONS)
+        for key in ("model", "agent"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"{key}: must be a mapping, got {v!r}")
         self._name_stages()
 
     @property
     def is_qa(self) -> bool:
         """True when the stages are QA stages (qa_supervised / qa_hybrid)."""
         return any(st.is_qa for st in self.stages)
+
+    @property
+    def is_agent(self) -> bool:
+        """True when the stages train a text policy on a sequence store (sft)."""
+        return any(st.family == "sequences" for st in self.stages)
 
     def _name_stages(self) -> None:
         seen: dict[str, int] = {}
@@ -499,6 +538,8 @@ def _stage(raw: Any, where: str) -> StageConfig:
     if isinstance(sched, str) or sched is None:
         sched = {"kind": sched or "constant"}
     loop["lr_schedule"] = build_section(LRSchedule, sched, f"{where}.lr_schedule")
+    if "steps" not in loop and loop.get("algo") in AGENT_ALGOS and "epochs" in params:
+        loop["steps"] = 0  # from epochs, once the store is open
     for key in ("algo", "steps"):
         if key not in loop:
             raise ConfigError(f"{where}.{key}: missing required key")
@@ -594,6 +635,73 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# The keys a preset (configs/presets/NAME.yaml) may set: run-time settings that change how
+# fast and how closely a run is watched, never what is trained on or the model's sizes.
+# `stages.*.KEY` sets KEY on every stage.
+PRESET_KEYS: dict[str, str] = {
+    "precision": "fp32 | bf16 | fp16 autocast",
+    "num_threads": "torch CPU threads",
+    "log_every": "steps between training-metric rows",
+    "tensorboard": "TensorBoard event files on or off",
+    "progress": "the progress bar",
+    "eval.every": "stage steps between evaluations",
+    "eval.episodes": "online evaluation episodes",
+    "eval.val_transitions": "offline validation size",
+    "checkpoint.every": "stage steps between checkpoints",
+    "checkpoint.keep_last": "periodic checkpoints kept",
+    "early_stopping.patience": "evaluations without improvement before a stop",
+    "agent.eval_max_episodes": "held-out episodes of the offline evaluation",
+    "agent.export_merged": "write the merged model directory at the end",
+    "stages.*.grad_accumulation": "micro-batches per optimizer step",
+    "stages.*.pack": "pack episodes into rows",
+    "stages.*.eval_every": "a stage's own evaluation interval",
+}
+
+
+def _preset_file(name: str, config_path: Path) -> Path:
+    for base in (config_path.parent, Path(__file__).resolve().parents[1] / "configs"):
+        f = base / "presets" / f"{name}.yaml"
+        if f.is_file():
+            return f
+    raise ConfigError(
+        f"preset: no preset {name!r}; presets are files configs/presets/NAME.yaml "
+        f"(next to {config_path} or in the repository's configs/)"
+    )
+
+
+def apply_preset(raw: dict[str, Any], name: Any, config_path: Path) -> list[str]:
+    """The overrides preset ``name`` makes, as ``key=value`` strings, applied to ``raw``.
+
+    A preset is a mapping of dotted keys to values; every key must be one of
+    :data:`PRESET_KEYS`, so a preset can never change the data, the model or the algorithm.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"preset: must be a preset name such as fast, got {name!r}")
+    f = _preset_file(name, config_path)
+    try:
+        overlay = yaml_load(f.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{f}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{f}: must be a mapping of dotted keys to values")
+    out: list[str] = []
+    n_stages = len(raw.get("stages") or [])
+    for key, value in overlay.items():
+        if key not in PRESET_KEYS:
+            raise ConfigError(
+                f"{f}: {key}: a preset may only set {', '.join(PRESET_KEYS)}{_suggest(str(key), list(PRESET_KEYS))}"
+            )
+        keys = (
+            [key.replace("*", str(i)) for i in range(n_stages)]
+            if key.startswith("stages.*.")
+            else [key]
+        )
+        out += [f"{k}={json.dumps(value)}" for k in keys]
+    apply_overrides(raw, out)
+    raw["preset"] = name
+    return out
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config, apply ``key=value`` overrides and check the result."""
     p = Path(path)
@@ -614,7 +722,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: must be a mapping of keys (store, out, stages, ...)")
     try:
-        apply_overrides(raw, overrides or [])
+        rest = []
+        preset = raw.get("preset")
+        for text in overrides or []:
+            parts, value = parse_override(text)
+            if parts == ["preset"]:
+                preset = value
+            else:
+                rest.append(text)
+        if preset is not None:
+            apply_preset(raw, preset, p)
+        apply_overrides(raw, rest)
         return config_from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None

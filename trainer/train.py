@@ -43,8 +43,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m trainer.train",
-        description="Train BC / IQL / CQL (native or d3rlpy) on a transition store, or the "
-        "QA reader (qa_supervised, qa_hybrid) on a segment store.",
+        description="Train BC / IQL / CQL (native or d3rlpy) on a transition store, the "
+        "QA reader (qa_supervised, qa_hybrid) on a segment store, or a student language "
+        "model (sft) on a sequence store.",
     )
     p.add_argument("config", help="a training config (YAML), e.g. configs/pendulum-bc-iql.yaml")
     p.add_argument(
@@ -98,11 +99,17 @@ def _run(args: argparse.Namespace) -> int:
         from trainer.loop import Interrupted, RunError, Trainer
         from trainer.qa import wants_qa_runner
 
+        from trainer.agent import wants_agent_runner
+
         runner: Any = Trainer
         if wants_qa_runner(cfg):
             from trainer.qa.runner import QATrainer
 
             runner = QATrainer
+        elif wants_agent_runner(cfg):
+            from trainer.agent.runner import AgentTrainer
+
+            runner = AgentTrainer
         try:
             summary = runner(cfg, resume=args.resume, overwrite=args.overwrite).run()
         except Interrupted as e:

@@ -773,6 +773,12 @@ def test_shipped_configs_are_valid(path: Path) -> None:
             from trainer.qa.runner import stage_params
 
             stage_params(cfg, index)
+        elif stage.family == "sequences":
+            from trainer.agent.runner import parse_settings
+            from trainer.agent.runner import stage_params as sft_params
+
+            sft_params(cfg, index)
+            parse_settings(cfg.agent)
         elif stage.is_d3rlpy:
             from trainer.d3rlpy_adapter import build_config
 
