@@ -96,10 +96,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.resume and args.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
 
+        from trainer.agent import wants_agent_runner
         from trainer.loop import Interrupted, RunError, Trainer
         from trainer.qa import wants_qa_runner
-
-        from trainer.agent import wants_agent_runner
 
         runner: Any = Trainer
         if wants_qa_runner(cfg):
