@@ -172,7 +172,10 @@ def test_iql_one_backward_gives_each_network_its_own_loss_gradient(discrete: boo
 def test_cql_penalty_in_blocks_of_states_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     from trainer.algos import cql
 
-    algo: Any = make_algorithm("cql", ctx(False), {**SMALL, "critic_hidden": (16, 16)})
+    # float32 throughout: "auto" would pick bfloat16 on CPUs with bf16 units, whose GEMM
+    # blocking (and so rounding) depends on the block's row count
+    config = {**SMALL, "critic_hidden": (16, 16), "penalty_dtype": "float32"}
+    algo: Any = make_algorithm("cql", ctx(False), config)
     b = batch(False, 0)
     obs, next_obs = algo.obs_norm(b.observations), algo.obs_norm(b.next_observations)
     actions = algo.action_scaler.to_unit(b.actions)
