@@ -33,7 +33,12 @@ data/raw/hopper/.generated: scripts/make_mujoco_data.py scripts/make_demo_data.p
 	$(PYTHON) scripts/make_mujoco_data.py --out data/raw
 	touch $@
 
-data: $(STAMP) data/raw/.generated data/raw/qa/.generated data/raw/hopper/.generated
+# Language-agent episodes: textgrid-v0 played by its scripted teachers (trainer/envs).
+data/raw/agent/.generated: scripts/make_agent_data.py trainer/envs/*.py | $(STAMP)
+	$(PYTHON) scripts/make_agent_data.py --out data/raw
+	touch $@
+
+data: $(STAMP) data/raw/.generated data/raw/qa/.generated data/raw/hopper/.generated data/raw/agent/.generated
 	@for spec in $(SPECS); do \
 		$(PYTHON) -m pipeline.build $$spec --out stores || exit 1; \
 	done
