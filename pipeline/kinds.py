@@ -1,6 +1,6 @@
 """The store kinds and the narrow interface each offers the command-line tools.
 
-A kind is a subpackage of :mod:`pipeline` (``transitions``, ``segments``) whose ``kind``
+A kind is a subpackage of :mod:`pipeline` (``transitions``, ``segments``, ``sequences``) whose ``kind``
 module provides the functions of :class:`StoreKind`. ``python -m pipeline.build``,
 ``pipeline.verify`` and ``pipeline.inspect`` look the kind up here by the spec's or the
 manifest's ``kind`` and call those functions; adding a kind means a new subpackage and
@@ -20,6 +20,7 @@ from pipeline.storage import BuildResult
 KINDS: dict[str, str] = {
     "transitions": "pipeline.transitions.kind",
     "segments": "pipeline.segments.kind",
+    "sequences": "pipeline.sequences.kind",
 }
 
 
