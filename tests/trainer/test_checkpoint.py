@@ -170,7 +170,8 @@ def assert_same_run(full: Path, resumed: Path) -> None:
     sa = json.loads((full / "summary.json").read_text())
     sb = json.loads((resumed / "summary.json").read_text())
     for x, y in zip(sa["stages"], sb["stages"]):
-        assert x["final_eval"] == y["final_eval"] and x["best_eval"] == y["best_eval"]
+        for key in ("final_eval", "best_eval"):
+            assert_same_state(x[key], y[key], f"summary {key}")
 
 
 def test_sigkill_then_resume_is_bit_for_bit_the_uninterrupted_run(

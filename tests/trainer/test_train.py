@@ -157,10 +157,14 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-# Checkpoint entries that hold wall-clock figures (and the run directory), not training state.
+# Checkpoint entries that hold wall-clock or memory figures of the process (and the run
+# directory), not training state.
 CLOCK_KEYS = frozenset(
-    {"wall_time_s", "train_time_s", "metrics_offset", "time", "steps_per_s", "examples_per_s"}
-)
+    {
+        "wall_time_s", "train_time_s", "metrics_offset", "time", "steps_per_s", "examples_per_s",
+        "tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "eval/peak_rss_mb",
+    }
+)  # fmt: skip
 
 
 def assert_same_state(

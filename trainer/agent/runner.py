@@ -261,16 +261,19 @@ class SFTStage:
     def update(self, batches: list[Any]) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches (already on the device)."""
         opt = self.optimizers["model"]
-        total_w = sum(int(b.n_trained) for b in batches) or 1
+        # a micro-batch's loss is its weighted mean; weighted by its share of the step's
+        # total target weight, the sum is the weighted mean over the whole step (as one
+        # batch of every micro-batch's episodes would give), with no host sync
+        shares = [self.weights[b.labels].sum() for b in batches]
+        total_w = torch.stack(shares).sum().clamp_min(1e-8)
         metrics: list[dict[str, torch.Tensor]] = []
-        for b in batches:
+        for b, share in zip(batches, shares):
             with self.autocast():
                 hidden = self.hidden(b)
                 loss, m = sad_loss(
                     hidden, self.lm_head, b, self.weights, distill_weight=self.distill
                 )
-            # each micro-batch's mean, weighted by its share of the step's targets
-            scaled = loss * (int(b.n_trained) / total_w)
+            scaled = loss * (share / total_w)
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
             else:
@@ -380,7 +383,9 @@ class AgentTrainer(StagedTrainer):
         for role, pol in zip(turns.role, turns.policy.tolist()):
             if not pol:
                 others[role] = others.get(role, 0) + 1
-        env_role = self.settings.env_role or (max(others, key=others.__getitem__) if others else None)
+        env_role = self.settings.env_role or (
+            max(others, key=others.__getitem__) if others else None
+        )
         return policy_roles[0], env_role
 
     # ------------------------------------------------------------------ run
@@ -635,6 +640,7 @@ class AgentTrainer(StagedTrainer):
             device=self.device,
             temperature=0.0 if self.cfg.eval.deterministic else max(self.settings.temperature, 1.0),
             autocast=algo.autocast,
+            max_context=int(self.store.manifest["sequences"]["max_tokens"]),
         )
         metrics: dict[str, float] = dict(res["metrics"])
         teacher = self._teacher(make_env, seeds, max_turns)
@@ -801,4 +807,3 @@ def plot_agent_curves(rows: list[dict[str, Any]], path: str | Path, title: str =
             ax.legend(fontsize=6)
         mark_panel(ax, name, boundaries)
     return save_panels(fig, axes, len(panels), title, path, rect=(0, 0, 1, 0.97))
-

@@ -1,0 +1,217 @@
+"""Student training through ``trainer.train``: the run directory, exact resume, gradient
+accumulation equal to one big batch, the merged export, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.build import build
+from pipeline.sequences.store import open_sequence_store
+from trainer.agent.data import SequenceArrays, collate
+from trainer.agent.losses import label_weights
+from trainer.agent.model import build_model, parse_model_settings
+from trainer.agent.runner import AgentTrainer, SFTParams, SFTStage
+from trainer.config import load_config
+from trainer.train import main
+
+from .test_checkpoint import KILL_DRIVER, assert_same_run, finish
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "agent-sft.yaml"
+TINY = [
+    "model.config.hidden_size=32",
+    "model.config.num_layers=1",
+    "model.config.num_heads=2",
+    "model.config.intermediate_size=64",
+    "stages.0.steps=6",
+    "stages.0.batch_size=4",
+    "stages.0.lr_schedule.warmup_steps=2",
+    "agent.eval_max_episodes=8",
+    "agent.max_new_tokens=40",
+    "eval.every=3",
+    "eval.episodes=2",
+    "eval.max_episode_steps=3",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=20",
+    "log_every=1",
+    "tensorboard=false",
+    "progress=false",
+    "num_threads=1",
+]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """80 planner episodes of the demo environment, built with the demo's spec."""
+    tmp = tmp_path_factory.mktemp("agent_store")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_agent_data.py"), "--out", str(tmp / "raw"),
+         "--planner", "80", "--noisy", "0", "--per-file", "80"],
+        check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    text = (ROOT / "data_specs" / "agent-demo.yaml").read_text()
+    text = text.replace(
+        "data/raw/agent/planner-*.jsonl", str(tmp / "raw" / "agent" / "planner-*.jsonl")
+    )
+    text = text.replace("vocab_size: 512", "vocab_size: 320")
+    spec = tmp / "agent.yaml"
+    spec.write_text(text)
+    return build(spec, tmp / "stores").path
+
+
+def overrides(store: Path, out: Path, *extra: str) -> list[str]:
+    return [f"store={store}", f"out={out}", *TINY, *extra]
+
+
+def rows(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_cli_trains_evaluates_online_and_exports_a_model_directory(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.train", str(CONFIG), *overrides(tiny_store, out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (out / name).is_file(), name
+    evals = [r for r in rows(out) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        for key in (
+            "eval/action_accuracy", "eval/span_loss/reasoning", "eval/span_loss/action",
+            "eval/token_accuracy/other", "eval/success_rate", "eval/return_mean",
+            "eval/teacher_success_rate",
+        ):  # fmt: skip
+            assert key in r, key
+        assert r["eval/online_episodes"] == 2 and r["eval/teacher_success_rate"] == 1.0
+    train = [r for r in rows(out) if r["kind"] == "train"]
+    assert {"loss/reasoning", "loss/action", "loss/other", "tokens_per_s", "peak_rss_mb"} <= set(
+        train[-1]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["stages"][0]
+    assert s["steps"] == 6 and s["tokens"] > 0 and s["tokens_per_s"] > 0
+    assert summary["labels"] == ["context", "reasoning", "action", "other"]
+    assert summary["split"]["train_episodes"] + summary["split"]["eval_episodes"] <= 80
+    # the exported student opens with transformers alone and continues a prompt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    store = open_sequence_store(tiny_store)
+    ids, _ = store.episode(0)
+    assert tok.decode(ids[:20].tolist()) == store.text().decode(ids[:20].tolist())
+    with torch.no_grad():
+        got = model(torch.as_tensor(ids[None, :50], dtype=torch.long)).logits
+    ck = torch.load(out / "checkpoints" / "final-sft.pt", weights_only=True)
+    assert any(k.endswith("embed_tokens.weight") for k in ck["algo_state"])
+    assert got.shape == (1, 50, store.text().vocab_size)
+
+
+def test_sigkill_then_resume_is_bit_for_bit_the_uninterrupted_run(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    argv = [str(CONFIG), *overrides(tiny_store, killed, "eval.episodes=0")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_DRIVER, "3", *argv],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    AgentTrainer(
+        load_config(CONFIG, overrides(tiny_store, full, "eval.episodes=0")), log=lambda m: None
+    ).run()
+    code, err = finish(proc)
+    assert code == -9, err
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert_same_run(full, killed)
+
+
+def _episode_loss_reference(
+    model: Any, arrays: SequenceArrays, episodes: np.ndarray, weights: torch.Tensor
+) -> torch.Tensor:
+    """The weighted mean CE over every target of ``episodes``, one episode at a time."""
+    num = torch.zeros(())
+    den = torch.zeros(())
+    for e in episodes.tolist():
+        a, b = int(arrays.offsets[e]), int(arrays.offsets[e + 1])
+        ids = torch.as_tensor(arrays.input_ids[a:b], dtype=torch.long)
+        lab = torch.as_tensor(arrays.labels[a:b], dtype=torch.long)
+        logits = model(ids[None]).logits[0]
+        for t in range(1, len(ids)):
+            w = weights[lab[t]]
+            if w > 0:
+                num = num + w * F.cross_entropy(logits[t - 1], ids[t])
+                den = den + w
+    return num / den
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_accumulated_micro_batches_give_the_gradient_of_one_plain_loop(
+    tiny_store: Path, pack: bool
+) -> None:
+    store = open_sequence_store(tiny_store)
+    arrays = SequenceArrays.from_store(store)
+    text = store.text()
+    settings = parse_model_settings(
+        {"config": {"architecture": "llama", "hidden_size": 16, "num_layers": 1, "num_heads": 2}}
+    )
+    loaded = build_model(
+        settings, vocab_size=text.vocab_size, pad_id=text.pad_id, end_id=text.end_id,
+        max_positions=2048, seed=0,
+    )  # fmt: skip
+    weights = label_weights(store.label_names, {"reasoning": 0.3, "action": 2.0})
+    stage = SFTStage(
+        loaded, SFTParams(lr=0.0), weights, precision="fp32", device=torch.device("cpu"),
+        grad_clip=None, has_teacher=False,
+    )  # fmt: skip
+    episodes = np.array([0, 5, 9, 17, 30, 41])
+    batches = [
+        collate(arrays, episodes[:2], text.pad_id, pack=pack, max_len=2048),
+        collate(arrays, episodes[2:], text.pad_id, pack=pack, max_len=2048),
+    ]
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    captured: list[list[torch.Tensor]] = []
+    real_step = stage.optimizers["model"].step
+
+    def capture(*a: Any, **k: Any) -> Any:
+        captured.append([p.grad.detach().clone() for p in params])  # type: ignore[union-attr]
+        return real_step(*a, **k)
+
+    stage.optimizers["model"].step = capture  # type: ignore[method-assign]
+    stage.update(batches)
+    loaded.model.zero_grad()
+    ref = _episode_loss_reference(loaded.model, arrays, episodes, weights)
+    want = torch.autograd.grad(ref, params)
+    for g, w in zip(captured[0], want):
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-6)
+
+
+def test_user_errors_are_one_line(tiny_store: Path, tmp_path: Path, capsys: Any) -> None:
+    base = overrides(tiny_store, tmp_path / "r")
+    # a user error of trainer.train: one line, exit code 2 (as every user error of the CLI)
+    assert main([str(CONFIG), *base, "model.lora={r: 4, target_modules: [nope_proj]}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope_proj" in err
+    base = overrides(tiny_store, tmp_path / "r2")
+    assert main([str(CONFIG), *base, "model={path: /nonexistent/model}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "/nonexistent/model" in err
