@@ -191,14 +191,14 @@ def stage_params(cfg: TrainConfig, index: int) -> SFTParams:
     if stage.algo != "sft":
         raise ConfigError(f"{where}.algo: {stage.algo!r} is not a sequence-store stage (sft)")
     try:
-        return build_section(SFTParams, dict(stage.params), where)  # type: ignore[no-any-return]
+        return build_section(SFTParams, dict(stage.params), where)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(where) else f"{where}.{msg}") from None
 
 
 def parse_settings(raw: dict[str, Any] | None) -> AgentSettings:
-    return build_section(AgentSettings, raw or {}, "agent")  # type: ignore[no-any-return]
+    return build_section(AgentSettings, raw or {}, "agent")
 
 
 def peak_rss_mb() -> float:
@@ -237,7 +237,7 @@ class SFTStage:
         self.trainable = [p for p in loaded.model.parameters() if p.requires_grad]
         decay = [p for p in self.trainable if p.ndim >= 2]
         no_decay = [p for p in self.trainable if p.ndim < 2]
-        self.optimizers = {
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
             "model": torch.optim.AdamW(
                 [
                     {"params": decay, "weight_decay": params.weight_decay},
@@ -256,7 +256,7 @@ class SFTStage:
             mask = packed_attention_mask(batch.segment_ids)
         else:
             mask = batch.attention_mask
-        return self.forward_hidden(batch.input_ids, mask, batch.position_ids)  # type: ignore[no-any-return]
+        return self.forward_hidden(batch.input_ids, mask, batch.position_ids)
 
     def update(self, batches: list[Any]) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches (already on the device)."""
