@@ -17,6 +17,7 @@ from trainer.agent.model import (
     ModelError,
     ModelSettings,
     build_model,
+    causal_prefix_rows,
     export_merged,
     hidden_and_head,
     make_scaler,
@@ -331,6 +332,37 @@ def test_packed_mask_actually_matters():
         leaky = fn(packed.input_ids, packed.attention_mask, packed.position_ids)
     assert torch.allclose(good[0, :6], leaky[0, :6], atol=1e-6)
     assert (good[0, 6:] - leaky[0, 6:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padding_and_holes_keep_their_mask(arch):
+    """Only right-padded rows at default positions run without a mask; others are masked."""
+    loaded = build(arch)
+    loaded.model.eval()
+    fn, head = hidden_and_head(loaded)
+    ids, right, _ = batch()
+    left = right.flip(1)
+    ids = torch.where(left.bool(), ids.flip(1), PAD)
+    pos = (left.cumsum(1) - 1).clamp_min(0)
+    hole = right.clone()
+    hole[0, 4] = 0
+    with torch.no_grad():
+        for mask in (left, hole):
+            ours = head(fn(ids, mask, pos if mask is left else None))
+            want = loaded.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos if mask is left else None
+            ).logits
+            real = mask.bool()
+            torch.testing.assert_close(ours[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_prefix_rows():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    pos = torch.tensor([[0, 1, 2, 0], [0, 1, 0, 0]])
+    assert causal_prefix_rows(right, pos) and causal_prefix_rows(right.bool(), None)
+    assert not causal_prefix_rows(right.flip(1), None)  # left padding
+    assert not causal_prefix_rows(torch.tensor([[1, 0, 1, 0]]), None)  # a hole
+    assert not causal_prefix_rows(right, pos + 1)  # other positions
 
 
 def test_bool_padding_mask_works_like_the_long_one():

@@ -476,7 +476,20 @@ def build_model(
 # --------------------------------------------------------------------------- running
 
 
-HiddenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+HiddenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def causal_prefix_rows(attention_mask: torch.Tensor, position_ids: torch.Tensor | None) -> bool:
+    """True when every row of a (B, L) padding mask is its real tokens first, at positions
+    0, 1, 2, ... (or no positions given), then padding: causal attention alone then keeps
+    each real token from the padding, and the positions are the default ones (one small
+    check; a sync on CUDA)."""
+    real = attention_mask.bool()
+    ok = (real[:, 1:] <= real[:, :-1]).all()
+    if position_ids is not None:
+        cols = torch.arange(real.shape[1], device=real.device)
+        ok = ok & ((position_ids == cols) | ~real).all()
+    return bool(ok)
 
 
 def hidden_and_head(loaded: LoadedModel) -> tuple[HiddenFn, torch.nn.Module]:
@@ -486,7 +499,12 @@ def hidden_and_head(loaded: LoadedModel) -> tuple[HiddenFn, torch.nn.Module]:
 
     ``attention_mask`` is a (B, L) padding mask (1 real, 0 pad) or a (B, 1, L, L) bool mask
     (True: may attend) for packed rows; the latter goes to the attention as it is (made
-    additive for the eager attention, which adds its mask to the scores).
+    additive for the eager attention, which adds its mask to the scores). A right-padded
+    (B, L) batch at default positions (:func:`causal_prefix_rows`, as ``collate`` lays out
+    unpacked rows) runs as plain causal attention, with no mask: the real tokens' states
+    are the same, and the attention kernel skips the blocks above the diagonal instead of
+    masking them (about 7% of an fp32 step, 15% of a bf16 one, of the benchmark's model on
+    CPU). Other (B, L) masks (left padding, holes) go to the model as they are.
     """
     base = loaded.base
     body = base.base_model
@@ -499,15 +517,17 @@ def hidden_and_head(loaded: LoadedModel) -> tuple[HiddenFn, torch.nn.Module]:
     eager = getattr(base.config, "_attn_implementation", "sdpa") == "eager"
 
     def forward(
-        input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None
     ) -> torch.Tensor:
-        mask = attention_mask
+        mask, pos = attention_mask, position_ids
         if mask.ndim == 4 and mask.dtype == torch.bool and eager:
             low = torch.finfo(torch.float32).min
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, low)
-        out = body(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        )
+        elif mask.ndim == 2 and causal_prefix_rows(mask, pos):
+            # all ones: transformers then skips building a mask (is_causal attention), and
+            # models that warn about padding without a mask stay quiet
+            mask, pos = torch.ones_like(mask), None
+        out = body(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False)
         hidden: torch.Tensor = out.last_hidden_state
         return hidden
 
