@@ -80,6 +80,7 @@ bench: data
 	$(PYTHON) scripts/bench_sampler.py
 	$(PYTHON) scripts/bench_train.py
 	$(PYTHON) scripts/bench_qa.py
+	$(PYTHON) scripts/bench_sft.py
 
 clean:
 	rm -rf stores runs data/raw .pytest_cache .mypy_cache .ruff_cache
