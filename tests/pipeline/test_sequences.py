@@ -335,6 +335,12 @@ def test_cli_build_verify_inspect(tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     assert "episodes" in out and "reasoning" in out
     store = tmp_path / "s" / "seq"
+    # another process, the same store: the tokenizer's training is deterministic
+    here = build(spec, tmp_path / "here")
+    assert (
+        here.manifest["content_hash"]
+        == json.loads((store / "manifest.json").read_text())["content_hash"]
+    )
     ok = subprocess.run(
         [*run, "pipeline.verify", str(store)], capture_output=True, text=True, cwd=REPO
     )
