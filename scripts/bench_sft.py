@@ -1,8 +1,8 @@
 """SFT training throughput (tokens/s) of our trainer step against TRL's ``SFTTrainer``.
 
-    python scripts/bench_sft.py                    # ~25 min on 2 CPU cores
+    python scripts/bench_sft.py                    # ~11 min on a CPU core per side
     python scripts/bench_sft.py --quick            # smoke run, ~2 min
-    python scripts/bench_sft.py --modes grouped --steps 60 --threads 0
+    python scripts/bench_sft.py --modes grouped --steps 60 --buckets 32 --threads 0
 
 Both sides train the same model on the same episodes: a Llama of hidden 128, 2 layers, 4
 heads, MLP 384 (configs/agent-sft.yaml), built by :func:`trainer.agent.model.build_model`
@@ -19,9 +19,10 @@ with and without LoRA (r 16 on q_proj, v_proj).
 
 Modes pair like with like:
 
-- ``grouped``: batches of similar lengths. Ours as configured by default (``buckets: 8``);
-  TRL with ``train_sampling_strategy="group_by_length"`` (transformers' length-grouped
-  sampler), the closest TRL setting.
+- ``grouped``: batches of similar lengths. Ours as configured by default (``buckets: 8``,
+  ``--buckets``); TRL with ``train_sampling_strategy="group_by_length"`` (transformers'
+  length-grouped sampler: mega-batches of up to 50 batches sorted by length, so a little
+  less padding than 8 buckets; ``--buckets 32`` matches it).
 - ``random``: batches of random episodes, padded. Ours with ``buckets: 1``; TRL's defaults.
 - ``packed``: no padding. Ours with ``pack: true`` (episodes first-fit into rows, attention
   kept within an episode by a block mask); TRL with ``padding_free=True`` (the batch as one
@@ -175,7 +176,7 @@ def run_ours(args: argparse.Namespace, arrays: Any, rounds: Rounds, device: Any)
     loaded = build(args.lora, int(arrays.lengths.max()))
     loaded.model.to(device)
     loaded.model.train()
-    buckets = 8 if args.mode == "grouped" else 1
+    buckets = args.buckets if args.mode == "grouped" else 1
     params = SFTParams(
         lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, buckets=buckets, pack=args.mode == "packed"
     )
@@ -428,6 +429,8 @@ def spawn(side: str, mode: str, precision: str, lora: bool, args: argparse.Names
         str(args.steps),
         "--rounds",
         str(args.rounds),
+        "--buckets",
+        str(args.buckets),
         "--episodes",
         str(args.episodes),
         "--min-len",
@@ -526,6 +529,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--all", action="store_true", help="LoRA rows in every mode, not the first only")
     p.add_argument(
+        "--buckets",
+        type=int,
+        default=8,
+        help="our sampler's buckets in grouped mode (config default 8)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -539,6 +548,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.buckets <= 0:
+        p.error("--buckets must be > 0")
     defaults = {"steps": (30, 4), "rounds": (3, 2), "warmup": (5, 2), "episodes": (2000, 200)}
     defaults |= {"min_len": (200, 60), "max_len": (600, 160)}
     for name, (full, quick) in defaults.items():
@@ -572,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         f"bench_sft: {args.episodes} episodes of {args.min_len}-{args.max_len} tokens, vocab "
         f"{VOCAB}, batch {BATCH}, llama {MODEL['hidden_size']}x{MODEL['num_layers']}; "
         f"{args.warmup} warm-up + {args.total_steps} timed steps per side in {args.rounds} "
-        f"rounds; {describe_device(args)}",
+        f"rounds; our grouped batches from {args.buckets} buckets; {describe_device(args)}",
         flush=True,
     )
     rows: list[Row] = []
