@@ -269,6 +269,9 @@ def test_up_to_date_deterministic_and_verify_catches_broken_rules(tmp_path: Path
     other = build(spec, tmp_path / "b")
     assert other.manifest["content_hash"] == first.manifest["content_hash"]
     store = open_sequence_store(first.path)
+    # the token columns are views of the memory-mapped file, not copies (offsets: N + 1)
+    for arr in (store.input_ids, store.labels, store.turn_index):
+        assert not arr.flags.owndata and not arr.flags.writeable
     assert check_invariants(store) == []
     labels = store.labels.copy()
     labels[0] = 2  # the prompt trained

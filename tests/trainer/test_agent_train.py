@@ -215,3 +215,35 @@ def test_user_errors_are_one_line(tiny_store: Path, tmp_path: Path, capsys: Any)
     assert main([str(CONFIG), *base, "model={path: /nonexistent/model}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "/nonexistent/model" in err
+
+
+def test_lora_bf16_keeps_only_the_adapters_in_checkpoints_and_exports_merged(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "lora"
+    cfg = load_config(
+        CONFIG,
+        overrides(
+            tiny_store, out, "precision=bf16", "eval.episodes=0", "stages.0.steps=4",
+            "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+        ),
+    )  # fmt: skip
+    summary = AgentTrainer(cfg, log=lambda m: None).run()
+    assert summary["model"]["lora"] is not None and summary["precision"] == "bf16"
+    assert 0 < summary["model"]["n_trainable"] < summary["model"]["n_params"]
+    state = torch.load(out / "checkpoints" / "final-sft.pt", weights_only=True)["algo_state"]
+    assert state and all("lora_" in k for k in state), sorted(state)[:3]
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    # the merged weights differ from a fresh base: the adapters were trained and merged
+    loaded = build_model(
+        parse_model_settings(cfg.model), vocab_size=merged.config.vocab_size,
+        pad_id=0, end_id=1, max_positions=1024, seed=cfg.seed,
+    )  # fmt: skip
+    base_q = loaded.base.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base_q)
+    torch.testing.assert_close(
+        merged.model.layers[0].mlp.up_proj.weight, loaded.base.model.layers[0].mlp.up_proj.weight
+    )
