@@ -356,6 +356,19 @@ def test_left_padding_and_holes_keep_their_mask(arch):
             torch.testing.assert_close(ours[real], want[real], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_mask_means_causal_rows(arch):
+    loaded = build(arch)
+    loaded.model.eval()
+    fn, _ = hidden_and_head(loaded)
+    ids, mask, pos = batch()
+    with torch.no_grad():
+        want = fn(ids, mask, pos)
+        for p in (pos, None):
+            got = fn(ids, None, p)
+            torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
+
+
 def test_causal_prefix_rows():
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     pos = torch.tensor([[0, 1, 2, 0], [0, 1, 0, 0]])
