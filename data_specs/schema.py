@@ -549,7 +549,9 @@ def load_spec(path: str | Path) -> TransitionSpec:
     return parse_transition_spec(raw, origin=str(path))
 
 
-def spec_kind(path: str | Path, known: Iterable[str] = ("transitions", "segments")) -> str:
+def spec_kind(
+    path: str | Path, known: Iterable[str] = ("transitions", "segments", "sequences")
+) -> str:
     """The spec's ``kind`` (default ``transitions``); SpecError unless it is one of ``known``."""
     raw = read_yaml(path)
     if not isinstance(raw, Mapping):

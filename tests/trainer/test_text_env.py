@@ -84,14 +84,14 @@ def ref_rule(pos: tuple[int, int], goal: tuple[int, int], open_: list[str]) -> s
 
 
 def ref_think(pos: tuple[int, int], goal: tuple[int, int], open_: list[str], move: str) -> str:
-    need = []
+    row = col = "stay"
     if goal[0] != pos[0]:
-        need.append(f"{'down' if goal[0] > pos[0] else 'up'} {abs(goal[0] - pos[0])}")
+        row = f"{'down' if goal[0] > pos[0] else 'up'} {abs(goal[0] - pos[0])}"
     if goal[1] != pos[1]:
-        need.append(f"{'right' if goal[1] > pos[1] else 'left'} {abs(goal[1] - pos[1])}")
+        col = f"{'right' if goal[1] > pos[1] else 'left'} {abs(goal[1] - pos[1])}"
     moves = "".join(" " + mv for mv in open_)
     return (
-        f"at {pos[0]},{pos[1]} goal {goal[0]},{goal[1]}; need {', '.join(need)}; "
+        f"row {pos[0]} to {goal[0]}: {row}; col {pos[1]} to {goal[1]}: {col}; "
         f"open:{moves}; go {move}"
     )
 
@@ -303,7 +303,7 @@ def test_teacher_reads_the_latest_observation() -> None:
     obs = "moved up; at 3,3 goal 0,3; open: down left right"
     out = t.act("at 0,0 goal 5,5; open: down right", [("assistant", "x"), ("env", obs)])
     assert out == (
-        "<think>at 3,3 goal 0,3; need up 3; open: down left right; go right</think>\n"
+        "<think>row 3 to 0: up 3; col 3 to 3: stay; open: down left right; go right</think>\n"
         "<action>right</action>"
     )
     with pytest.raises(ValueError, match="state line"):

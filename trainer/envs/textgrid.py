@@ -24,7 +24,7 @@ The planner rule (:func:`planner_move`) is a function of the state line alone: t
 vertical move towards the goal if it is open, else the horizontal move towards the goal if
 it is open, else the first open move of ``FALLBACK``. Its reasoning spells that out::
 
-    <think>at 2,3 goal 4,1; need down 2, left 2; open: up down left; go down</think>
+    <think>row 2 to 4: down 2; col 3 to 1: left 2; open: up down left; go down</think>
     <action>down</action>
 
 Maps are drawn by rejection sampling from ``random.Random(seed)`` until the planner, from
@@ -203,10 +203,17 @@ def parse_state(text: str) -> tuple[Cell, Cell, tuple[str, ...]] | None:
 
 
 def reasoning(pos: Cell, goal: Cell, open_: tuple[str, ...], move: str) -> str:
-    """The planner's reasoning for ``move`` in a state: what it needs, what is open, the move."""
-    need = ", ".join(f"{m} {n}" for m, n in needs(pos, goal))
+    """The planner's reasoning for ``move`` in a state: each coordinate next to the goal's
+    with the move it asks for (``stay`` when equal), what is open, the move. Each
+    comparison sits beside its two digits, which a small student learns quickly."""
+    dr, dc = goal[0] - pos[0], goal[1] - pos[1]
+    row = f"{'down' if dr > 0 else 'up'} {abs(dr)}" if dr else "stay"
+    col = f"{'right' if dc > 0 else 'left'} {abs(dc)}" if dc else "stay"
     moves = "".join(f" {m}" for m in open_)
-    return f"at {pos[0]},{pos[1]} goal {goal[0]},{goal[1]}; need {need}; open:{moves}; go {move}"
+    return (
+        f"row {pos[0]} to {goal[0]}: {row}; col {pos[1]} to {goal[1]}: {col}; "
+        f"open:{moves}; go {move}"
+    )
 
 
 def answer(think: str, move: str) -> str:
