@@ -81,10 +81,11 @@ class TokenBatch:
     n_trained: int  # tokens with a label > 0 (the loss targets)
     teacher_ids: torch.Tensor | None = None  # (B, L, k) int64, -1 where none
     teacher_logprobs: torch.Tensor | None = None  # (B, L, k) float32
+    max_segments: int = 1  # the most episodes in one row (> 1: packed, known on the host)
 
     @property
     def packed(self) -> bool:
-        return bool((self.segment_ids.max() > 1).item()) if self.segment_ids.numel() else False
+        return self.max_segments > 1
 
     def to(self, device: torch.device | str) -> TokenBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,6 +101,7 @@ class TokenBatch:
             n_trained=self.n_trained,
             teacher_ids=move(self.teacher_ids),
             teacher_logprobs=move(self.teacher_logprobs),
+            max_segments=self.max_segments,
         )
 
 
@@ -191,6 +193,7 @@ def collate(
         n_trained=int((labels > 0).sum()),
         teacher_ids=t_ids,
         teacher_logprobs=t_lp,
+        max_segments=max((len(r) for r in rows), default=1),
     )
 
 

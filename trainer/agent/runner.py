@@ -251,12 +251,13 @@ class SFTStage:
         self.distill = params.distill_weight if has_teacher else 0.0
 
     def hidden(self, batch: Any) -> torch.Tensor:
-        """(B, L, H) last hidden states of a :class:`TokenBatch` (packed rows masked)."""
-        if bool(batch.segment_ids.max() > 1):
+        """(B, L, H) last hidden states of a :class:`TokenBatch`: packed rows attend within
+        each episode; unpacked rows are right-padded at positions 0, 1, ..., which the
+        model runs as plain causal attention (no mask, no host sync)."""
+        if batch.packed:
             mask = packed_attention_mask(batch.segment_ids)
-        else:
-            mask = batch.attention_mask
-        return self.forward_hidden(batch.input_ids, mask, batch.position_ids)
+            return self.forward_hidden(batch.input_ids, mask, batch.position_ids)
+        return self.forward_hidden(batch.input_ids, None, None)
 
     def update(self, batches: list[Any]) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches (already on the device)."""
