@@ -4,7 +4,7 @@ A REWARD (the ``reward:`` key of a ``ppo`` / ``reinforce`` stage, or of an IQL/C
 relabelling a transition store) is built by :func:`build_reward` into a tree of
 :class:`RewardNode`. A node maps a batch of :class:`RewardInput` (one per generated turn) to
 one float64 reward per sample; :meth:`RewardNode.evaluate` also returns every node's values
-for the logs.
+for the logs. Overview for users: ``docs/REWARDS.md``.
 
 Grammar::
 
