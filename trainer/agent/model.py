@@ -605,6 +605,9 @@ def export_merged(
         merged = copy.deepcopy(loaded.model).merge_and_unload()  # type: ignore[operator]
     else:
         merged = loaded.base
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one model directory: no bar in the run's output
     merged.save_pretrained(str(out), safe_serialization=True)
     if not (out / "generation_config.json").is_file():
         merged.generation_config.save_pretrained(str(out))

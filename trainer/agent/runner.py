@@ -22,7 +22,8 @@ the store has them. ``epochs`` instead of ``steps``: ``ceil(epochs * train episo
 
 Evaluation (:mod:`trainer.agent.evaluation`) on held-out episodes chosen by episode id
 (``agent.eval_fraction``), and online in the store's text environment when it names one.
-The best checkpoint is picked by ``eval/action_accuracy`` unless ``early_stopping.metric``
+The best checkpoint is picked by ``eval/success_rate`` when the student plays the store's
+environment, else by ``eval/action_accuracy``, unless ``early_stopping.metric``
 says otherwise. At the end, the student is written as a plain model directory
 (``RUN/model/``: merged weights with LoRA, the store's tokenizer beside them) that
 ``AutoModelForCausalLM.from_pretrained`` opens.
@@ -52,7 +53,8 @@ from trainer.logging import mark_panel, save_panels, stage_starts
 from trainer.loop import LRFactor, RunError, StagedTrainer
 from trainer.samplers import step_seed
 
-AGENT_METRIC = "eval/action_accuracy"
+AGENT_METRIC = "eval/action_accuracy"  # early_stopping.metric auto, offline
+ONLINE_METRIC = "eval/success_rate"  # ... and when the store's environment is played
 _RESUME_FIXED = ("store", "seed", "stages", "model", "precision", "agent", "store_hash")
 
 
@@ -405,6 +407,10 @@ class AgentTrainer(StagedTrainer):
         self.train_pool, self.eval_pool = self._split()
         self._resolve_steps()
         self.policy_role, self.env_role = self._roles()
+        if self.cfg.early_stopping.metric == "auto" and self._plays_online():
+            # held-out action accuracy saturates long before the student can act on its
+            # own: with an environment, the best checkpoint is the one that succeeds most
+            self.metric = ONLINE_METRIC
         self._open_run(ckpt, self.store.content_hash, device)
         init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
         if ckpt is None:
@@ -618,6 +624,9 @@ class AgentTrainer(StagedTrainer):
         probe = make_text_env(env_id, **kwargs)
         max_turns = self.cfg.eval.max_episode_steps or int(probe.max_turns)
         return (lambda: make_text_env(env_id, **kwargs)), max_turns
+
+    def _plays_online(self) -> bool:
+        return self._env() is not None and "action" in self.store.span_patterns
 
     def _online(self, algo: SFTStage) -> dict[str, float]:
         made = self._env()
