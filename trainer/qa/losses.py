@@ -1,6 +1,10 @@
 """The QA losses as pure functions of tensors: span cross-entropy, halting episodes,
 REINFORCE returns, GAE advantages, the policy-gradient, entropy and value losses.
 
+The math the QA policy shares with the token-level RL stages (masked means, returns, GAE,
+advantage normalisation, REINFORCE, the value loss, the entropy schedule) lives in
+``trainer/rl_losses.py``; this module re-exports it under the names the QA code uses.
+
 Shapes: ``B`` examples, ``T`` segments (padded), ``W`` positions per segment. Every
 function takes the masks that say which entries are real and gives padded entries neither
 value nor gradient (selection with ``torch.where``, never multiplication by 0 of a value
@@ -22,13 +26,35 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.rl_losses import (
+    discounted_returns,
+    entropy_coefficient,
+    gae_advantages,
+    masked_mean,
+    reinforce_loss,
+    value_loss,
+)
+from trainer.rl_losses import whiten as normalize_advantages
+
+__all__ = [
+    "CONTINUE",
+    "HALT",
+    "Episodes",
+    "bernoulli_entropy",
+    "discounted_returns",
+    "entropy_bonus",
+    "entropy_coefficient",
+    "gae_advantages",
+    "halt_log_prob",
+    "halting_episodes",
+    "masked_mean",
+    "normalize_advantages",
+    "policy_gradient_loss",
+    "span_loss",
+    "value_loss",
+]
+
 HALT, CONTINUE = 1.0, 0.0
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the true entries of ``mask`` (0 when there is none)."""
-    m = mask.to(x.dtype)
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1.0)
 
 
 # --------------------------------------------------------------------------- supervised
@@ -110,57 +136,6 @@ def halting_episodes(
     )
 
 
-def discounted_returns(
-    rewards: torch.Tensor, dones: torch.Tensor, mask: torch.Tensor, gamma: float
-) -> torch.Tensor:
-    """REINFORCE returns ``G_t = r_t + gamma * G_{t+1}`` (no bootstrap past a done); (B, T)."""
-    out = torch.zeros_like(rewards)
-    g = torch.zeros_like(rewards[:, 0])
-    for t in range(rewards.shape[1] - 1, -1, -1):
-        g = rewards[:, t] + gamma * g * (~dones[:, t]).to(rewards.dtype)
-        g = torch.where(mask[:, t], g, torch.zeros_like(g))
-        out[:, t] = g
-    return out
-
-
-def gae_advantages(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    dones: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float,
-    lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimates and their value targets, (B, T) each.
-
-    ``delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t``,
-    ``A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}``, target ``A_t + V_t``.
-    ``lam = 1`` gives the REINFORCE return minus the baseline; ``lam = 0`` one-step TD.
-    """
-    values = values.detach()
-    adv = torch.zeros_like(rewards)
-    a_next = torch.zeros_like(rewards[:, 0])
-    v_next = torch.zeros_like(rewards[:, 0])
-    for t in range(rewards.shape[1] - 1, -1, -1):
-        live = (~dones[:, t]).to(rewards.dtype)
-        delta = rewards[:, t] + gamma * v_next * live - values[:, t]
-        a = delta + gamma * lam * live * a_next
-        a = torch.where(mask[:, t], a, torch.zeros_like(a))
-        adv[:, t] = a
-        a_next, v_next = a, values[:, t]
-    targets = torch.where(mask, adv + values, torch.zeros_like(adv))
-    return adv, targets
-
-
-def normalize_advantages(adv: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(A - mean) / (std + eps)`` over the real entries; padded entries stay 0."""
-    n = mask.sum().clamp(min=1).to(adv.dtype)
-    mean = masked_mean(adv, mask)
-    var = torch.where(mask, (adv - mean) ** 2, torch.zeros_like(adv)).sum() / (n - 1).clamp(min=1)
-    out = (adv - mean) / (var.sqrt() + eps)
-    return torch.where(mask, out, torch.zeros_like(out))
-
-
 # --------------------------------------------------------------------------- policy
 
 
@@ -179,19 +154,9 @@ def policy_gradient_loss(
     halt_logit: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """REINFORCE: ``-mean(A_t * log pi(a_t | s_t))`` over the decisions (A is a constant)."""
-    return -masked_mean(advantages.detach() * halt_log_prob(halt_logit, actions), mask)
+    return reinforce_loss(halt_log_prob(halt_logit, actions), advantages, mask)
 
 
 def entropy_bonus(halt_logit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean policy entropy over the decisions (subtract ``coef *`` this from the loss)."""
     return masked_mean(bernoulli_entropy(halt_logit), mask)
-
-
-def value_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``0.5 * mean((V - target)^2)`` over the decisions."""
-    return 0.5 * masked_mean((values - targets.detach()) ** 2, mask)
-
-
-def entropy_coefficient(step: int, start: float, decay: float, floor: float) -> float:
-    """The entropy bonus at stage step ``step``: ``max(start * decay**step, floor)``."""
-    return max(start * decay**step, floor)
