@@ -8,20 +8,24 @@ Every error names the key and the fix, e.g.::
     configs/x.yaml: stages.1.init: 'bcc' is not an earlier stage; earlier stages are: bc
 
 A stage mapping holds the loop's own keys (``algo``, ``steps``, ``name``, ``init``,
-``batch_size``, ``lr_schedule``, ``grad_clip``, ``gamma``); every other key is a hyper-parameter of the
-algorithm (checked by the algorithm when the run starts, before any training step).
+``batch_size``, ``lr_schedule``, ``optimizer``, ``grad_clip``, ``gamma``); every other key is a
+hyper-parameter of the algorithm (checked by the algorithm when the run starts, before any training step).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from trainer.optim import OptimizerSpec
 
 
 class _Loader(yaml.SafeLoader):
@@ -100,28 +104,180 @@ def check_gamma(name: str, v: Any) -> float | None:
 # --------------------------------------------------------------------------- sections
 
 
+# The keys each `lr_schedule.kind` reads besides `kind`, `warmup_steps` and `warmup_ratio`
+# (trainer.optim.LRFactor computes the factors).
+SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "linear": ("final_fraction",),
+    "cosine": ("final_fraction",),
+    "cosine_with_restarts": ("final_fraction", "cycles"),
+    "polynomial": ("final_fraction", "power"),
+    "inverse_sqrt": ("timescale",),
+    "step": ("step_size", "gamma"),
+    "exponential": ("gamma",),
+    "one_cycle": (
+        "pct_start",
+        "max_factor",
+        "div_factor",
+        "final_div_factor",
+        "anneal_strategy",
+        "three_phase",
+    ),
+    "reduce_on_plateau": (
+        "metric",
+        "mode",
+        "factor",
+        "patience",
+        "threshold",
+        "threshold_mode",
+        "cooldown",
+        "min_factor",
+    ),
+}
+
+
 @dataclass
 class LRSchedule:
-    """How every optimizer's learning rate moves over a stage (a factor on the algorithm's LRs)."""
+    """How every optimizer's learning rate moves over a stage: a factor on the stage's LRs
+    (trainer.optim.LRFactor), after an optional linear warm-up from 0."""
 
-    # constant | linear | cosine: the shape after warm-up; linear and cosine decay from the
-    # full LR to `final_fraction` of it at the stage's last step.
+    # The shape after warm-up, one of SCHEDULE_KEYS: constant; linear / cosine /
+    # polynomial decay to `final_fraction` at the stage's last step; cosine_with_restarts
+    # (`cycles` cosine decays); inverse_sqrt (sqrt(timescale / (t + timescale)));
+    # step (x `gamma` every `step_size` steps); exponential (x `gamma` every step);
+    # one_cycle (torch's OneCycleLR as a factor); reduce_on_plateau (x `factor` when the
+    # evaluation metric stops improving).
     kind: str = "constant"
-    # Steps of linear warm-up from 0 to the full LR at the start of the stage (0: none).
+    # Steps of linear warm-up from 0 to the schedule's first factor (0: none).
     warmup_steps: int = 0
-    # linear / cosine: the LR at the last step as a fraction of the initial LR, in [0, 1].
+    # linear / cosine / cosine_with_restarts / polynomial: the factor at the last step.
     final_fraction: float = 0.0
+    # Warm-up as a fraction of the stage's steps, ceil(ratio * steps) (instead of
+    # warmup_steps; null: warmup_steps).
+    warmup_ratio: float | None = None
+    # cosine_with_restarts: cosine decays from 1 to final_fraction, one after the other.
+    cycles: int = 1
+    # polynomial: final + (1 - final) * (1 - progress) ** power (1: linear).
+    power: float = 1.0
+    # inverse_sqrt: factor sqrt(timescale / (t + timescale)) at t steps after warm-up
+    # (null: the warm-up's steps, or 1 without warm-up).
+    timescale: int | None = None
+    # step: steps between two multiplications by gamma.
+    step_size: int | None = None
+    # step: the factor every step_size steps (default 0.1); exponential: every step.
+    gamma: float | None = None
+    # one_cycle, as torch's OneCycleLR with max_lr = max_factor x the stage's LR: the share
+    # of the steps rising, the start (peak / div_factor) and the end (start /
+    # final_div_factor); cos or linear annealing; three_phase as torch's.
+    pct_start: float = 0.3
+    max_factor: float = 1.0
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal_strategy: str = "cos"
+    three_phase: bool = False
+    # reduce_on_plateau, as torch's ReduceLROnPlateau on the factor, stepped after every
+    # evaluation: the evaluation metric (auto: early_stopping's metric) and its mode (auto:
+    # early_stopping.mode); the multiplier per reduction; evaluations without improvement
+    # before one; what counts as an improvement (rel: by threshold x |best|, abs: by
+    # threshold); evaluations after a reduction that are not counted; the smallest factor.
+    metric: str = "auto"
+    mode: str = "auto"
+    factor: float = 0.1
+    patience: int = 10
+    threshold: float = 1e-4
+    threshold_mode: str = "rel"
+    cooldown: int = 0
+    min_factor: float = 0.0
 
     def __post_init__(self) -> None:
-        need_choice("kind", self.kind, ("constant", "linear", "cosine"))
+        need_choice("kind", self.kind, tuple(SCHEDULE_KEYS))
         need_int("warmup_steps", self.warmup_steps, 0, "steps of linear warm-up")
-        need_number("final_fraction", self.final_fraction, "a fraction of the initial LR")
-        if not 0.0 <= self.final_fraction <= 1.0:
-            raise ConfigError(f"final_fraction: must be in [0, 1], got {self.final_fraction}")
+        self._check_fraction("final_fraction", self.final_fraction, "the last step's factor")
+        if self.warmup_ratio is not None:
+            self._check_fraction("warmup_ratio", self.warmup_ratio, "of the stage's steps")
+            if self.warmup_steps:
+                raise ConfigError(
+                    "warmup_ratio: warmup_steps is set too; give the warm-up one way only"
+                )
+        need_int("cycles", self.cycles, 1, "cosine decays in the stage")
+        self._check_positive("power", self.power, "the polynomial's exponent")
+        if self.timescale is not None:
+            need_int("timescale", self.timescale, 1, "steps, or null")
+        if self.step_size is not None:
+            need_int("step_size", self.step_size, 1, "steps between two decays")
+        elif self.kind == "step":
+            raise ConfigError("step_size: kind step needs step_size (steps between decays)")
+        if self.gamma is not None:
+            self._check_positive("gamma", self.gamma, "the factor per decay")
+        elif self.kind == "exponential":
+            raise ConfigError("gamma: kind exponential needs gamma (the factor per step)")
+        self._check_fraction("pct_start", self.pct_start, "of the steps rising")
+        for key in ("max_factor", "div_factor", "final_div_factor"):
+            self._check_positive(key, getattr(self, key), "a factor")
+        need_choice("anneal_strategy", self.anneal_strategy, ("cos", "linear"))
+        if not isinstance(self.three_phase, bool):
+            raise ConfigError(f"three_phase: must be true or false, got {self.three_phase!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(f"metric: must be a metric name or auto, got {self.metric!r}")
+        need_choice("mode", self.mode, ("auto", "min", "max"))
+        self._check_fraction("factor", self.factor, "the multiplier per reduction")
+        if self.factor >= 1.0:
+            raise ConfigError(f"factor: must be < 1 (a reduction), got {self.factor}")
+        need_int("patience", self.patience, 0, "evaluations without improvement")
+        need_number("threshold", self.threshold, "the smallest improvement")
+        if self.threshold < 0:
+            raise ConfigError(f"threshold: must be >= 0, got {self.threshold}")
+        need_choice("threshold_mode", self.threshold_mode, ("rel", "abs"))
+        need_int("cooldown", self.cooldown, 0, "evaluations after a reduction")
+        self._check_fraction("min_factor", self.min_factor, "the smallest factor")
+        self._check_used()
+
+    @staticmethod
+    def _check_fraction(key: str, v: Any, what: str) -> None:
+        need_number(key, v, what)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1] ({what}), got {v}")
+
+    @staticmethod
+    def _check_positive(key: str, v: Any, what: str) -> None:
+        need_number(key, v, what)
+        if not v > 0 or v == float("inf"):
+            raise ConfigError(f"{key}: must be a finite number > 0 ({what}), got {v}")
+
+    def _check_used(self) -> None:
+        """A key set away from its default that this kind does not read is a mistake."""
+        used = {"kind", "warmup_steps", "warmup_ratio", *SCHEDULE_KEYS[self.kind]}
+        for f in fields(self):
+            if f.name not in used and getattr(self, f.name) != f.default:
+                keys = ", ".join(["warmup_steps", "warmup_ratio", *SCHEDULE_KEYS[self.kind]])
+                raise ConfigError(
+                    f"{f.name}: kind {self.kind} does not use it; its keys are: {keys}"
+                )
 
     @property
     def is_constant(self) -> bool:
-        return self.kind == "constant" and self.warmup_steps == 0
+        return self.kind == "constant" and self.warmup_steps == 0 and not self.warmup_ratio
+
+    def warmup(self, total_steps: int) -> int:
+        """The warm-up's steps in a stage of ``total_steps``: ``warmup_steps``, or
+        ``ceil(warmup_ratio * total_steps)``."""
+        if self.warmup_ratio is not None:
+            return math.ceil(self.warmup_ratio * total_steps)
+        return self.warmup_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """``kind``, ``warmup_steps`` and ``final_fraction``, then every key set away from
+        its default (so the resolved config of a run reads as it always has)."""
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "warmup_steps": self.warmup_steps,
+            "final_fraction": self.final_fraction,
+        }
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name not in d and v != f.default:
+                d[f.name] = v
+        return d
 
 
 @dataclass
@@ -143,6 +299,10 @@ class StageConfig:
     batch_size: int = 256
     # Learning-rate schedule (a string is shorthand for {kind: ...}).
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    # The optimizer of the stage's networks, {name: adamw, weight_decay: 0.01, ...}
+    # (trainer.optim; a string is shorthand for {name: ...}); null: the stage's own (Adam
+    # for bc / iql / cql, AdamW for qa_* and sft).
+    optimizer: OptimizerSpec | None = None
     # Clip the global gradient norm of every update to this value (null: no clipping); passed
     # to the algorithm as `grad_clip`.
     grad_clip: float | None = None
@@ -180,6 +340,11 @@ class StageConfig:
                 raise ConfigError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
             self.grad_clip = float(self.grad_clip)
         self.gamma = check_gamma("gamma", self.gamma)
+        if self.optimizer is not None and self.is_d3rlpy:
+            raise ConfigError(
+                "optimizer: a d3rlpy stage sets d3rlpy's own optimizers "
+                "(e.g. actor_optim_factory: {type: adam, params: {...}}); remove optimizer"
+            )
 
     @property
     def is_d3rlpy(self) -> bool:
@@ -199,8 +364,12 @@ class StageConfig:
         return "transitions"
 
     def algo_config(self) -> dict[str, Any]:
-        """The mapping handed to the algorithm: its hyper-parameters plus ``grad_clip``."""
-        return {**self.params, "grad_clip": self.grad_clip}
+        """The mapping handed to the algorithm: its hyper-parameters plus ``grad_clip`` (and
+        ``optimizer`` when the stage names one)."""
+        out = {**self.params, "grad_clip": self.grad_clip}
+        if self.optimizer is not None:
+            out["optimizer"] = self.optimizer
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The flat YAML form (hyper-parameters beside the loop's keys)."""
@@ -210,9 +379,11 @@ class StageConfig:
             "steps": self.steps,
             "init": self.init,
             "batch_size": self.batch_size,
-            "lr_schedule": asdict(self.lr_schedule),
+            "lr_schedule": self.lr_schedule.to_dict(),
             "grad_clip": self.grad_clip,
         }
+        if self.optimizer is not None:
+            d["optimizer"] = self.optimizer.to_dict()
         if self.gamma is not None:
             d["gamma"] = self.gamma
         d.update(self.params)
@@ -496,7 +667,17 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- parsing
 
-_STAGE_KEYS = {"algo", "steps", "name", "init", "batch_size", "lr_schedule", "grad_clip", "gamma"}
+_STAGE_KEYS = {
+    "algo",
+    "steps",
+    "name",
+    "init",
+    "batch_size",
+    "lr_schedule",
+    "optimizer",
+    "grad_clip",
+    "gamma",
+}
 
 
 def build_section(cls: type, raw: Any, where: str) -> Any:
@@ -538,6 +719,10 @@ def _stage(raw: Any, where: str) -> StageConfig:
     if isinstance(sched, str) or sched is None:
         sched = {"kind": sched or "constant"}
     loop["lr_schedule"] = build_section(LRSchedule, sched, f"{where}.lr_schedule")
+    if loop.get("optimizer") is not None:
+        from trainer.optim import parse_optimizer
+
+        loop["optimizer"] = parse_optimizer(loop["optimizer"], f"{where}.optimizer")
     if "steps" not in loop and loop.get("algo") in AGENT_ALGOS and "epochs" in params:
         loop["steps"] = 0  # from epochs, once the store is open
     for key in ("algo", "steps"):
@@ -627,6 +812,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                         node[part] = {}
                     elif isinstance(node[part], str) and here.endswith("lr_schedule"):
                         node[part] = {"kind": node[part]}
+                    elif isinstance(node[part], str) and here.endswith("optimizer"):
+                        node[part] = {"name": node[part]}
                     node = node[part]
             else:
                 raise ConfigError(

@@ -48,7 +48,6 @@ from trainer.checkpoint import (
 )
 from trainer.config import (
     ConfigError,
-    LRSchedule,
     StageConfig,
     TrainConfig,
     dump_yaml,
@@ -56,6 +55,7 @@ from trainer.config import (
 )
 from trainer.evaluation import Evaluator
 from trainer.logging import MetricsWriter, Progress, plot_curves, read_metrics
+from trainer.optim import PLATEAU, LRFactor, PlateauScheduler, make_schedulers
 from trainer.samplers import (
     DeviceTransitions,
     TransitionArrays,
@@ -65,6 +65,8 @@ from trainer.samplers import (
     step_seed,
     validation_batches,
 )
+
+__all__ = ["LRFactor", "RunError", "StagedTrainer", "Trainer", "make_schedulers"]
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -76,45 +78,6 @@ RESUME_FIXED = ("store", "seed", "stages", "reward", "val_fraction", "gamma", "s
 
 class RunError(Exception):
     """A run that cannot start or go on; the message says why and how to fix it."""
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-class LRFactor:
-    """The LR multiplier at a stage step: warm-up, then constant / linear / cosine decay.
-
-    A plain object (not a closure) so ``LambdaLR.state_dict`` saves it as data.
-    """
-
-    def __init__(self, schedule: LRSchedule, total_steps: int) -> None:
-        self.kind = schedule.kind
-        self.warmup = schedule.warmup_steps
-        self.final = schedule.final_fraction
-        self.total = total_steps
-
-    def __call__(self, step: int) -> float:
-        if self.warmup and step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.kind == "constant":
-            return 1.0
-        span = max(self.total - self.warmup - 1, 1)
-        progress = min(max(step - self.warmup, 0) / span, 1.0)
-        if self.kind == "linear":
-            return 1.0 - (1.0 - self.final) * progress
-        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_schedulers(
-    algo: Algorithm, schedule: LRSchedule, total_steps: int
-) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
-    """One LambdaLR per optimizer of the algorithm (none for a constant schedule)."""
-    if schedule.is_constant:
-        return {}
-    return {
-        name: torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(schedule, total_steps))
-        for name, opt in algo.optimizers.items()
-    }
 
 
 # --------------------------------------------------------------------------- algorithms
@@ -376,6 +339,7 @@ class StagedTrainer:
     progress: Progress
     _stop: _StopFlag
     _final_states: dict[str, dict[str, Any]]
+    _plateau: PlateauScheduler | None = None  # the running stage's reduce_on_plateau
     _resume_file: str  # the checkpoint a resumed run starts from
 
     def __init__(
@@ -562,7 +526,8 @@ class StagedTrainer:
     ) -> Callable[[], float]:
         """The steps of stage ``index`` from where it stands to its end or an early stop.
 
-        Per step: ``step(stage_step)`` (its metrics go to ``buf``), one LR-scheduler step;
+        Per step: ``step(stage_step)`` (its metrics go to ``buf``), one LR-scheduler step
+        (a reduce_on_plateau schedule steps after each evaluation, in :meth:`_write_eval`);
         a metrics row every ``log_every`` steps (``row_rates(steps, seconds)`` adds the
         learning rate and throughput), ``evaluate()`` every ``every_eval`` steps and at the
         end (true: stop early), ``save(buf)`` every ``checkpoint.every`` steps and on a stop
@@ -572,6 +537,12 @@ class StagedTrainer:
         cfg, state = self.cfg, self.state
         stage, sp = cfg.stages[index], state.stages[index]
         every_ckpt, log_every = cfg.checkpoint.every, cfg.log_every
+        self._plateau = schedulers.get(PLATEAU)
+        if self._plateau is not None:
+            try:
+                self._plateau.resolve(self.metric, self.mode)
+            except ConfigError as e:
+                raise ConfigError(f"stages.{index}.{e}") from None
         wall0 = sp.wall_time_s
         t_stage = t_row = time.perf_counter()
         row_steps, row_pause = 0, 0.0  # steps and seconds of eval / checkpoints since the last row
@@ -637,8 +608,11 @@ class StagedTrainer:
         return elapsed
 
     def _write_eval(self, index: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """An evaluation's row and progress update; its record, now the stage's last."""
+        """An evaluation's row and progress update; its record, now the stage's last. A
+        reduce_on_plateau schedule sees the evaluation's metric here."""
         stage, sp = self.cfg.stages[index], self.state.stages[index]
+        if self._plateau is not None:
+            self._step_plateau(index, self._plateau, metrics)
         row = {
             "step": self.state.step,
             "stage": stage.name,
@@ -651,6 +625,20 @@ class StagedTrainer:
         record = {"step": self.state.step, "stage_step": sp.steps_done, **metrics}
         sp.final_eval = record
         return record
+
+    def _step_plateau(self, index: int, plateau: PlateauScheduler, metrics: dict[str, Any]) -> None:
+        """Step the stage's reduce_on_plateau schedule with this evaluation's metric."""
+        value = metrics.get(plateau.metric)
+        if value is None:
+            raise RunError(
+                f"stages.{index}.lr_schedule.metric: {plateau.metric!r} is not among the "
+                f"evaluation metrics ({', '.join(sorted(metrics))})"
+            )
+        if plateau.observe(float(value)):
+            self._log(
+                f"{self.cfg.stages[index].name}: {plateau.metric} stopped improving; "
+                f"reduce_on_plateau factor now {plateau.factors[0].scale:g}"
+            )
 
     def _track_best(
         self,
@@ -797,7 +785,7 @@ class Trainer(StagedTrainer):
         if ckpt is None:
             seed_everything(step_seed(cfg.seed, index, stream=0x57A6E))
         algo = build_algorithm(stage, self._context(index), data)
-        schedulers = make_schedulers(algo, stage.lr_schedule, stage.steps)
+        schedulers = make_schedulers(algo.optimizers, stage.lr_schedule, stage.steps)
         sampler = TransitionSampler(data.train, stage.batch_size, cfg.seed, stream=index)
         if ckpt is not None:
             algo.load_state_dict(ckpt["algo_state"])

@@ -23,6 +23,7 @@ from torch import nn
 from pipeline.store import ActionSpace
 from trainer.batch import TransitionBatch
 from trainer.nets import ActionScaler, ObsNormalizer
+from trainer.optim import OptimizerSpec, build_optimizer, parse_optimizer
 
 Metrics = dict[str, torch.Tensor]
 
@@ -114,6 +115,11 @@ def check_positive(value: Any, field: str, allow_zero: bool = False) -> float:
     return v
 
 
+def check_optimizer(value: Any, field: str) -> OptimizerSpec | None:
+    """The stage's ``optimizer`` (trainer.optim), checked; None: the fused Adam."""
+    return None if value is None else parse_optimizer(value, field)
+
+
 def check_grad_clip(value: Any) -> float | None:
     if value is None:
         return None
@@ -180,6 +186,17 @@ def make_adam(
         except (RuntimeError, TypeError):  # fused unsupported by this build or dtype
             pass
     return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], lr: float, device: torch.device, spec: OptimizerSpec | None
+) -> torch.optim.Optimizer:
+    """A network's optimizer: the stage's ``optimizer`` (trainer.optim) at learning rate
+    ``lr`` unless it sets its own; without one the fused Adam of :func:`make_adam`, whose
+    step trainer.stepping runs on its lean path."""
+    if spec is None:
+        return make_adam(params, lr, device)
+    return build_optimizer(list(params), spec, "optimizer", defaults={"lr": lr})
 
 
 def step_optimizer(

@@ -20,8 +20,9 @@ from trainer.algos.base import (
     check_dtype,
     check_grad_clip,
     check_hidden,
+    check_optimizer,
     check_positive,
-    make_adam,
+    make_optimizer,
     resolve_dtype,
 )
 from trainer.batch import TransitionBatch
@@ -38,6 +39,8 @@ class BCConfig:
     lr: float = 1e-3  # Adam learning rate
     loss: str = "nll"  # continuous only: 'nll' (Gaussian log-likelihood) or 'mse' (mean action)
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    # The stage's `optimizer` key (trainer.optim); None: Adam on trainer.stepping's lean path.
+    optimizer: Any = None
     compute_dtype: str = "auto"  # hidden-layer matmuls: float32 / bfloat16 / auto (base.py)
     compile: bool = False  # torch.compile the loss and its gradient (trainer/stepping.py)
 
@@ -49,6 +52,7 @@ class BCConfig:
         if self.loss not in ("nll", "mse"):
             raise ValueError(f"bc.loss: expected 'nll' or 'mse', got {self.loss!r}")
         self.grad_clip = check_grad_clip(self.grad_clip)
+        self.optimizer = check_optimizer(self.optimizer, "bc.optimizer")
 
 
 class BC(AlgorithmBase):
@@ -64,7 +68,9 @@ class BC(AlgorithmBase):
         self.modules["actor"] = self.actor
         self._finish_init()
         self.actor_params = list(self.actor.parameters())
-        self.optimizers["actor"] = make_adam(self.actor_params, config.lr, self.device)
+        self.optimizers["actor"] = make_optimizer(
+            self.actor_params, config.lr, self.device, config.optimizer
+        )
         self._actor_loss = LossFunction(self._loss, config.compile, "bc")
 
     # ------------------------------------------------------------------------- training

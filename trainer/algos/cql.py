@@ -34,8 +34,10 @@ from trainer.algos.base import (
     check_dtype,
     check_grad_clip,
     check_hidden,
+    check_optimizer,
     check_positive,
     make_adam,
+    make_optimizer,
     resolve_dtype,
 )
 from trainer.algos.bc import actor_action, actor_metrics
@@ -82,6 +84,8 @@ class CQLConfig:
     tau: float = 0.005  # Polyak rate of the target critics
     n_critics: int | None = None  # ensemble size; None = 2 (continuous) / 1 (discrete)
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
+    # The stage's `optimizer` key (trainer.optim); None: Adam on trainer.stepping's lean path.
+    optimizer: Any = None
     compute_dtype: str = "auto"  # the other hidden-layer matmuls: float32 / bfloat16 / auto
     compile: bool = False  # torch.compile the losses and their gradient (trainer/stepping.py)
 
@@ -119,6 +123,7 @@ class CQLConfig:
         if self.target_entropy is not None:
             self.target_entropy = float(self.target_entropy)
         self.grad_clip = check_grad_clip(self.grad_clip)
+        self.optimizer = check_optimizer(self.optimizer, "cql.optimizer")
 
 
 Critic = ContinuousCritic | DiscreteCritic
@@ -175,14 +180,18 @@ class CQL(AlgorithmBase):
 
         self.critic_params = list(self.critic.parameters())
         self.target_params = list(self.target_critic.parameters())
-        self.optimizers["critic"] = make_adam(self.critic_params, config.critic_lr, self.device)
+        self.optimizers["critic"] = make_optimizer(
+            self.critic_params, config.critic_lr, self.device, config.optimizer
+        )
         if not self.discrete:
             self.actor_params = list(self.actor.parameters())
             self.target_entropy = (
                 config.target_entropy if config.target_entropy is not None else -float(self.act_dim)
             )
             self.penalty_dtype = resolve_dtype(config.penalty_dtype, self.device)
-            self.optimizers["actor"] = make_adam(self.actor_params, config.actor_lr, self.device)
+            self.optimizers["actor"] = make_optimizer(
+                self.actor_params, config.actor_lr, self.device, config.optimizer
+            )
             if config.auto_temperature:
                 self.optimizers["temperature"] = make_adam(
                     [self.log_temperature], config.temperature_lr, self.device

@@ -22,8 +22,9 @@ from trainer.algos.base import (
     check_dtype,
     check_grad_clip,
     check_hidden,
+    check_optimizer,
     check_positive,
-    make_adam,
+    make_optimizer,
     resolve_dtype,
 )
 from trainer.algos.bc import actor_action, actor_metrics, make_actor
@@ -61,6 +62,8 @@ class IQLConfig:
     tau: float = 0.005  # Polyak rate of the target critics
     n_critics: int = 2  # ensemble size; the min over members is used
     grad_clip: float | None = None  # max gradient norm per network; None = no clipping
+    # The stage's `optimizer` key (trainer.optim); None: Adam on trainer.stepping's lean path.
+    optimizer: Any = None
     compute_dtype: str = "auto"  # hidden-layer matmuls: float32 / bfloat16 / auto (base.py)
     compile: bool = False  # torch.compile the losses and their gradient (trainer/stepping.py)
 
@@ -81,6 +84,7 @@ class IQLConfig:
             raise ValueError(f"iql.n_critics: must be >= 1, got {self.n_critics}")
         self.n_critics = int(self.n_critics)
         self.grad_clip = check_grad_clip(self.grad_clip)
+        self.optimizer = check_optimizer(self.optimizer, "iql.optimizer")
 
 
 Critic = ContinuousCritic | DiscreteCritic
@@ -122,9 +126,15 @@ class IQL(AlgorithmBase):
         self.critic_params = list(self.critic.parameters())
         self.value_params = list(self.value.parameters())
         self.target_params = list(self.target_critic.parameters())
-        self.optimizers["actor"] = make_adam(self.actor_params, config.actor_lr, self.device)
-        self.optimizers["critic"] = make_adam(self.critic_params, config.critic_lr, self.device)
-        self.optimizers["value"] = make_adam(self.value_params, config.value_lr, self.device)
+        self.optimizers["actor"] = make_optimizer(
+            self.actor_params, config.actor_lr, self.device, config.optimizer
+        )
+        self.optimizers["critic"] = make_optimizer(
+            self.critic_params, config.critic_lr, self.device, config.optimizer
+        )
+        self.optimizers["value"] = make_optimizer(
+            self.value_params, config.value_lr, self.device, config.optimizer
+        )
         self._losses = LossFunction(self._compute_losses, config.compile, "iql")
 
     # ------------------------------------------------------------------------- training
