@@ -50,7 +50,8 @@ from trainer.agent.losses import label_weights, sad_loss
 from trainer.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from trainer.config import ConfigError, StageConfig, TrainConfig, build_section, need_int
 from trainer.logging import mark_panel, save_panels, stage_starts
-from trainer.loop import LRFactor, RunError, StagedTrainer
+from trainer.loop import RunError, StagedTrainer
+from trainer.optim import OptimizerSpec, build_optimizer, make_schedulers
 from trainer.samplers import step_seed
 
 AGENT_METRIC = "eval/action_accuracy"  # early_stopping.metric auto, offline
@@ -225,6 +226,7 @@ class SFTStage:
         device: torch.device,
         grad_clip: float | None,
         has_teacher: bool,
+        optimizer: OptimizerSpec | None = None,
     ) -> None:
         from trainer.agent.model import hidden_and_head, make_scaler, precision_context
 
@@ -248,6 +250,17 @@ class SFTStage:
                 lr=params.lr,
                 betas=params.betas,
                 foreach=True,
+            )
+            if optimizer is None  # else the stage's optimizer; lr, weight_decay, betas its own
+            else build_optimizer(
+                [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+                optimizer,
+                "optimizer",
+                defaults={
+                    "lr": params.lr,
+                    "weight_decay": params.weight_decay,
+                    "betas": params.betas,
+                },
             )
         }
         self.distill = params.distill_weight if has_teacher else 0.0
@@ -493,7 +506,7 @@ class AgentTrainer(StagedTrainer):
             )
         algo = SFTStage(
             loaded, p, weights, precision=cfg.precision, device=self.device,
-            grad_clip=stage.grad_clip, has_teacher=has_teacher,
+            grad_clip=stage.grad_clip, has_teacher=has_teacher, optimizer=stage.optimizer,
         )  # fmt: skip
         sampler = BucketSampler(
             self.arrays.lengths, self.train_pool, stage.batch_size, cfg.seed,
@@ -526,12 +539,7 @@ class AgentTrainer(StagedTrainer):
             self._export(loaded)
 
     def _schedulers(self, algo: SFTStage, stage: StageConfig) -> dict[str, Any]:
-        if stage.lr_schedule.is_constant:
-            return {}
-        return {
-            name: torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(stage.lr_schedule, stage.steps))
-            for name, opt in algo.optimizers.items()
-        }
+        return make_schedulers(algo.optimizers, stage.lr_schedule, stage.steps)
 
     def _stepper(
         self, index: int, algo: SFTStage, sampler: BucketSampler

@@ -63,10 +63,10 @@ from trainer.checkpoint import (
 from trainer.config import ConfigError, StageConfig, TrainConfig, build_section, need_int
 from trainer.logging import mark_panel, save_panels, stage_starts
 from trainer.loop import (
-    LRFactor,
     RunError,
     StagedTrainer,
 )
+from trainer.optim import OptimizerSpec, build_optimizer, make_schedulers
 from trainer.qa.data import CurriculumSampler, QAArrays, QABatch, collate
 from trainer.qa.losses import (
     discounted_returns,
@@ -326,6 +326,14 @@ def _adamw(params: list[torch.nn.Parameter], lr: float, wd: float) -> torch.opti
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
+def _optimizer(
+    params: list[torch.nn.Parameter], spec: OptimizerSpec, **own: Any
+) -> torch.optim.Optimizer:
+    """The stage's ``optimizer`` over ``params``; the stage's ``own`` lr / weight decay
+    fill the keys it leaves out."""
+    return build_optimizer(params, spec, "optimizer", defaults=own)
+
+
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
     return torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
 
@@ -345,10 +353,16 @@ def _batch_span_loss(out: ReadOutput, batch: QABatch) -> torch.Tensor:
 class SupervisedStage:
     """``qa_supervised``: one optimizer over the reader, span loss on every segment."""
 
-    def __init__(self, model: MemoryReader, p: SupervisedParams) -> None:
+    def __init__(
+        self, model: MemoryReader, p: SupervisedParams, optimizer: OptimizerSpec | None = None
+    ) -> None:
         self.model, self.p = model, p
         self.qa_params = model.qa_parameters()
-        self.optimizers = {"qa": _adamw(self.qa_params, p.lr, p.weight_decay)}
+        self.optimizers = {
+            "qa": _adamw(self.qa_params, p.lr, p.weight_decay)
+            if optimizer is None
+            else _optimizer(self.qa_params, optimizer, lr=p.lr, weight_decay=p.weight_decay)
+        }
 
     def loss(self, batch: QABatch) -> tuple[torch.Tensor, dict[str, Any]]:
         """The span loss of ``batch`` (one pass over every segment) and its metrics."""
@@ -380,16 +394,27 @@ class HybridStage:
         seed: int,
         stream: int,
         answer_threshold: float,
+        optimizer: OptimizerSpec | None = None,
     ) -> None:
         self.model, self.p = model, p
         self.seed, self.stream = seed, stream
         self.answer_threshold = answer_threshold
         self.qa_params = model.qa_parameters()
         self.policy_params = model.policy_parameters()
-        self.optimizers = {
-            "qa": _adamw(self.qa_params, p.qa_lr, p.weight_decay),
-            "policy": torch.optim.Adam(self.policy_params, lr=p.policy_lr),
-        }
+        if optimizer is None:
+            self.optimizers = {
+                "qa": _adamw(self.qa_params, p.qa_lr, p.weight_decay),
+                "policy": torch.optim.Adam(self.policy_params, lr=p.policy_lr),
+            }
+        else:  # the policy part keeps no weight decay unless the optimizer sets one
+            self.optimizers = {
+                "qa": _optimizer(
+                    self.qa_params, optimizer, lr=p.qa_lr, weight_decay=p.weight_decay
+                ),
+                "policy": _optimizer(
+                    self.policy_params, optimizer, lr=p.policy_lr, weight_decay=0.0
+                ),
+            }
 
     def loss(self, batch: QABatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The hybrid loss at stage step ``step`` and its metrics, in the update's order:
@@ -691,15 +716,16 @@ class QATrainer(StagedTrainer):
         return dict(ckpt["algo_state"])
 
     def _build_stage(self, index: int, model: MemoryReader) -> SupervisedStage | HybridStage:
-        p = self.params[index]
+        p, optimizer = self.params[index], self.cfg.stages[index].optimizer
         if isinstance(p, SupervisedParams):
-            return SupervisedStage(model, p)
+            return SupervisedStage(model, p, optimizer)
         return HybridStage(
             model,
             p,
             seed=self.cfg.seed,
             stream=index,
             answer_threshold=self.settings.answer_threshold,
+            optimizer=optimizer,
         )
 
     # ------------------------------------------------------------------ one stage
@@ -827,13 +853,8 @@ class QATrainer(StagedTrainer):
 
     def _schedulers(
         self, algo: SupervisedStage | HybridStage, stage: StageConfig
-    ) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
-        if stage.lr_schedule.is_constant:
-            return {}
-        return {
-            name: torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(stage.lr_schedule, stage.steps))
-            for name, opt in algo.optimizers.items()
-        }
+    ) -> dict[str, Any]:
+        return make_schedulers(algo.optimizers, stage.lr_schedule, stage.steps)
 
     def _restore_best(self, model: MemoryReader, index: int) -> None:
         """Hand on the best evaluation's weights (qa.restore_best) when they are not the last."""
