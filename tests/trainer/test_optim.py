@@ -565,6 +565,58 @@ def test_native_algorithms_take_the_stage_optimizer() -> None:
         assert all(type(o) is torch.optim.Adam for o in default.optimizers.values())
 
 
+def test_qa_stages_take_the_stage_optimizer() -> None:
+    from trainer.qa.model import MemoryReader, ReaderConfig
+    from trainer.qa.runner import HybridParams, HybridStage, SupervisedParams, SupervisedStage
+
+    sizes = {"d_model": 8, "n_layers": 1, "n_heads": 2, "ffn_dim": 8, "memory_dim": 4}
+    model = MemoryReader(ReaderConfig(vocab_size=20, max_positions=16, head_hidden=4, **sizes))
+    own = SupervisedStage(model, SupervisedParams(lr=0.01, weight_decay=0.02))
+    assert type(own.optimizers["qa"]) is torch.optim.AdamW  # no optimizer key: as before
+    sgd = parse_optimizer({"name": "sgd", "momentum": 0.9}, "o")
+    sup = SupervisedStage(model, SupervisedParams(lr=0.01, weight_decay=0.02), sgd)
+    group = sup.optimizers["qa"].param_groups[0]
+    assert type(sup.optimizers["qa"]) is torch.optim.SGD
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 0.02)
+    p = HybridParams(qa_lr=0.001, policy_lr=0.003, weight_decay=0.02)
+    kw: dict[str, Any] = {"seed": 0, "stream": 0, "answer_threshold": 0.0}
+    hybrid = HybridStage(model, p, optimizer=parse_optimizer("adamw", "o"), **kw)
+    qa, policy = (hybrid.optimizers[k].param_groups[0] for k in ("qa", "policy"))
+    assert (qa["lr"], qa["weight_decay"]) == (0.001, 0.02)
+    assert (policy["lr"], policy["weight_decay"]) == (0.003, 0.0)
+    before = HybridStage(model, p, **kw).optimizers
+    assert [type(o) for o in before.values()] == [torch.optim.AdamW, torch.optim.Adam]
+
+
+def test_sft_stage_takes_the_stage_optimizer() -> None:
+    from trainer.agent.model import build_model, parse_model_settings
+    from trainer.agent.runner import SFTParams, SFTStage
+
+    settings = parse_model_settings(
+        {"config": {"architecture": "llama", "hidden_size": 16, "num_layers": 1, "num_heads": 2}}
+    )
+    loaded = build_model(settings, vocab_size=40, pad_id=0, end_id=1, max_positions=32, seed=0)
+    params = SFTParams(lr=0.002, weight_decay=0.1, betas=(0.8, 0.9))
+    kw: dict[str, Any] = {
+        "precision": "fp32",
+        "device": torch.device("cpu"),
+        "grad_clip": None,
+        "has_teacher": False,
+    }
+    own = SFTStage(loaded, params, torch.ones(3), **kw).optimizers["model"]
+    assert type(own) is torch.optim.AdamW and own.param_groups[0]["foreach"]
+    adamw = SFTStage(loaded, params, torch.ones(3), optimizer=parse_optimizer("adamw", "o"), **kw)
+    groups = adamw.optimizers["model"].param_groups
+    assert [(g["lr"], g["weight_decay"], g["betas"]) for g in groups] == [
+        (0.002, 0.1, (0.8, 0.9)),
+        (0.002, 0.0, (0.8, 0.9)),
+    ]
+    spec = parse_optimizer({"name": "adafactor", "weight_decay": 0.3}, "o")
+    ada = SFTStage(loaded, params, torch.ones(3), optimizer=spec, **kw).optimizers["model"]
+    assert type(ada) is torch.optim.Adafactor
+    assert [g["weight_decay"] for g in ada.param_groups] == [0.3, 0.0]
+
+
 # --------------------------------------------------------------------------- errors
 
 
