@@ -569,7 +569,13 @@ def test_qa_stages_take_the_stage_optimizer() -> None:
     from trainer.qa.model import MemoryReader, ReaderConfig
     from trainer.qa.runner import HybridParams, HybridStage, SupervisedParams, SupervisedStage
 
-    sizes = {"d_model": 8, "n_layers": 1, "n_heads": 2, "ffn_dim": 8, "memory_dim": 4}
+    sizes: dict[str, Any] = {
+        "d_model": 8,
+        "n_layers": 1,
+        "n_heads": 2,
+        "ffn_dim": 8,
+        "memory_dim": 4,
+    }
     model = MemoryReader(ReaderConfig(vocab_size=20, max_positions=16, head_hidden=4, **sizes))
     own = SupervisedStage(model, SupervisedParams(lr=0.01, weight_decay=0.02))
     assert type(own.optimizers["qa"]) is torch.optim.AdamW  # no optimizer key: as before
