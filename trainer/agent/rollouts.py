@@ -1,0 +1,222 @@
+"""Sampled episodes of the student in a text environment, as token sequences to train on.
+
+:func:`collect` plays ``len(seeds)`` episodes in lockstep (one batched ``generate`` per
+turn, left-padded, as :func:`trainer.agent.evaluation.play_online` does) and keeps, per
+episode, the whole token sequence laid out as the store lays out an episode (prompt, then
+each turn's header, text, end token and tail), which of its tokens the policy wrote, where
+each of its turns ends, and what the environment answered. :func:`to_batch` pads a list of
+them into a :class:`RolloutBatch`; :func:`token_logprobs` scores a batch's tokens under a
+model. An RL stage (``ppo`` / ``reinforce``) trains on these.
+
+The policy writes a turn's generated tokens and the end-of-turn token when it generated one
+(a turn cut at ``max_new_tokens`` gets the end token appended as context, not as an action).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.agent.evaluation import turn_tail
+
+
+@dataclass
+class Episode:
+    """One sampled episode."""
+
+    seed: int
+    ids: list[int]  # every token, prompt first
+    written: list[bool]  # per token: the policy generated it
+    turn_ends: list[int] = field(default_factory=list)  # last written token of each turn
+    texts: list[str] = field(default_factory=list)  # each policy turn's decoded text
+    env_rewards: list[float] = field(default_factory=list)  # the env's reward per turn
+    observations: list[str] = field(default_factory=list)
+    done: bool = False
+    success: bool = False
+    parse_failures: int = 0
+
+    @property
+    def n_generated(self) -> int:
+        return sum(self.written)
+
+
+@torch.no_grad()
+def collect(
+    model: Any,
+    text: Any,
+    make_env: Callable[[], Any],
+    seeds: Sequence[int],
+    *,
+    policy_role: str,
+    env_role: str,
+    action_pattern: str,
+    max_new_tokens: int,
+    max_turns: int,
+    device: torch.device,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_context: int | None = None,
+    autocast: Callable[[], Any] | None = None,
+) -> list[Episode]:
+    """Play one episode per seed; ``temperature == 0`` acts greedily."""
+    pattern = re.compile(action_pattern, re.DOTALL)
+    end, pad = int(text.end_id), int(text.pad_id)
+    header = list(text.header_ids(policy_role))
+    tail = turn_tail(text, policy_role)
+    envs, eps = [], []
+    for s in seeds:
+        env = make_env()
+        prompt = text.prompt_ids(env.reset(int(s)))
+        envs.append(env)
+        eps.append(Episode(int(s), list(prompt), [False] * len(prompt)))
+    for _ in range(max_turns):
+        live = [i for i, e in enumerate(eps) if not e.done]
+        if not live:
+            break
+        ctxs = [eps[i].ids + header for i in live]
+        if max_context is not None:
+            ctxs = [c[-(max_context - max_new_tokens) :] for c in ctxs]
+        width = max(len(c) for c in ctxs)
+        ids = torch.full((len(ctxs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ctxs), width), dtype=torch.long)
+        for r, c in enumerate(ctxs):
+            ids[r, width - len(c) :] = torch.tensor(c)
+            mask[r, width - len(c) :] = 1
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens, "eos_token_id": end, "pad_token_id": pad,
+            "do_sample": temperature > 0,
+        }  # fmt: skip
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        ctx = autocast() if autocast is not None else None
+        if ctx is not None:
+            with ctx:
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+                )
+        else:
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = out[:, width:].cpu().tolist()
+        for r, i in enumerate(live):
+            e = eps[i]
+            gen = new[r]
+            ended = end in gen
+            gen = gen[: gen.index(end)] if ended else [t for t in gen if t != pad]
+            written = gen + ([end] if ended else [])
+            e.ids += header
+            e.written += [False] * len(header)
+            e.ids += written
+            e.written += [True] * len(written)
+            if not ended:  # cut at max_new_tokens: the end token is context
+                e.ids.append(end)
+                e.written.append(False)
+            if written:
+                last = max(j for j, w in enumerate(e.written) if w)
+            else:  # nothing written at all: the turn has no action to credit
+                last = -1
+            e.turn_ends.append(last)
+            said = text.decode(gen)
+            e.texts.append(said)
+            m = pattern.search(said)
+            if m is None:
+                e.parse_failures += 1
+            obs, reward, done, info = envs[i].step(m.group(1) if m else "")
+            e.env_rewards.append(float(reward))
+            e.observations.append(obs)
+            obs_ids = list(text.turn_ids(env_role, obs, False))
+            e.ids += tail + obs_ids
+            e.written += [False] * (len(tail) + len(obs_ids))
+            if done:
+                e.done = True
+                e.success = bool(info.get("success", False))
+    return eps
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Episodes padded on the right; every tensor is (B, L) unless said otherwise."""
+
+    input_ids: torch.Tensor  # int64, pad after the episode
+    attention_mask: torch.Tensor  # int64 1 on real tokens
+    written: torch.Tensor  # bool: the policy generated the token (an action to score)
+    turn_end: torch.Tensor  # bool: the last written token of each turn
+    turn_rewards: torch.Tensor  # (B, K) float32, the reward of each policy turn, in order
+    n_turns: torch.Tensor  # (B,) int64 turns with a written token
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(*(t.to(device) for t in (
+            self.input_ids, self.attention_mask, self.written, self.turn_end,
+            self.turn_rewards, self.n_turns,
+        )))  # fmt: skip
+
+    def rows(self, index: torch.Tensor) -> RolloutBatch:
+        return RolloutBatch(*(t[index] for t in (
+            self.input_ids, self.attention_mask, self.written, self.turn_end,
+            self.turn_rewards, self.n_turns,
+        )))  # fmt: skip
+
+
+def to_batch(
+    episodes: Sequence[Episode], turn_rewards: Sequence[Sequence[float]], pad_id: int,
+    max_len: int | None = None,
+) -> RolloutBatch:  # fmt: skip
+    """Pad ``episodes`` into one batch; ``turn_rewards[i]`` holds episode i's reward per
+    turn. An episode longer than ``max_len`` keeps its first ``max_len`` tokens, and only the
+    turns that end inside them (their rewards move with them)."""
+    n = len(episodes)
+    lens = [len(e.ids) if max_len is None else min(len(e.ids), max_len) for e in episodes]
+    width = max(lens)
+    kmax = max(max((len(e.turn_ends) for e in episodes), default=1), 1)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    written = np.zeros((n, width), dtype=bool)
+    ends = np.zeros((n, width), dtype=bool)
+    rewards = np.zeros((n, kmax), dtype=np.float32)
+    n_turns = np.zeros(n, dtype=np.int64)
+    for i, (e, length) in enumerate(zip(episodes, lens)):
+        ids[i, :length] = e.ids[:length]
+        mask[i, :length] = 1
+        written[i, :length] = e.written[:length]
+        k = 0
+        for pos, r in zip(e.turn_ends, turn_rewards[i]):
+            if 0 <= pos < length:  # (a turn with nothing written has no token to credit)
+                ends[i, pos] = True
+                rewards[i, k] = r
+                k += 1
+        n_turns[i] = k
+    written[:, 0] = False  # the first token has no context to be scored from
+    return RolloutBatch(
+        torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(written),
+        torch.from_numpy(ends), torch.from_numpy(rewards), torch.from_numpy(n_turns),
+    )  # fmt: skip
+
+
+def token_logprobs(
+    forward_hidden: Callable[..., torch.Tensor],
+    lm_head: torch.nn.Module,
+    batch: RolloutBatch,
+    *,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logp (B, L), hidden (B, L, H), entropy (B, L) or None): ``logp[b, t]`` is the log-
+    probability of token t given the tokens before it (0 where not written); only written
+    positions are projected to the vocabulary."""
+    hidden = forward_hidden(batch.input_ids, None, None)  # right-padded rows
+    rows, cols = torch.nonzero(batch.written, as_tuple=True)
+    logits = lm_head(hidden[rows, cols - 1]).float()  # (K, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    picked = logp_all.gather(1, batch.input_ids[rows, cols][:, None]).squeeze(1)
+    logp = torch.zeros(batch.input_ids.shape, dtype=picked.dtype, device=picked.device)
+    logp = logp.index_put((rows, cols), picked)
+    ent = None
+    if with_entropy:
+        e = -(logp_all.exp() * logp_all).sum(-1)
+        ent = torch.zeros_like(logp).index_put((rows, cols), e)
+    return logp, hidden, ent
