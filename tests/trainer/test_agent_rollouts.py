@@ -14,14 +14,12 @@ from trainer.agent.model import build_model, hidden_and_head, parse_model_settin
 from trainer.agent.rollouts import collect, to_batch, token_logprobs
 from trainer.envs import make_text_env, parse_action
 
-from .test_agent_train import tiny_store  # noqa: F401 - the module's store fixture
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def played(tiny_store: Path):  # noqa: F811
-    store = open_sequence_store(tiny_store)
+def played(agent_store: Path):
+    store = open_sequence_store(agent_store)
     text = store.text()
     loaded = build_model(
         parse_model_settings({"config": {"architecture": "llama", "hidden_size": 16,

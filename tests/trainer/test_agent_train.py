@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.build import build
 from pipeline.sequences.store import open_sequence_store
 from trainer.agent.data import SequenceArrays, collate
 from trainer.agent.losses import label_weights
@@ -52,25 +51,6 @@ TINY = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """80 planner episodes of the demo environment, built with the demo's spec."""
-    tmp = tmp_path_factory.mktemp("agent_store")
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_agent_data.py"), "--out", str(tmp / "raw"),
-         "--planner", "80", "--noisy", "0", "--per-file", "80"],
-        check=True, cwd=ROOT, capture_output=True,
-    )  # fmt: skip
-    text = (ROOT / "data_specs" / "agent-demo.yaml").read_text()
-    text = text.replace(
-        "data/raw/agent/planner-*.jsonl", str(tmp / "raw" / "agent" / "planner-*.jsonl")
-    )
-    text = text.replace("vocab_size: 512", "vocab_size: 320")
-    spec = tmp / "agent.yaml"
-    spec.write_text(text)
-    return build(spec, tmp / "stores").path
-
-
 def overrides(store: Path, out: Path, *extra: str) -> list[str]:
     return [f"store={store}", f"out={out}", *TINY, *extra]
 
@@ -80,12 +60,12 @@ def rows(run: Path) -> list[dict[str, Any]]:
 
 
 def test_cli_trains_evaluates_online_and_exports_a_model_directory(
-    tiny_store: Path, tmp_path: Path
+    agent_store: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.train", str(CONFIG), *overrides(tiny_store, out)],
+        [sys.executable, "-m", "trainer.train", str(CONFIG), *overrides(agent_store, out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -115,7 +95,7 @@ def test_cli_trains_evaluates_online_and_exports_a_model_directory(
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tok = AutoTokenizer.from_pretrained(out / "model")
-    store = open_sequence_store(tiny_store)
+    store = open_sequence_store(agent_store)
     ids, _ = store.episode(0)
     assert tok.decode(ids[:20].tolist()) == store.text().decode(ids[:20].tolist())
     with torch.no_grad():
@@ -126,17 +106,17 @@ def test_cli_trains_evaluates_online_and_exports_a_model_directory(
 
 
 def test_sigkill_then_resume_is_bit_for_bit_the_uninterrupted_run(
-    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    agent_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
-    argv = [str(CONFIG), *overrides(tiny_store, killed, "eval.episodes=0")]
+    argv = [str(CONFIG), *overrides(agent_store, killed, "eval.episodes=0")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_DRIVER, "3", *argv],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     AgentTrainer(
-        load_config(CONFIG, overrides(tiny_store, full, "eval.episodes=0")), log=lambda m: None
+        load_config(CONFIG, overrides(agent_store, full, "eval.episodes=0")), log=lambda m: None
     ).run()
     code, err = finish(proc)
     assert code == -9, err
@@ -166,9 +146,9 @@ def _episode_loss_reference(
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_accumulated_micro_batches_give_the_gradient_of_one_plain_loop(
-    tiny_store: Path, pack: bool
+    agent_store: Path, pack: bool
 ) -> None:
-    store = open_sequence_store(tiny_store)
+    store = open_sequence_store(agent_store)
     arrays = SequenceArrays.from_store(store)
     text = store.text()
     settings = parse_model_settings(
@@ -205,26 +185,26 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_plain_loop(
         torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-6)
 
 
-def test_user_errors_are_one_line(tiny_store: Path, tmp_path: Path, capsys: Any) -> None:
-    base = overrides(tiny_store, tmp_path / "r")
+def test_user_errors_are_one_line(agent_store: Path, tmp_path: Path, capsys: Any) -> None:
+    base = overrides(agent_store, tmp_path / "r")
     # a user error of trainer.train: one line, exit code 2 (as every user error of the CLI)
     assert main([str(CONFIG), *base, "model.lora={r: 4, target_modules: [nope_proj]}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope_proj" in err
-    base = overrides(tiny_store, tmp_path / "r2")
+    base = overrides(agent_store, tmp_path / "r2")
     assert main([str(CONFIG), *base, "model={path: /nonexistent/model}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "/nonexistent/model" in err
 
 
 def test_lora_bf16_keeps_only_the_adapters_in_checkpoints_and_exports_merged(
-    tiny_store: Path, tmp_path: Path
+    agent_store: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "lora"
     cfg = load_config(
         CONFIG,
         overrides(
-            tiny_store, out, "precision=bf16", "eval.episodes=0", "stages.0.steps=4",
+            agent_store, out, "precision=bf16", "eval.episodes=0", "stages.0.steps=4",
             "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
         ),
     )  # fmt: skip

@@ -1,0 +1,465 @@
+"""RL on the text policy: one ``ppo`` or ``reinforce`` update from sampled rollouts.
+
+:class:`RLStage` owns the update of an RL stage; the staged trainer gives it the model
+(after SFT), and it does, per step:
+
+1. sample ``batch_size`` seeds x ``group_size`` episodes of the student in the store's
+   environment (:func:`trainer.agent.rollouts.collect`, temperature / top-k / top-p);
+2. score each policy turn with the REWARD of the stage (:mod:`trainer.rewards`: the turn's
+   text, the environment's reward for it, success on the episode's last turn, the tokens
+   it wrote), logged per component as ``reward/NAME``;
+3. score the written tokens under the policy (the rollout policy, ``logp_old``) and under
+   the frozen reference (the SFT weights: with LoRA the base with the adapter disabled, no
+   second copy), and the value head;
+4. ``ppo``: a per-token KL penalty ``-kl_coef * (logp_old - logp_ref)`` on every written
+   token and each turn's reward on its last token, GAE over the written tokens
+   (:func:`trainer.rl_losses.token_gae`), whitened advantages, then ``epochs`` passes of
+   minibatches with the clipped surrogate, the clipped value loss and an entropy bonus;
+   ``reinforce``: the episode's reward minus its KL penalty, less a leave-one-out baseline
+   over the episodes of the same seed (or the value head, or none), on every written token,
+   one gradient step;
+5. in both, ``sft_weight`` (from ``sft_weight`` to ``sft_weight_end`` over the stage, a
+   curriculum from SFT-heavy to RL-heavy) times the SAD loss of a batch of the store keeps
+   a supervised anchor;
+6. the KL coefficient is fixed or adapts towards ``kl_target``
+   (:class:`trainer.rl_losses.AdaptiveKLController`).
+
+Metrics: ``reward/*``, ``reward/episode`` and its moving average ``reward/episode_ema``,
+``kl``, ``kl_coef``, ``clip_fraction``, ``approx_kl``, ``entropy``, ``value_loss``,
+``explained_variance``, ``policy_loss``, ``sft_loss``, ``sft_weight``, the rollouts'
+``rollout/success_rate`` and ``rollout/generated_tokens_per_s``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.agent.losses import sad_loss
+from trainer.agent.rollouts import Episode, RolloutBatch, collect, to_batch, token_logprobs
+from trainer.config import ConfigError, need_int
+from trainer.rewards import RewardInput, build_reward
+from trainer.rl_losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_coefficient,
+    explained_variance,
+    kl_to_reference,
+    leave_one_out_baseline,
+    masked_mean,
+    place_turn_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reinforce_loss,
+    sequence_to_tokens,
+    token_gae,
+    token_returns,
+    value_baseline_advantages,
+    whiten,
+)
+
+RL_ALGOS = ("ppo", "reinforce")
+BASELINES = ("loo", "value", "none")
+
+
+def _num(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise ConfigError(f"{name}: must be a number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ConfigError(f"{name}: must be in [{lo}, {hi}], got {v}")
+    return float(v)
+
+
+@dataclass
+class RLParams:
+    """The hyper-parameters of a ``ppo`` / ``reinforce`` stage (beside ``batch_size``: the
+    seeds sampled per step)."""
+
+    # AdamW of the policy (and of the value head).
+    lr: float = 1e-5
+    value_lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    # The REWARD of each policy turn (trainer/rewards.py, docs/REWARDS.md).
+    reward: Any = "success"
+    # Episodes sampled per seed (the leave-one-out groups).
+    group_size: int = 2
+    # Sampling: temperature (> 0), top-k (0: off), top-p (1: off), tokens per turn (null:
+    # agent.max_new_tokens), turns per episode (null: the environment's).
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None
+    max_turns: int | None = None
+    # PPO: passes over each rollout batch and episodes per minibatch.
+    epochs: int = 2
+    minibatch_episodes: int = 8
+    clip: float = 0.2
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    per_turn: bool = True  # discount per turn, not per token
+    whiten_advantages: bool = True
+    # Entropy bonus: coef * decay^step, never below floor.
+    entropy_coef: float = 0.0
+    entropy_decay: float = 1.0
+    entropy_floor: float = 0.0
+    # KL to the reference: fixed coefficient, or adaptive towards kl_target.
+    kl_coef: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    kl_estimator: str = "k1"
+    # REINFORCE's baseline: leave-one-out over the seed's group, the value head, or none.
+    baseline: str = "loo"
+    # The supervised anchor: weight of the SAD loss, linear from sft_weight to
+    # sft_weight_end over the stage (null: constant), on batches of sft_batch_size episodes.
+    sft_weight: float = 0.0
+    sft_weight_end: float | None = None
+    sft_batch_size: int = 8
+    span_weights: dict[str, float] = field(default_factory=dict)
+    # Training seeds start here (far from eval.seed); step k samples seeds
+    # seed_base + k * batch_size + i.
+    seed_base: int = 5_000_000
+    # Moving average of the episode reward: its decay.
+    reward_ema_decay: float = 0.9
+    # Stage steps between evaluations (null: eval.every).
+    eval_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("lr", "value_lr", "weight_decay", "temperature", "vf_coef", "kl_coef",
+                  "entropy_coef", "entropy_floor", "sft_weight"):  # fmt: skip
+            _num(k, getattr(self, k), 0.0)
+        if self.temperature <= 0:
+            raise ConfigError("temperature: must be > 0 for sampled rollouts")
+        _num("top_p", self.top_p, 0.0, 1.0)
+        need_int("top_k", self.top_k, 0, "0 for no top-k")
+        need_int("group_size", self.group_size, 1, "episodes per seed")
+        need_int("epochs", self.epochs, 1, "passes per rollout batch")
+        need_int("minibatch_episodes", self.minibatch_episodes, 1, "episodes per minibatch")
+        need_int("sft_batch_size", self.sft_batch_size, 1, "episodes of the anchor batch")
+        need_int("seed_base", self.seed_base, 0, "first training seed")
+        _num("clip", self.clip, 0.0, 1.0)
+        _num("gamma", self.gamma, 0.0, 1.0)
+        _num("lam", self.lam, 0.0, 1.0)
+        _num("entropy_decay", self.entropy_decay, 0.0, 1.0)
+        _num("reward_ema_decay", self.reward_ema_decay, 0.0, 1.0)
+        if self.value_clip is not None:
+            _num("value_clip", self.value_clip, 0.0)
+        if self.kl_target is not None:
+            _num("kl_target", self.kl_target, 0.0)
+        _num("kl_horizon", self.kl_horizon, 1.0)
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"kl_estimator: one of k1, k2, k3, got {self.kl_estimator!r}")
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"baseline: one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.sft_weight_end is not None:
+            _num("sft_weight_end", self.sft_weight_end, 0.0)
+        for k in ("max_new_tokens", "max_turns", "eval_every"):
+            v = getattr(self, k)
+            if v is not None:
+                need_int(k, v, 1 if k != "eval_every" else 0, "or null")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        build_reward(self.reward, "reward")  # errors name the node's path now
+
+
+@dataclass
+class RolloutSetup:
+    """What sampling needs besides the model (from the store and the config)."""
+
+    text: Any
+    make_env: Callable[[], Any]
+    policy_role: str
+    env_role: str
+    action_pattern: str
+    max_new_tokens: int
+    max_turns: int
+    max_positions: int
+
+
+class RLStage:
+    """One RL stage's update (see the module docstring). ``sft`` is the stage's
+    :class:`trainer.agent.runner.SFTStage` (the policy's optimizer, the hidden/head split,
+    autocast and the anchor's loss weights); ``reference`` scores under the SFT weights."""
+
+    def __init__(
+        self,
+        algo: str,
+        sft: Any,
+        params: RLParams,
+        setup: RolloutSetup,
+        *,
+        batch_size: int,
+        total_steps: int,
+        reference: Any | None,
+    ) -> None:
+        if algo not in RL_ALGOS:
+            raise ConfigError(f"algo: {algo!r} is not an RL stage ({', '.join(RL_ALGOS)})")
+        self.algo = algo
+        self.sft = sft
+        self.p = params
+        self.setup = setup
+        self.batch_size = batch_size
+        self.total_steps = max(total_steps, 1)
+        self.reference = reference  # a frozen model, or None: the LoRA base (adapter off)
+        self.loaded = sft.loaded
+        self.device = sft.device
+        hidden_size = int(self.loaded.model.config.hidden_size)
+        self.value_head = torch.nn.Linear(hidden_size, 1).to(self.device)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.optimizers = {
+            **sft.optimizers,
+            "value": torch.optim.AdamW(self.value_head.parameters(), lr=params.value_lr),
+        }
+        self.reward = build_reward(params.reward, "reward")
+        self.kl: Any = (
+            FixedKLController(params.kl_coef)
+            if params.kl_target is None
+            else AdaptiveKLController(params.kl_coef, params.kl_target, params.kl_horizon)
+        )
+        self.reward_ema: float | None = None
+        # the evaluation reads these as from an SFTStage
+        self.hidden = sft.hidden
+        self.lm_head = sft.lm_head
+        self.weights = sft.weights
+        self.autocast = sft.autocast
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "value_head": {k: v.detach().clone() for k, v in self.value_head.state_dict().items()},
+            "kl": self.kl.state_dict(),
+            "reward": self.reward.state_dict(),
+            "reward_ema": self.reward_ema,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value_head.load_state_dict(state["value_head"])
+        self.kl.load_state_dict(state["kl"])
+        self.reward.load_state_dict(state["reward"])
+        self.reward_ema = state["reward_ema"]
+
+    # ------------------------------------------------------------------ one step
+    def sft_weight(self, step: int) -> float:
+        p = self.p
+        if p.sft_weight_end is None:
+            return p.sft_weight
+        frac = min(step / self.total_steps, 1.0)
+        return p.sft_weight + (p.sft_weight_end - p.sft_weight) * frac
+
+    def seeds(self, step: int) -> list[int]:
+        base = self.p.seed_base + step * self.batch_size
+        return [base + i for i in range(self.batch_size) for _ in range(self.p.group_size)]
+
+    def rollout(self, step: int) -> tuple[list[Episode], float]:
+        s, p = self.setup, self.p
+        model = self.loaded.model
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            eps = collect(
+                model, s.text, s.make_env, self.seeds(step), policy_role=s.policy_role,
+                env_role=s.env_role, action_pattern=s.action_pattern,
+                max_new_tokens=p.max_new_tokens or s.max_new_tokens,
+                max_turns=p.max_turns or s.max_turns, device=self.device,
+                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                max_context=s.max_positions, autocast=self.autocast,
+            )  # fmt: skip
+        finally:
+            model.train()
+        return eps, time.perf_counter() - t0
+
+    def turn_rewards(self, eps: list[Episode]) -> tuple[list[list[float]], dict[str, float]]:
+        """Each policy turn's reward, and the mean of every logged component."""
+        samples, owner = [], []
+        for i, e in enumerate(eps):
+            n = len(e.texts)
+            for j, (said, r) in enumerate(zip(e.texts, e.env_rewards)):
+                last = j == n - 1
+                samples.append(RewardInput(
+                    text=said, env_return=r, success=float(e.success and last),
+                    n_tokens=self._turn_tokens(e, j),
+                ))  # fmt: skip
+                owner.append(i)
+        total, logs = self.reward.evaluate(samples)
+        out: list[list[float]] = [[] for _ in eps]
+        for i, v in zip(owner, total.tolist()):
+            out[i].append(float(v))
+        metrics = {k: float(np.mean(v)) for k, v in logs.items() if k.startswith("reward/")}
+        return out, metrics
+
+    @staticmethod
+    def _turn_tokens(e: Episode, j: int) -> int:
+        end = e.turn_ends[j]
+        if end < 0:
+            return 0
+        start = end
+        while start > 0 and e.written[start - 1]:
+            start -= 1
+        return end - start + 1
+
+    def _scores(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logp_old, logp_ref, values_old), detached."""
+        fwd, head = self.sft.forward_hidden, self.lm_head
+        with torch.no_grad(), self.autocast():
+            logp_old, hidden, _ = token_logprobs(fwd, head, batch)
+            values = self.value_head(hidden.float()).squeeze(-1)
+            if self.reference is None:
+                with self.loaded.model.disable_adapter():
+                    logp_ref, _, _ = token_logprobs(fwd, head, batch)
+            else:
+                ref_fwd, ref_head = self.reference
+                logp_ref, _, _ = token_logprobs(ref_fwd, ref_head, batch)
+        return logp_old, logp_ref, values
+
+    def update(self, step: int, sft_batches: Iterator[Any]) -> dict[str, Any]:
+        """One RL step at stage step ``step``; ``sft_batches`` yields anchor batches (on the
+        device) when ``sft_weight`` > 0."""
+        p = self.p
+        eps, rollout_s = self.rollout(step)
+        per_turn, reward_metrics = self.turn_rewards(eps)
+        batch = to_batch(eps, per_turn, int(self.setup.text.pad_id), self.setup.max_positions)
+        batch = batch.to(self.device)
+        mask = batch.written
+        logp_old, logp_ref, values_old = self._scores(batch)
+        kl_tok = torch.where(mask, logp_old - logp_ref, torch.zeros_like(logp_old))
+        coef = float(self.kl.value)
+        rewards = place_turn_rewards(batch.turn_rewards, batch.turn_end) - coef * kl_tok
+        if self.algo == "ppo":
+            adv, returns = token_gae(
+                rewards, values_old, mask, batch.turn_end, p.gamma, p.lam, p.per_turn
+            )
+        else:
+            returns = token_returns(rewards, mask, batch.turn_end, p.gamma, p.per_turn)
+            adv = self._reinforce_advantages(batch, rewards, returns, values_old)
+        if p.whiten_advantages:
+            adv = whiten(adv, mask)
+        ent_coef = entropy_coefficient(step, p.entropy_coef, p.entropy_decay, p.entropy_floor)
+        w_sft = self.sft_weight(step)
+        stats = self._optimise(
+            batch, logp_old, values_old, adv, returns, ent_coef, w_sft, sft_batches
+        )
+        kl_mean = float(kl_to_reference(logp_old, logp_ref, mask, p.kl_estimator)[1])  # type: ignore[arg-type]
+        self.kl.update(kl_mean, len(eps))
+        episode_reward = float(np.mean([sum(r) for r in per_turn])) if per_turn else 0.0
+        d = p.reward_ema_decay
+        self.reward_ema = (
+            episode_reward
+            if self.reward_ema is None
+            else d * self.reward_ema + (1 - d) * episode_reward
+        )
+        generated = sum(e.n_generated for e in eps)
+        return {
+            **reward_metrics,
+            **stats,
+            "reward/episode": episode_reward,
+            "reward/episode_ema": self.reward_ema,
+            "kl": kl_mean,
+            "kl_coef": coef,
+            "entropy_coef": ent_coef,
+            "sft_weight": w_sft,
+            "explained_variance": float(explained_variance(values_old, returns, mask)),
+            "rollout/success_rate": float(np.mean([e.success for e in eps])),
+            "rollout/turns_mean": float(np.mean([len(e.texts) for e in eps])),
+            "rollout/generated_tokens_per_s": generated / max(rollout_s, 1e-9),
+            "rollout/seconds": rollout_s,
+        }
+
+    def _reinforce_advantages(
+        self, batch: RolloutBatch, rewards: torch.Tensor, returns: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        mask = batch.written
+        if self.p.baseline == "value":
+            return value_baseline_advantages(returns, values, mask)
+        episode = (rewards * mask).sum(1)  # (B,) the episode's reward less its KL penalty
+        if self.p.baseline == "loo":
+            groups = torch.arange(len(episode), device=episode.device) // self.p.group_size
+            episode = episode - leave_one_out_baseline(episode, groups)
+        return sequence_to_tokens(episode, mask)
+
+    def _optimise(
+        self, batch: RolloutBatch, logp_old: torch.Tensor, values_old: torch.Tensor,
+        adv: torch.Tensor, returns: torch.Tensor, ent_coef: float, w_sft: float,
+        sft_batches: Iterator[Any],
+    ) -> dict[str, float]:  # fmt: skip
+        p = self.p
+        n = batch.input_ids.shape[0]
+        epochs = p.epochs if self.algo == "ppo" else 1
+        size = p.minibatch_episodes if self.algo == "ppo" else n
+        params = self.sft.trainable + list(self.value_head.parameters())
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, size):
+                rows = order[start : start + size].to(self.device)
+                mb = batch.rows(rows)
+                with self.autocast():
+                    logp, hidden, ent = token_logprobs(
+                        self.sft.forward_hidden, self.lm_head, mb, with_entropy=ent_coef > 0
+                    )
+                    values = self.value_head(hidden.float()).squeeze(-1)
+                mask = mb.written
+                if self.algo == "ppo":
+                    pl = ppo_policy_loss(logp, logp_old[rows], adv[rows], mask, p.clip)
+                    vl = ppo_value_loss(values, values_old[rows], returns[rows], mask, p.value_clip)
+                    policy_loss, value_loss = pl.loss, vl.loss
+                    extra = {
+                        "clip_fraction": float(pl.clip_fraction),
+                        "approx_kl": float(pl.approx_kl),
+                    }
+                else:
+                    policy_loss = reinforce_loss(logp, adv[rows], mask)
+                    value_loss = (
+                        ppo_value_loss(values, values_old[rows], returns[rows], mask, None).loss
+                        if p.baseline == "value"
+                        else torch.zeros((), device=self.device)
+                    )
+                    extra = {}
+                loss = policy_loss + p.vf_coef * value_loss
+                entropy = masked_mean(ent, mask) if ent is not None else torch.zeros(())
+                if ent is not None:
+                    loss = loss - ent_coef * entropy
+                sft_loss = torch.zeros((), device=self.device)
+                if w_sft > 0:
+                    sb = next(sft_batches)
+                    with self.autocast():
+                        sft_loss, _ = sad_loss(self.sft.hidden(sb), self.lm_head, sb, self.weights)
+                    loss = loss + w_sft * sft_loss
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                clip = self.sft.grad_clip
+                torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+                for opt in self.optimizers.values():
+                    opt.step()
+                for k, v in {
+                    "policy_loss": float(policy_loss.detach()),
+                    "value_loss": float(value_loss.detach()),
+                    "entropy": float(entropy.detach()), "sft_loss": float(sft_loss.detach()),
+                    **extra,
+                }.items():  # fmt: skip
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def frozen_reference(loaded: Any) -> Any | None:
+    """What scores under the reference: None with LoRA (the base with the adapter off),
+    else a frozen copy's (forward_hidden, lm_head)."""
+    if loaded.is_lora:
+        return None
+    from trainer.agent.model import hidden_and_head
+
+    frozen = copy.deepcopy(loaded.model).eval().requires_grad_(False)
+    return hidden_and_head(dataclasses.replace(loaded, model=frozen, base=frozen))
