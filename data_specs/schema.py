@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,6 +172,16 @@ class EndSpec:
     truncated: tuple[str, ...]
 
 
+# A named reward column: a word that is not `reward` (the main reward's name in relabelling).
+REWARD_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+REWARD_COLUMN_PREFIX = "reward_"  # named reward NAME is the store column reward_NAME
+
+
+def reward_column(name: str) -> str:
+    """The store column of the named reward ``name`` (``reward_NAME``)."""
+    return f"{REWARD_COLUMN_PREFIX}{name}"
+
+
 @dataclass(frozen=True)
 class FieldsSpec:
     observation: ObservationSpec
@@ -180,6 +191,9 @@ class FieldsSpec:
     truncated: FieldPath | None = None
     end: EndSpec | None = None
     final_observation: FieldPath | None = None
+    # Named extra per-step rewards, (NAME, field) in the spec's order: each is stored as the
+    # float32 column reward_NAME, beside `reward` (for relabelling at training time).
+    rewards: tuple[tuple[str, FieldPath], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,6 +242,9 @@ class TransitionSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("origin")
+        rewards = d["fields"].pop("rewards")
+        if rewards:  # absent when empty: a spec without `rewards` hashes as it always has
+            d["fields"]["rewards"] = {name: dict(fp) for name, fp in rewards}
         return _jsonable(d)
 
     def sha256(self) -> str:
@@ -391,11 +408,33 @@ def _parse_end(value: Any, ctx: _Ctx) -> EndSpec:
     return EndSpec(_path(d["path"], ctx.child("path")), term, trunc)
 
 
+def _parse_rewards(value: Any, ctx: _Ctx) -> tuple[tuple[str, FieldPath], ...]:
+    """``{NAME: {path: FIELD}, ...}`` (or ``{NAME: FIELD}``): the named reward columns."""
+    if not isinstance(value, Mapping) or not value:
+        raise ctx.fail(
+            "must map a reward name to its field, e.g. {shaped: {path: info.shaped_reward}}"
+        )
+    out: list[tuple[str, FieldPath]] = []
+    for name, field_value in value.items():
+        if not isinstance(name, str) or not REWARD_NAME_RE.match(name):
+            raise ctx.fail(
+                f"reward name {name!r} must be a word (a letter, then letters, digits or _): "
+                f"it names the store column reward_NAME"
+            )
+        if name == "reward":
+            raise ctx.child(name).fail(
+                "`reward` is the main reward (fields.reward); give this one another name"
+            )
+        out.append((name, _parse_field(field_value, ctx.child(name))))
+    return tuple(out)
+
+
 def _parse_fields(value: Any, ctx: _Ctx) -> FieldsSpec:
     allowed = {
         "observation",
         "action",
         "reward",
+        "rewards",
         "terminated",
         "truncated",
         "end",
@@ -423,6 +462,7 @@ def _parse_fields(value: Any, ctx: _Ctx) -> FieldsSpec:
             if "final_observation" in d
             else None
         ),
+        rewards=_parse_rewards(d["rewards"], ctx.child("rewards")) if "rewards" in d else (),
     )
 
 

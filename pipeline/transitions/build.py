@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from data_specs.schema import TransitionSpec, load_spec
+from data_specs.schema import TransitionSpec, load_spec, reward_column
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.engine import LocalEngine, default_workers
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
@@ -184,7 +184,13 @@ def _build_into(
     ctx, workers = _plan(spec, sources, work, opts)
     lay = ctx.parser.layout
     discrete = spec.fields.action.type == "discrete"
-    sink = ColumnSink(work / "final", lay.obs_dim, discrete, lay.act_dim or 0)
+    sink = ColumnSink(
+        work / "final",
+        lay.obs_dim,
+        discrete,
+        lay.act_dim or 0,
+        reward_names=tuple(name for name, _ in spec.fields.rewards),
+    )
     quarantine = Quarantine(staging / "quarantine.partial.jsonl", sources)
     tally = _Tally()
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
@@ -445,6 +451,7 @@ def _merge_runs(
         data = {name: np.concatenate(b)[gather] for name, b in blocks.items() if b}
         lengths = np.array([eps[i][3] for i in window], dtype=np.int64)
         ids = pl.Series([ep_rows[i]["episode_id"] for i in window], dtype=pl.Utf8)
+        named = [reward_column(name) for name in sink.reward_names]
         tr = Transitions(
             episode_id=ids.gather(np.repeat(np.arange(len(window)), lengths)),
             step=data["step"],
@@ -467,6 +474,12 @@ def _merge_runs(
             ep_file=np.array([ep_rows[i]["_key"] >> 40 for i in window], dtype=np.int64),
             ep_line=np.array(
                 [ep_rows[i]["_key"] & ((1 << 40) - 1) for i in window], dtype=np.int64
+            ),
+            named_reward=np.stack([data[c] for c in named], axis=1) if named else None,
+            ep_dropped_named=(
+                np.array([[ep_rows[i][f"dropped_{c}"] for c in named] for i in window])
+                if named
+                else None
             ),
         )
         sink.append(tr, names)
@@ -620,6 +633,10 @@ def _stats_dict(sink: ColumnSink, episodes: pa.Table) -> dict[str, Any]:
     }
     if not sink.discrete:
         out["action"] = sink.act_stats.to_dict()
+    if sink.reward_names:
+        out["reward_columns"] = {
+            name: sink.named_stats[name].to_dict(scalar=True) for name in sink.reward_names
+        }
     return out
 
 
@@ -656,6 +673,12 @@ def _manifest(
         }
     ep_term = episodes.column("terminated").to_numpy(zero_copy_only=False)
     records = sum(s.records for s in sources)
+    named: dict[str, Any] = {}
+    if spec.fields.rewards:  # only in stores with named rewards: others keep their manifest
+        named["reward_columns"] = {
+            name: {"column": reward_column(name), "path": fp.path}
+            for name, fp in spec.fields.rewards
+        }
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -682,6 +705,7 @@ def _manifest(
         "quarantine_reasons": dict(sorted(q.reasons.items())),
         "observation_space": {"dim": sink.obs_dim, "dtype": "float32", "labels": labels},
         "action_space": action_space,
+        **named,
         "statistics": _stats_dict(sink, episodes),
         "content_hash": content,
         "column_digests": sink.column_digests(),

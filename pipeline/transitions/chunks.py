@@ -244,7 +244,14 @@ def bucket_run(ctx: BuildContext, task: BucketTask) -> BucketResult:
     assert result.transitions is not None
     lay = ctx.parser.layout
     discrete = ctx.spec.fields.action.type == "discrete"
-    sink = ColumnSink(task.run_dir, lay.obs_dim, discrete, lay.act_dim or 0, track=False)
+    sink = ColumnSink(
+        task.run_dir,
+        lay.obs_dim,
+        discrete,
+        lay.act_dim or 0,
+        track=False,
+        reward_names=tuple(name for name, _ in ctx.spec.fields.rewards),
+    )
     try:
         sink.append(result.transitions, ctx.source_names)
     finally:
@@ -276,6 +283,8 @@ def _steps_to_batch(s: ParsedSteps, file_idx: int) -> pa.RecordBatch:
     }
     if s.end is not None:
         cols["end"] = pa.array(list(s.end), pa.string())
+    if s.named_rew is not None:
+        cols["named_rew"] = _fixed(s.named_rew)
     if s.fobs is not None and s.fobs_present is not None:
         # sparse: a list per row, empty where the row has no final observation
         d = s.obs.shape[1]
@@ -315,5 +324,10 @@ def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
         fobs=fobs,
         fobs_present=fobs_present,
         line=_to_np(t.column("line")).astype(np.int64, copy=False),
+        named_rew=(
+            _to_np(t.column("named_rew")).astype(np.float64, copy=False)
+            if "named_rew" in names
+            else None
+        ),
     )
     return steps, _to_np(t.column("file")).astype(np.int64, copy=False)

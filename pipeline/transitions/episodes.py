@@ -120,6 +120,9 @@ class Transitions:
     ep_line: np.ndarray  # (E,) int64, its line
     rejected: list[EpisodeRejection] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    # the spec's named rewards (fields.rewards), in its order; None when it has none
+    named_reward: np.ndarray | None = None  # (N, K) float32
+    ep_dropped_named: np.ndarray | None = None  # (E, K) float64, as ep_dropped_reward
 
     def __len__(self) -> int:
         return len(self.step)
@@ -299,6 +302,11 @@ def _assemble(
     trunc_out[klast] = ends.truncated[kept_eps]
     ep_ids = steps.episode_id.gather(ep.order) if n else steps.episode_id
     ep_key = ep.key[kept_eps]
+    named = steps.named_rew
+    named_dropped = None
+    if named is not None:
+        last_named = named[ep.order[ep.last[kept_eps]]]
+        named_dropped = np.where(drop[:, None], last_named, 0.0).astype(np.float64)
     return Transitions(
         episode_id=ep_ids.filter(pl.Series(keep)) if n else ep_ids,
         step=(np.arange(kn) - np.repeat(kfirst, length)).astype(np.int32),
@@ -318,6 +326,8 @@ def _assemble(
         ep_truncated=ends.truncated[kept_eps],
         ep_file=ep_key >> 40,
         ep_line=ep_key & ((1 << 40) - 1),
+        named_reward=None if named is None else named[idx].astype(np.float32),
+        ep_dropped_named=named_dropped,
     )
 
 

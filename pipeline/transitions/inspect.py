@@ -54,6 +54,13 @@ def describe(path: str | Path) -> str:
     lines.append(
         f"reward       mean {r['mean']:.4g}  std {r['std']:.4g}  min {r['min']:.4g}  max {r['max']:.4g}"
     )
+    named = m["statistics"].get("reward_columns", {})
+    for name, entry in m.get("reward_columns", {}).items():
+        r = named[name]
+        lines.append(
+            f"  {entry['column']:<20} mean {r['mean']:>10.4g}  std {r['std']:>10.4g}  "
+            f"min {r['min']:>10.4g}  max {r['max']:>10.4g}  (fields.rewards.{name}: {entry['path']})"
+        )
     refs: dict[str, Any] | None = m["spec"].get("reference_returns")
     e = store.episodes
     lines.append(

@@ -151,6 +151,8 @@ def step_leaves(spec: TransitionSpec) -> dict[str, pl.DataType]:
         assert a.path is not None
         leaves[a.path] = pl.List(pl.Float64())
     leaves[f.reward.path] = pl.Float64()
+    for _, fp in f.rewards:
+        leaves[fp.path] = pl.Float64()
     if f.terminated:
         leaves[f.terminated.path] = pl.Boolean()
     if f.truncated:
@@ -326,6 +328,8 @@ class Validator:
                         f"{where}{a.path}[{i}]={v} outside [{lo}, {hi}] (fields.action.low/high)",
                     )
         _number(get_path(s, f.reward.path), f"{where}{f.reward.path} (fields.reward)")
+        for name, named in f.rewards:
+            _number(get_path(s, named.path), f"{where}{named.path} (fields.rewards.{name})")
         for name, fp in (("terminated", f.terminated), ("truncated", f.truncated)):
             if fp is None:
                 continue
@@ -569,6 +573,8 @@ class ParsedSteps:
     fobs_present: np.ndarray | None  # (n,) bool: which rows have one (row order = fobs order)
     line: np.ndarray  # (n,) int64 1-based source line
     id_int: np.ndarray  # (n,) bool: the episode id was a JSON integer (else a string)
+    # (n, K) float64: the spec's named rewards (fields.rewards), in its order; None: none
+    named_rew: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.t)
@@ -589,6 +595,7 @@ class ParsedSteps:
             fobs_present=None if fp is None else fp[m],
             line=self.line[m],
             id_int=self.id_int[m],
+            named_rew=None if self.named_rew is None else self.named_rew[m],
         )
 
     @staticmethod
@@ -613,6 +620,9 @@ class ParsedSteps:
             else np.concatenate([p.fobs_present for p in parts if p.fobs_present is not None]),
             line=np.concatenate([p.line for p in parts]),
             id_int=np.concatenate([p.id_int for p in parts]),
+            named_rew=None
+            if p0.named_rew is None
+            else np.concatenate([p.named_rew for p in parts if p.named_rew is not None]),
         )
 
 
@@ -879,6 +889,8 @@ class ChunkParser:
         if f.action.type == "continuous":
             ok = ok & (self._act_exprs["act"].list.len() == f.action.size)
         ok = ok & _field(self._sp + f.reward.path).is_not_null()
+        for _, named in f.rewards:
+            ok = ok & _field(self._sp + named.path).is_not_null()
         for fp in (f.terminated, f.truncated):
             if fp is not None:
                 ok = ok & _field(self._sp + fp.path).is_not_null()
@@ -899,6 +911,16 @@ class ChunkParser:
         rew = rew.astype(np.float64)
         act, act_ok, act_finite = self._actions(safe)
         finite = _finite_rows(obs) & np.isfinite(rew) & act_finite
+        named = None
+        if f.rewards:  # (n, K): one column per named reward, in the spec's order
+            named = np.stack(
+                [
+                    safe.select(_field(self._sp + fp.path)).to_series().to_numpy()
+                    for _, fp in f.rewards
+                ],
+                axis=1,
+            ).astype(np.float64)
+            finite &= _finite_rows(named)
         fobs = fobs_present = None
         if self._fobs_parts is not None:
             assert f.final_observation is not None
@@ -910,7 +932,7 @@ class ChunkParser:
                 fobs64 = _obs_matrix(present, self._fobs_parts, self.layout.obs_dim)
                 finite[fobs_present] &= _finite_rows(fobs64)
             fobs = fobs64.astype(np.float32)
-        return _Values(obs, act, rew, fobs, fobs_present, finite & act_ok)
+        return _Values(obs, act, rew, fobs, fobs_present, finite & act_ok, named)
 
     def _actions(self, safe: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(actions, in the action space, finite) per row."""
@@ -967,6 +989,7 @@ class ChunkParser:
             fobs_present=None if fp is None else fp[keep],
             line=sub.get_column(LINE).to_numpy().astype(np.int64),
             id_int=sub.get_column(ID_INT).to_numpy().astype(bool),
+            named_rew=None if v.named_rew is None else v.named_rew[keep],
         )
 
 
@@ -980,6 +1003,7 @@ class _Values:
     fobs: np.ndarray | None  # (p, obs_dim) float32, the rows with a final observation
     fobs_present: np.ndarray | None  # (n,) bool
     ok: np.ndarray  # (n,) bool: finite, and the action in its space
+    named_rew: np.ndarray | None = None  # (n, K) float64: the spec's named rewards
 
 
 def infer_shapes(spec: TransitionSpec, first_records: list[Any]) -> TransitionSpec:

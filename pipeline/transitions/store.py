@@ -7,13 +7,14 @@ zero-copy (nothing is read until a page is touched). A zarr store is read into m
     store = open_store("stores/pendulum-mixed")
     store.observations          # (N, obs_dim) float32, read-only view of the file
     store.actions               # (N,) int64 or (N, act_dim) float32
+    store.reward_columns        # {NAME: (N,) float32}: the spec's named rewards (fields.rewards)
     store.as_tensors("cpu")     # the same, as torch tensors (no copy on CPU)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,8 @@ class Episodes:
     truncated: np.ndarray  # (E,) bool
     source_file: list[str]
     source_line: np.ndarray  # (E,) int64, 1-based line of the episode's first record
+    # {NAME: (E,) float64}: each named reward of a dropped last step, as dropped_reward
+    dropped_named_rewards: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.episode_id)
@@ -144,7 +147,10 @@ class TransitionStore:
         if self.format == "arrow":
             return self._ep_table
         e = self._episodes
-        return pa.table({name: pa.array(e[name], typ) for name, typ in EPISODE_COLUMNS})
+        columns = EPISODE_COLUMNS + tuple(
+            (f"dropped_{column}", pa.float64()) for column in self.reward_column_names.values()
+        )
+        return pa.table({name: pa.array(e[name], typ) for name, typ in columns})
 
     @property
     def observations(self) -> np.ndarray:
@@ -157,6 +163,17 @@ class TransitionStore:
     @property
     def rewards(self) -> np.ndarray:
         return self.column("reward")  # (N,) float32
+
+    @property
+    def reward_column_names(self) -> dict[str, str]:
+        """{NAME: its column}: the spec's named rewards (``reward_NAME``), in spec order."""
+        named = self.manifest.get("reward_columns", {})
+        return {name: str(entry["column"]) for name, entry in named.items()}
+
+    @property
+    def reward_columns(self) -> dict[str, np.ndarray]:
+        """{NAME: (N,) float32}: the named reward columns (fields.rewards); {} if none."""
+        return {name: self.column(col) for name, col in self.reward_column_names.items()}
 
     @property
     def next_observations(self) -> np.ndarray:
@@ -266,6 +283,10 @@ class TransitionStore:
             truncated=get("truncated").astype(bool),
             source_file=[str(x) for x in get("source_file")],
             source_line=get("source_line").astype(np.int64),
+            dropped_named_rewards={
+                name: get(f"dropped_{col}").astype(np.float64)
+                for name, col in self.reward_column_names.items()
+            },
         )
 
     def quarantine(self) -> list[dict[str, Any]]:

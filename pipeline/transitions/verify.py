@@ -8,7 +8,8 @@ consistent with itself: unique episode ids; an episodes table that tiles the row
 order of the episodes' first records and agrees with them; steps 0..length-1; flags only
 on last rows; ``next_observation`` equal to the next row's ``observation`` inside an
 episode; ``return_to_go`` and the episode ``return`` over every logged reward (a dropped
-last step's too); and the manifest's counts. Rows are read ``CHECK_ROWS`` at a time, so a
+last step's too); named reward columns (``reward_NAME``) finite and as the spec declares
+them; and the manifest's counts. Rows are read ``CHECK_ROWS`` at a time, so a
 store larger than memory verifies in bounded memory.
 """
 
@@ -25,6 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_specs.schema import reward_column
 from pipeline.arrowio import check_format_version, data_file_problems, file_digest, read_manifest
 from pipeline.format import QUARANTINE, StoreError
 from pipeline.transitions.layout import FORMAT_VERSION
@@ -64,6 +66,7 @@ def _column_infos(store: TransitionStore) -> list[ColumnInfo]:
         ColumnInfo("terminated", np.dtype(np.uint8), 0),
         ColumnInfo("truncated", np.dtype(np.uint8), 0),
         ColumnInfo("return_to_go", np.dtype(np.float32), 0),
+        *(ColumnInfo(c, np.dtype(np.float32), 0) for c in store.reward_column_names.values()),
     ]
 
 
@@ -111,6 +114,7 @@ class _Episodes:
     truncated: np.ndarray
     source_file: pa.Array
     source_line: np.ndarray
+    dropped_named: dict[str, np.ndarray]  # {reward_NAME: (E,)} of a dropped last step
 
     def __len__(self) -> int:
         return len(self.start)
@@ -136,6 +140,9 @@ class _Episodes:
             truncated=num("truncated", bool),
             source_file=t.column("source_file").combine_chunks(),
             source_line=num("source_line", np.int64),
+            dropped_named={
+                c: num(f"dropped_{c}", np.float64) for c in store.reward_column_names.values()
+            },
         )
 
 
@@ -166,13 +173,16 @@ def _episode_table_problems(store: TransitionStore, e: _Episodes) -> list[str]:
             f"episodes: {e.name(np.flatnonzero(odd)[0])} dropped its last step but is not "
             "truncated (only a cut-off episode drops an unbootstrappable last step)"
         )
-    stray = (e.dropped_reward != 0) & ~e.last_step_dropped
-    if stray.any():
-        problems.append(
-            f"episodes: {e.name(np.flatnonzero(stray)[0])} has a dropped_reward but no "
-            "dropped last step"
-        )
-    for name, arr in (("return", e.returns), ("dropped_reward", e.dropped_reward)):
+    dropped = {"dropped_reward": e.dropped_reward}
+    dropped.update({f"dropped_{c}": a for c, a in e.dropped_named.items()})
+    for name, arr in dropped.items():
+        stray = (arr != 0) & ~e.last_step_dropped
+        if stray.any():
+            problems.append(
+                f"episodes: {e.name(np.flatnonzero(stray)[0])} has a {name} but no "
+                "dropped last step"
+            )
+    for name, arr in (("return", e.returns), *dropped.items()):
         if not np.isfinite(arr).all():
             problems.append(f"episodes: {name}: non-finite values")
     return problems
@@ -217,6 +227,7 @@ ROW_RULES = {
     "next_observation_finite": "next_observation: non-finite values",
     "reward_finite": "reward: non-finite values",
     "return_to_go_finite": "return_to_go: non-finite values",
+    "reward_columns_finite": "a named reward column (reward_NAME): non-finite values",
     "action": "action: values outside the action space",
 }
 
@@ -305,6 +316,8 @@ def _check_rows(
         finite = np.asarray(np.isfinite(arr).reshape(len(arr), -1).all(axis=1))
         found.add(name, ~finite, a)
     found.add("action", _actions_outside(store, store.column_slice("action", a, b)), a)
+    for column in store.reward_column_names.values():
+        found.add("reward_columns_finite", ~np.isfinite(store.column_slice(column, a, b)), a)
 
 
 def _with_next(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -352,6 +365,22 @@ def _quarantine_counts(path: Path) -> tuple[Counter[str], Counter[str]]:
     files = Counter(dict(q.get_column("file").value_counts().iter_rows()))
     reasons = Counter(dict(q.get_column("reason").value_counts().iter_rows()))
     return files, reasons
+
+
+def _reward_column_problems(store: TransitionStore) -> list[str]:
+    """The manifest's named reward columns are the spec's ``fields.rewards``, as columns."""
+    m = store.manifest
+    declared = m["spec"]["fields"].get("rewards", {})
+    listed = m.get("reward_columns", {})
+    want = {
+        name: {"column": reward_column(name), "path": f["path"]} for name, f in declared.items()
+    }
+    if listed != want:
+        return [
+            f"manifest: reward_columns {listed} do not match the spec's fields.rewards "
+            f"(expected {want})"
+        ]
+    return []
 
 
 def _count_problems(store: TransitionStore, e: _Episodes) -> list[str]:
@@ -409,7 +438,7 @@ def check_invariants(store: TransitionStore) -> list[str]:
     if tiled and int(e.length.sum()) == len(store) and (e.length >= 1).all():
         rows, sums = _row_problems(store, e)
         problems += rows + _return_problems(e, sums)
-    return problems + _count_problems(store, e)
+    return problems + _reward_column_problems(store) + _count_problems(store, e)
 
 
 def verify(path: str | Path) -> list[str]:

@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from data_specs.schema import reward_column
 from pipeline.transitions.episodes import Transitions
 
 COPY_ROWS = 1 << 16
@@ -126,6 +127,10 @@ class ColumnSink:
     rtg_stats: RunningStats = field(default_factory=RunningStats)
     string_bytes: int = 0
     track: bool = True  # statistics and content digests (off for intermediate runs)
+    # the spec's named rewards (fields.rewards): one float32 column reward_NAME each, after
+    # the fixed columns, and one float64 column dropped_reward_NAME each in the episodes
+    reward_names: tuple[str, ...] = ()
+    named_stats: dict[str, RunningStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -145,6 +150,10 @@ class ColumnSink:
             ColumnInfo("truncated", np.dtype(np.uint8), 0),
             ColumnInfo("return_to_go", np.dtype(np.float32), 0),
         ]
+        self.columns += [
+            ColumnInfo(reward_column(name), np.dtype(np.float32), 0) for name in self.reward_names
+        ]
+        self.named_stats = {name: RunningStats() for name in self.reward_names}
         self._files: dict[str, BinaryIO] = {
             c.name: (self.directory / f"{c.name}.bin").open("wb") for c in self.columns
         }
@@ -167,6 +176,9 @@ class ColumnSink:
             "truncated": tr.truncated.astype(np.uint8),
             "return_to_go": tr.return_to_go,
         }
+        named = _named(tr, self.reward_names)
+        for k, name in enumerate(self.reward_names):
+            values[reward_column(name)] = named[:, k]
         for c in self.columns:
             arr = np.ascontiguousarray(values[c.name], dtype=c.dtype)
             self._files[c.name].write(arr.reshape(-1).data.cast("B"))
@@ -180,7 +192,12 @@ class ColumnSink:
                 self.act_stats.update(tr.action)
             self.reward_stats.update(tr.reward)
             self.rtg_stats.update(tr.return_to_go)
+            for k, name in enumerate(self.reward_names):
+                self.named_stats[name].update(named[:, k])
         starts = self.rows + np.concatenate([[0], np.cumsum(tr.ep_length)[:-1]]).astype(np.int64)
+        dropped_named = tr.ep_dropped_named
+        if dropped_named is None:
+            dropped_named = np.zeros((tr.n_episodes, len(self.reward_names)))
         for i, eid in enumerate(tr.ep_id.to_list()):
             self.episodes.append(
                 {
@@ -195,6 +212,10 @@ class ColumnSink:
                     "truncated": bool(tr.ep_truncated[i]),
                     "source_file": source_names[int(tr.ep_file[i])],
                     "source_line": int(tr.ep_line[i]),
+                    **{
+                        f"dropped_{reward_column(name)}": float(dropped_named[i, k])
+                        for k, name in enumerate(self.reward_names)
+                    },
                 }
             )
         self.rows += len(tr)
@@ -227,8 +248,22 @@ class ColumnSink:
                 "truncated": pa.array([x["truncated"] for x in e], pa.bool_()),
                 "source_file": pa.array([x["source_file"] for x in e], pa.string()),
                 "source_line": pa.array([x["source_line"] for x in e], pa.int64()),
+                **{
+                    key: pa.array([x[key] for x in e], pa.float64())
+                    for key in (f"dropped_{reward_column(n)}" for n in self.reward_names)
+                },
             }
         )
+
+
+def _named(tr: Transitions, names: tuple[str, ...]) -> np.ndarray:
+    """(N, K) float32: the transitions' named rewards, checked against the sink's names."""
+    if not names:
+        return np.zeros((len(tr), 0), dtype=np.float32)
+    if tr.named_reward is None or tr.named_reward.shape != (len(tr), len(names)):
+        shape = None if tr.named_reward is None else tr.named_reward.shape
+        raise ValueError(f"named rewards of shape {shape}, expected {(len(tr), len(names))}")
+    return tr.named_reward
 
 
 def read_column(directory: Path, c: ColumnInfo, start: int, stop: int) -> np.ndarray:
@@ -308,10 +343,16 @@ _WRITE_STEP = 16 << 20  # bytes written (then dropped from the column mapping) a
 
 
 def transition_schema(
-    obs_dim: int, discrete: bool, act_dim: int, large_ids: bool = False
+    obs_dim: int,
+    discrete: bool,
+    act_dim: int,
+    large_ids: bool = False,
+    reward_names: tuple[str, ...] = (),
 ) -> pa.Schema:
     """The schema of ``transitions.arrow``. ``large_ids``: the episode ids take more than
-    2 GiB in total, so the column is ``large_string`` (64-bit offsets) instead of ``string``."""
+    2 GiB in total, so the column is ``large_string`` (64-bit offsets) instead of ``string``.
+    ``reward_names``: the spec's named rewards, one float32 column ``reward_NAME`` each
+    after ``return_to_go``."""
     act_type = pa.int64() if discrete else pa.list_(pa.float32(), act_dim)
     return pa.schema(
         [
@@ -324,6 +365,7 @@ def transition_schema(
             ("terminated", pa.bool_()),
             ("truncated", pa.bool_()),
             ("return_to_go", pa.float32()),
+            *((reward_column(name), pa.float32()) for name in reward_names),
         ]
     )
 
@@ -337,7 +379,9 @@ def write_arrow_transitions(sink: ColumnSink, path: Path) -> None:
     the page cache to the file, and the pages of a mapping are dropped as soon as they are
     written (:class:`_DroppingFile`). Memory stays bounded whatever the store's size."""
     large = sink.string_bytes > STRING_BYTES_LIMIT
-    schema = transition_schema(sink.obs_dim, sink.discrete, sink.act_dim, large_ids=large)
+    schema = transition_schema(
+        sink.obs_dim, sink.discrete, sink.act_dim, large_ids=large, reward_names=sink.reward_names
+    )
     with _Mappings() as maps:
         _write_batch(sink, schema, maps, path)
 
