@@ -53,7 +53,7 @@ class ConfigError(ValueError):
 
 NATIVE_ALGOS = ("bc", "iql", "cql")
 QA_ALGOS = ("qa_supervised", "qa_hybrid")  # segment stores: trainer.qa.runner
-AGENT_ALGOS = ("sft",)  # sequence stores: trainer.agent.runner
+AGENT_ALGOS = ("sft", "ppo", "reinforce")  # sequence stores: trainer.agent.runner
 PRECISIONS = ("fp32", "bf16", "fp16")
 D3RLPY_PREFIX = "d3rlpy."
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -321,9 +321,10 @@ class StageConfig:
         if self.algo not in known and not self.algo.startswith(D3RLPY_PREFIX):
             raise ConfigError(
                 f"algo: unknown algorithm {self.algo!r}{_suggest(self.algo, list(known))}; "
-                "use bc, iql, cql, d3rlpy.NAME (e.g. d3rlpy.IQL), qa_supervised, qa_hybrid or sft"
+                "use bc, iql, cql, d3rlpy.NAME (e.g. d3rlpy.IQL), qa_supervised, qa_hybrid, "
+                "sft, ppo or reinforce"
             )
-        if self.algo in AGENT_ALGOS and self.params.get("epochs") is not None:
+        if self.algo == "sft" and self.params.get("epochs") is not None:
             need_int("steps", self.steps, 0, "0: from `epochs`")
         else:
             need_int("steps", self.steps, 1, "gradient steps in this stage")
@@ -723,7 +724,7 @@ def _stage(raw: Any, where: str) -> StageConfig:
         from trainer.optim import parse_optimizer
 
         loop["optimizer"] = parse_optimizer(loop["optimizer"], f"{where}.optimizer")
-    if "steps" not in loop and loop.get("algo") in AGENT_ALGOS and "epochs" in params:
+    if "steps" not in loop and loop.get("algo") == "sft" and "epochs" in params:
         loop["steps"] = 0  # from epochs, once the store is open
     for key in ("algo", "steps"):
         if key not in loop:

@@ -227,3 +227,41 @@ def test_lora_bf16_keeps_only_the_adapters_in_checkpoints_and_exports_merged(
     torch.testing.assert_close(
         merged.model.layers[0].mlp.up_proj.weight, loaded.base.model.layers[0].mlp.up_proj.weight
     )
+
+
+@pytest.mark.parametrize("config", ["agent-sft-ppo.yaml", "agent-sft-reinforce.yaml"])
+def test_sft_then_rl_stage_through_the_cli_and_resume(
+    agent_store: Path, tmp_path: Path, config: str
+) -> None:
+    rl = "ppo" if "ppo" in config else "reinforce"
+    extra = [
+        "stages.1.steps=4", "stages.1.batch_size=2", "stages.1.group_size=2",
+        "stages.1.max_new_tokens=16", "stages.1.max_turns=2", "stages.1.sft_batch_size=2",
+        "stages.1.minibatch_episodes=2", "stages.0.steps=4", "eval.every=2",
+        "eval.episodes=2", "eval.max_episode_steps=2", "agent.max_new_tokens=16",
+        "checkpoint.every=2",
+    ]  # fmt: skip
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    cfg_path = ROOT / "configs" / config
+    AgentTrainer(
+        load_config(cfg_path, overrides(agent_store, full, *extra)), log=lambda m: None
+    ).run()
+    train = [r for r in rows(full) if r["kind"] == "train" and r["stage"] == rl]
+    assert [r["step"] for r in train] == [5, 6, 7, 8]
+    for key in ("reward/success", "reward/format", "reward/length", "kl", "kl_coef",
+                "sft_weight", "rollout/success_rate", "policy_loss"):  # fmt: skip
+        assert key in train[-1], key
+    assert train[0]["sft_weight"] == 0.5 and train[-1]["sft_weight"] < 0.5
+    state = torch.load(full / "checkpoints" / f"final-{rl}.pt", weights_only=True)
+    assert set(state["loop"]["rl"]) == {"value_head", "kl", "reward", "reward_ema"}
+    # killed in the RL stage, resumed: the same run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [str(cfg_path), *overrides(agent_store, cut, *extra)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_DRIVER, "7", *argv],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    code, err = finish(proc)
+    assert code == -9, err
+    assert main([*argv, "--resume"]) == 0
+    assert_same_run(full, cut)

@@ -163,6 +163,7 @@ CLOCK_KEYS = frozenset(
     {
         "wall_time_s", "train_time_s", "metrics_offset", "time", "steps_per_s", "examples_per_s",
         "tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "eval/peak_rss_mb",
+        "rollout/seconds", "rollout/generated_tokens_per_s",
     }
 )  # fmt: skip
 

@@ -13,7 +13,7 @@
    second copy), and the value head;
 4. ``ppo``: a per-token KL penalty ``-kl_coef * (logp_old - logp_ref)`` on every written
    token and each turn's reward on its last token, GAE over the written tokens
-   (:func:`trainer.rl_losses.token_gae`), whitened advantages, then ``epochs`` passes of
+   (:func:`trainer.rl_losses.token_gae`), whitened advantages, then ``ppo_epochs`` passes of
    minibatches with the clipped surrogate, the clipped value loss and an entropy bonus;
    ``reinforce``: the episode's reward minus its KL penalty, less a leave-one-out baseline
    over the episodes of the same seed (or the value head, or none), on every written token,
@@ -100,7 +100,7 @@ class RLParams:
     max_new_tokens: int | None = None
     max_turns: int | None = None
     # PPO: passes over each rollout batch and episodes per minibatch.
-    epochs: int = 2
+    ppo_epochs: int = 2
     minibatch_episodes: int = 8
     clip: float = 0.2
     value_clip: float | None = 0.2
@@ -143,7 +143,7 @@ class RLParams:
         _num("top_p", self.top_p, 0.0, 1.0)
         need_int("top_k", self.top_k, 0, "0 for no top-k")
         need_int("group_size", self.group_size, 1, "episodes per seed")
-        need_int("epochs", self.epochs, 1, "passes per rollout batch")
+        need_int("ppo_epochs", self.ppo_epochs, 1, "passes per rollout batch")
         need_int("minibatch_episodes", self.minibatch_episodes, 1, "episodes per minibatch")
         need_int("sft_batch_size", self.sft_batch_size, 1, "episodes of the anchor batch")
         need_int("seed_base", self.seed_base, 0, "first training seed")
@@ -370,6 +370,7 @@ class RLStage:
             "explained_variance": float(explained_variance(values_old, returns, mask)),
             "rollout/success_rate": float(np.mean([e.success for e in eps])),
             "rollout/turns_mean": float(np.mean([len(e.texts) for e in eps])),
+            "rollout/generated_tokens": float(generated),
             "rollout/generated_tokens_per_s": generated / max(rollout_s, 1e-9),
             "rollout/seconds": rollout_s,
         }
@@ -394,7 +395,7 @@ class RLStage:
     ) -> dict[str, float]:  # fmt: skip
         p = self.p
         n = batch.input_ids.shape[0]
-        epochs = p.epochs if self.algo == "ppo" else 1
+        epochs = p.ppo_epochs if self.algo == "ppo" else 1
         size = p.minibatch_episodes if self.algo == "ppo" else n
         params = self.sft.trainable + list(self.value_head.parameters())
         sums: dict[str, float] = {}

@@ -188,12 +188,20 @@ class SFTParams:
             need_int("eval_every", self.eval_every, 0, "stage steps between evaluations")
 
 
-def stage_params(cfg: TrainConfig, index: int) -> SFTParams:
+def stage_params(cfg: TrainConfig, index: int) -> Any:
+    """An ``sft`` stage's :class:`SFTParams`, a ``ppo`` / ``reinforce`` stage's
+    :class:`trainer.agent.rl.RLParams`."""
+    from trainer.agent.rl import RL_ALGOS, RLParams
+
     stage = cfg.stages[index]
     where = f"stages.{index}"
-    if stage.algo != "sft":
-        raise ConfigError(f"{where}.algo: {stage.algo!r} is not a sequence-store stage (sft)")
+    if stage.algo != "sft" and stage.algo not in RL_ALGOS:
+        raise ConfigError(
+            f"{where}.algo: {stage.algo!r} is not a sequence-store stage (sft, ppo, reinforce)"
+        )
     try:
+        if stage.algo in RL_ALGOS:
+            return build_section(RLParams, dict(stage.params), where)
         return build_section(SFTParams, dict(stage.params), where)
     except ConfigError as e:
         msg = str(e)
@@ -388,7 +396,7 @@ class AgentTrainer(StagedTrainer):
         """``epochs`` -> steps, once the training split's size is known."""
         n = len(self.train_pool)
         for st, p in zip(self.cfg.stages, self.params):
-            if p.epochs is not None:
+            if isinstance(p, SFTParams) and p.epochs is not None:
                 per_step = st.batch_size * p.grad_accumulation
                 st.steps = max(1, math.ceil(p.epochs * n / per_step))
 
@@ -497,6 +505,9 @@ class AgentTrainer(StagedTrainer):
             if source is not None:
                 where = f"stages.{index}.init" if stage.init else "--init-from"
                 self._load_state(loaded, source, where)
+        if stage.algo != "sft":
+            self._run_rl_stage(index, ckpt, init_state, loaded)
+            return
         weights = label_weights(self.label_names, p.span_weights)
         has_teacher = self.arrays.teacher_ids is not None
         if p.distill_weight > 0 and not has_teacher:
@@ -524,6 +535,101 @@ class AgentTrainer(StagedTrainer):
             index,
             self._pending_metrics(ckpt, self.device),
             step=self._stepper(index, algo, sampler),
+            schedulers=schedulers,
+            row_rates=self._row_rates(index, algo),
+            evaluate=lambda: self._evaluate(algo, index),
+            save=lambda buf: self._save_step(algo, schedulers, sampler, index, buf),
+            every_eval=cfg.eval.every if p.eval_every is None else p.eval_every,
+        )
+        sp = self.state.stages[index]
+        sp.done = True
+        sp.wall_time_s = elapsed()
+        self._final_states[stage.name] = self._state(loaded)
+        self._save_final(index, self._checkpoint(algo, schedulers, sampler, index, []))
+        if index == len(cfg.stages) - 1 and self.settings.export_merged:
+            self._export(loaded)
+
+    def _run_rl_stage(
+        self,
+        index: int,
+        ckpt: dict[str, Any] | None,
+        init_state: dict[str, Any] | None,
+        loaded: Any,
+    ) -> None:
+        """A ``ppo`` / ``reinforce`` stage (:mod:`trainer.agent.rl`) on the loaded model."""
+        from trainer.agent.model import hidden_and_head
+        from trainer.agent.rl import RLStage, RolloutSetup
+
+        cfg = self.cfg
+        stage, p = cfg.stages[index], self.params[index]
+        made = self._env()
+        pattern = self.store.span_patterns.get("action")
+        if made is None or pattern is None:
+            raise RunError(
+                f"stages.{index}.algo: {stage.algo} samples episodes in the store's "
+                "environment: its spec needs `env:` and an `action` span with a pattern "
+                "(and eval.episodes > 0)"
+            )
+        make_env, max_turns = made
+        sft_params = SFTParams(
+            lr=p.lr, weight_decay=p.weight_decay, betas=p.betas, span_weights=p.span_weights
+        )
+        weights = label_weights(self.label_names, p.span_weights)
+        sft = SFTStage(
+            loaded, sft_params, weights, precision=cfg.precision, device=self.device,
+            grad_clip=stage.grad_clip, has_teacher=False, optimizer=stage.optimizer,
+        )  # fmt: skip
+        reference = None
+        if not loaded.is_lora:  # the reference: the stage's starting weights, frozen
+            ref = self._build_model()
+            source = self._stage_final_state(stage.init) if stage.init else init_state
+            if source is not None:
+                self._load_state(ref, source, f"stages.{index}.init")
+            ref.model.to(self.device).eval().requires_grad_(False)
+            reference = hidden_and_head(ref)
+        max_positions = int(self.store.manifest["sequences"]["max_tokens"])
+        setup = RolloutSetup(
+            self.text, make_env, self.policy_role, str(self.env_role), pattern,
+            self.settings.max_new_tokens, max_turns, max_positions,
+        )  # fmt: skip
+        algo = RLStage(
+            stage.algo, sft, p, setup, batch_size=stage.batch_size, total_steps=stage.steps,
+            reference=reference,
+        )  # fmt: skip
+        sampler = BucketSampler(
+            self.arrays.lengths, self.train_pool, p.sft_batch_size, cfg.seed, stream=index,
+            total_steps=stage.steps,
+        )  # fmt: skip
+        schedulers = make_schedulers(
+            {"model": algo.optimizers["model"]}, stage.lr_schedule, stage.steps
+        )
+        if ckpt is not None:
+            self._resume_stage(ckpt, algo.optimizers, schedulers, sampler)
+            algo.load_state_dict(ckpt["loop"]["rl"])
+        else:
+            self.state.stages[index].start_step = self.state.step
+            self._write_stage_start(stage)
+        self._algo = algo  # type: ignore[assignment]
+        extra = self.extra[index]
+        pad = int(self.text.pad_id)
+
+        def anchor() -> Any:
+            while True:
+                b = collate(self.arrays, sampler.sample(), pad)
+                yield b.to(self.device)
+
+        anchors = anchor()
+
+        def step(s0: int) -> dict[str, Any]:
+            out = algo.update(s0, anchors)
+            extra.tokens += int(out["rollout/generated_tokens"])
+            extra.episodes += stage.batch_size * p.group_size
+            return out
+
+        elapsed = self._train_steps(
+            index,
+            self._pending_metrics(ckpt, self.device),
+            step=step,
             schedulers=schedulers,
             row_rates=self._row_rates(index, algo),
             evaluate=lambda: self._evaluate(algo, index),
@@ -567,7 +673,7 @@ class AgentTrainer(StagedTrainer):
 
         return step
 
-    def _row_rates(self, index: int, algo: SFTStage) -> Callable[[int, float], dict[str, Any]]:
+    def _row_rates(self, index: int, algo: Any) -> Callable[[int, float], dict[str, Any]]:
         extra = self.extra[index]
         last = {"tokens": extra.tokens, "trained": extra.trained_tokens}
 
@@ -586,7 +692,7 @@ class AgentTrainer(StagedTrainer):
         return row_rates
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, algo: SFTStage, index: int) -> bool:
+    def _evaluate(self, algo: Any, index: int) -> bool:
         model = algo.loaded.model
         model.eval()
         try:
@@ -636,7 +742,7 @@ class AgentTrainer(StagedTrainer):
     def _plays_online(self) -> bool:
         return self._env() is not None and "action" in self.store.span_patterns
 
-    def _online(self, algo: SFTStage) -> dict[str, float]:
+    def _online(self, algo: Any) -> dict[str, float]:
         made = self._env()
         if made is None:
             return {}
@@ -693,7 +799,7 @@ class AgentTrainer(StagedTrainer):
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(
         self,
-        algo: SFTStage,
+        algo: Any,
         schedulers: dict[str, Any] | None,
         sampler: BucketSampler | None,
         index: int,
@@ -706,7 +812,10 @@ class AgentTrainer(StagedTrainer):
             schedulers,
             sampler,
             pending,
-            loop={"agent": [asdict(e) for e in self.extra]},
+            loop={
+                "agent": [asdict(e) for e in self.extra],
+                **({"rl": algo.state_dict()} if hasattr(algo, "value_head") else {}),
+            },
             meta={
                 "kind": "agent",
                 "store_hash": self.store.content_hash,
@@ -717,7 +826,7 @@ class AgentTrainer(StagedTrainer):
 
     def _save_step(
         self,
-        algo: SFTStage,
+        algo: Any,
         schedulers: dict[str, Any],
         sampler: BucketSampler,
         index: int,
@@ -746,8 +855,11 @@ class AgentTrainer(StagedTrainer):
             d = sp.summary(self.metric)
             stage, p = self.cfg.stages[i], self.params[i]
             d["batch_size"] = stage.batch_size
-            d["grad_accumulation"] = p.grad_accumulation
-            d["episodes_per_step"] = stage.batch_size * p.grad_accumulation
+            if isinstance(p, SFTParams):
+                d["grad_accumulation"] = p.grad_accumulation
+                d["episodes_per_step"] = stage.batch_size * p.grad_accumulation
+            else:  # sampled episodes per step; tokens below are generated tokens
+                d["episodes_per_step"] = stage.batch_size * p.group_size
             t = sp.train_time_s
             d["tokens"] = ex.tokens
             d["tokens_per_s"] = round(ex.tokens / t, 1) if t > 0 else None
