@@ -36,3 +36,8 @@ class Scorer:
     @staticmethod
     def length(sample: RewardInput) -> float:
         return float(len(sample.text))
+
+
+def always_nan(sample: RewardInput) -> float:
+    """A broken reward: NaN whatever the turn."""
+    return float("nan")

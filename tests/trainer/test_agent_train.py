@@ -265,3 +265,25 @@ def test_sft_then_rl_stage_through_the_cli_and_resume(
     assert code == -9, err
     assert main([*argv, "--resume"]) == 0
     assert_same_run(full, cut)
+
+
+def test_a_nan_reward_stops_the_stage_naming_the_step_and_the_component(
+    agent_store: Path, tmp_path: Path
+) -> None:
+    from trainer.loop import RunError
+
+    extra = [
+        "stages.0.steps=2", "stages.1.steps=3", "stages.1.batch_size=1", "stages.1.group_size=2",
+        "stages.1.max_new_tokens=8", "stages.1.max_turns=1", "eval.episodes=1",
+        "eval.max_episode_steps=1", "agent.max_new_tokens=8", "checkpoint.every=1",
+        "stages.1.reward={python: 'tests.trainer.rewards_helper:always_nan'}",
+    ]  # fmt: skip
+    out = tmp_path / "nan"
+    cfg = load_config(ROOT / "configs" / "agent-sft-ppo.yaml", overrides(agent_store, out, *extra))
+    with pytest.raises(
+        RunError, match=r"stages\.1 \(ppo\) step 3 .*: the reward: reward/always_nan"
+    ):
+        AgentTrainer(cfg, log=lambda m: None).run()
+    # the checkpoints written are those of the good steps
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))
+    assert steps[-1] == "step-000000002.pt"

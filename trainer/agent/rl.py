@@ -46,7 +46,7 @@ import torch
 from trainer.agent.losses import sad_loss
 from trainer.agent.rollouts import Episode, RolloutBatch, collect, to_batch, token_logprobs
 from trainer.config import ConfigError, need_int
-from trainer.rewards import RewardInput, build_reward
+from trainer.rewards import RewardError, RewardInput, build_reward
 from trainer.rl_losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -67,6 +67,13 @@ from trainer.rl_losses import (
 )
 
 RL_ALGOS = ("ppo", "reinforce")
+
+
+class NonFinite(ArithmeticError):
+    """A NaN or inf reward or loss; the stage stops (the caller names the step) and the last
+    checkpoint written stays the last good one."""
+
+
 BASELINES = ("loo", "value", "none")
 
 
@@ -290,7 +297,10 @@ class RLStage:
                     n_tokens=self._turn_tokens(e, j),
                 ))  # fmt: skip
                 owner.append(i)
-        total, logs = self.reward.evaluate(samples)
+        try:
+            total, logs = self.reward.evaluate(samples)
+        except RewardError as e:  # a NaN or inf from a component: stop, naming it
+            raise NonFinite(f"the reward: {e}") from None
         out: list[list[float]] = [[] for _ in eps]
         for i, v in zip(owner, total.tolist()):
             out[i].append(float(v))
@@ -437,6 +447,11 @@ class RLStage:
                     with self.autocast():
                         sft_loss, _ = sad_loss(self.sft.hidden(sb), self.lm_head, sb, self.weights)
                     loss = loss + w_sft * sft_loss
+                if not bool(torch.isfinite(loss)):
+                    parts = {"policy_loss": policy_loss, "value_loss": value_loss,
+                             "entropy": entropy, "sft_loss": sft_loss}  # fmt: skip
+                    bad = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
+                    raise NonFinite(f"the loss is not finite ({', '.join(bad) or 'loss'})")
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -621,7 +621,17 @@ class AgentTrainer(StagedTrainer):
         anchors = anchor()
 
         def step(s0: int) -> dict[str, Any]:
-            out = algo.update(s0, anchors)
+            from trainer.agent.rl import NonFinite
+
+            try:
+                out = algo.update(s0, anchors)
+            except NonFinite as e:
+                at = self.state.stages[index].start_step + s0 + 1
+                raise RunError(
+                    f"stages.{index} ({stage.name}) step {at} (stage step {s0 + 1}): {e}; "
+                    "stopped, the last checkpoint is the last good state (--resume "
+                    "continues from it)"
+                ) from None
             extra.tokens += int(out["rollout/generated_tokens"])
             extra.episodes += stage.batch_size * p.group_size
             return out
