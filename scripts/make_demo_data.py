@@ -15,8 +15,10 @@ JSONL layout so that every reader of ``pipeline.build`` is exercised:
 
 ``pendulum/episodes.jsonl.zst``
     Pendulum-v1, ONE EPISODE PER LINE, zstandard-compressed. Line: ``{"episode",
-    "policy", "steps": [{"obs": {"cos", "sin", "vel"}, "act": [a], "rew", "terminal",
-    "timeout"}, ...], "last_obs": {...}}``. Behaviour: a minority of near-expert episodes
+    "policy", "steps": [{"obs": {"cos", "sin", "vel"}, "act": [a], "rew", "upright",
+    "terminal", "timeout"}, ...], "last_obs": {...}}``; ``upright`` is a second, shaped
+    reward, the pole's height ``cos(theta)`` of the step's observation (1 at the top, -1
+    hanging), for relabelling at training time. Behaviour: a minority of near-expert episodes
     (energy-shaping swing-up plus PD balance, Gaussian action noise 0.1); most come from
     controllers with systematic errors: the wrong sign of damping at the top (it swings up
     but topples off again), a "lazy" one at 0.4x torque (too weak to hold the top); plus a
@@ -351,6 +353,7 @@ def pendulum_line(ep: Episode) -> bytes:
             "obs": pendulum_obs(ep.observations[t]),
             "act": ep.actions[t],
             "rew": ep.rewards[t],
+            "upright": float(ep.observations[t][0]),  # cos(theta): a shaped second reward
             "terminal": t == ep.length - 1 and ep.terminated,
             "timeout": t == ep.length - 1 and ep.truncated,
         }

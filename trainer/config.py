@@ -469,7 +469,9 @@ class CheckpointConfig:
 
 @dataclass
 class RewardConfig:
-    """Reward scaling, applied by the sampler: r' = scale * r + shift (after normalisation)."""
+    """The reward every stage of a transition-store run trains on: the store's `reward`, or
+    its relabelling (`relabel`), then scaled by the sampler: r' = scale * r + shift (after
+    normalisation)."""
 
     # Multiply rewards by this.
     scale: float = 1.0
@@ -478,6 +480,12 @@ class RewardConfig:
     # none, or return_range: also multiply by max_episode_length / (max_return - min_return)
     # over the training episodes (IQL's normalisation).
     normalize: str = "none"
+    # A REWARD (docs/REWARDS.md) of `column` leaves naming `reward` (the store's reward) or a
+    # named reward column of the store (its spec's fields.rewards), e.g. {type: weighted_sum,
+    # components: [{weight: 1, reward: {column: reward}}, {weight: 0.1, reward: {column:
+    # upright}}]}: the reward of every stage, computed once over the whole store before the
+    # scaling above (trainer/relabel.py); null: the store's reward.
+    relabel: Any = None
 
     def __post_init__(self) -> None:
         need_number("scale", self.scale, "a reward multiplier")
@@ -486,6 +494,18 @@ class RewardConfig:
             raise ConfigError("scale: must not be 0 (every reward would be the same)")
         need_choice("normalize", self.normalize, ("none", "return_range"))
         self.scale, self.shift = float(self.scale), float(self.shift)
+        if self.relabel is not None:
+            from trainer.relabel import build_relabel
+
+            build_relabel(self.relabel, "relabel")  # a bad spec fails now, naming its node
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as plain data; `relabel` only when set (resolved configs written
+        before it existed read the same)."""
+        d = asdict(self)
+        if self.relabel is None:
+            del d["relabel"]
+        return d
 
 
 @dataclass
@@ -595,6 +615,11 @@ class TrainConfig:
                     f"{self.stages[0].algo!r}; QA stages (qa_supervised, qa_hybrid) train on a "
                     "segment store, sft on a sequence store, the others on a transition store"
                 )
+        if self.reward.relabel is not None and families[0] != "transitions":
+            raise ConfigError(
+                f"reward.relabel: relabels the rewards of a transition store; these stages "
+                f"train on a {families[0]} store (a ppo / reinforce stage takes its own reward)"
+            )
         need_choice("precision", self.precision, PRECISIONS)
         for key in ("model", "agent"):
             v = getattr(self, key)
@@ -660,7 +685,7 @@ class TrainConfig:
             if f.name == "stages":
                 d["stages"] = [s.to_dict() for s in v]
             elif hasattr(v, "__dataclass_fields__"):
-                d[f.name] = asdict(v)
+                d[f.name] = v.to_dict() if hasattr(v, "to_dict") else asdict(v)
             else:
                 d[f.name] = v
         return d

@@ -138,6 +138,9 @@ class RunData:
     train: DeviceTransitions
     val: DeviceTransitions | None
     mdp: Any = None  # the d3rlpy dataset, once a stage asked for it
+    # reward.relabel: {"reward/NAME": {mean, std[, weight]}} of the relabelled reward's
+    # components over the store's rows (None: the store's reward is trained on)
+    relabelled: dict[str, dict[str, float]] | None = None
 
     def mdp_dataset(self) -> Any:
         """The training episodes as a d3rlpy MDPDataset (converted on the first call)."""
@@ -161,6 +164,13 @@ def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
             f"{cfg.store_hash}; the store was rebuilt from other data (drop store_hash to accept it)"
         )
     arrays = TransitionArrays.from_store(store)
+    relabelled = None
+    if cfg.reward.relabel is not None:  # once, over the whole store, before any scaling
+        from trainer.relabel import StoreRewards, build_relabel, relabel_arrays
+
+        node = build_relabel(cfg.reward.relabel, "reward.relabel")
+        out = relabel_arrays(arrays, node, StoreRewards.of(store), store.discount)
+        arrays, relabelled = out.arrays, out.components
     train_eps, val_eps = split_episodes(arrays.n_episodes, cfg.val_fraction, cfg.seed)
     try:
         scaling = make_reward_scaling(
@@ -176,7 +186,9 @@ def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
     whole = len(val_eps) == 0
     train = DeviceTransitions(arrays, None if whole else train_eps, **kw)  # type: ignore[arg-type]
     val = None if whole else DeviceTransitions(arrays, val_eps, **kw)  # type: ignore[arg-type]
-    return RunData(cfg, store, device, arrays, train_eps, val_eps, train, val)
+    return RunData(
+        cfg, store, device, arrays, train_eps, val_eps, train, val, relabelled=relabelled
+    )
 
 
 def make_evaluator(cfg: TrainConfig, data: RunData) -> Evaluator:
@@ -915,6 +927,8 @@ class Trainer(StagedTrainer):
             },
             "stages": [s.summary(self.metric) for s in st.stages],
         }
+        if self.data.relabelled is not None:  # reward.relabel: what the stages trained on
+            summary["reward_relabel"] = self.data.relabelled
         return self._write_summary(summary, plot_curves)
 
 

@@ -690,6 +690,10 @@ SPEC_VARIANTS: dict[str, dict[str, Any]] = {
         "episode_key": "meta.id",
         "fields": step_fields(),
     },
+    "steps-named-rewards": {  # fields.rewards: two more numbers per step, one nested
+        "layout": "step_per_line",
+        "fields": {**step_fields(), "rewards": {"shaped": {"path": "info.shaped"}, "b": "bonus"}},
+    },
     "steps-composite-nested": {
         "layout": "step_per_line",
         "fields": {
@@ -719,7 +723,7 @@ unit = st.integers(-4, 4).map(lambda k: k / 4)
 @st.composite
 def valid_record(draw: st.DrawFn, variant: str) -> dict[str, Any]:
     ep: Any = draw(st.sampled_from(["a", "b", "c", 3, "3", -7]))
-    if variant in ("steps-discrete", "steps-nested-id"):
+    if variant in ("steps-discrete", "steps-nested-id", "steps-named-rewards"):
         rec = step_record(ep, draw(st.integers(0, 5)))
         rec.update(
             obs=draw(st.lists(num, min_size=3, max_size=3)),
@@ -729,6 +733,8 @@ def valid_record(draw: st.DrawFn, variant: str) -> dict[str, Any]:
         )
         if draw(st.booleans()):
             rec["final_obs"] = draw(st.lists(num, min_size=3, max_size=3))
+        if variant == "steps-named-rewards":
+            rec.update(info={"shaped": draw(num)}, bonus=draw(num))
         return with_id(rec, "meta.id", ep) if variant == "steps-nested-id" else rec
     if variant == "episodes-continuous-dict-obs":
         n = draw(st.integers(1, 3))
@@ -885,6 +891,32 @@ def test_odd_episode_ids_get_the_same_decision(episode_id: str) -> None:
     bad = dumps(step_record("@", 0)).replace(b'"@"', episode_id.encode())
     fast, slow = decisions(spec, [dumps(step_record("a", 0)), bad])
     assert fast == slow
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("bonus", None),
+        ("bonus", "x"),
+        ("bonus", _NONFINITE),
+        ("bonus", [1.0]),
+        ("info", None),
+        ("info", {}),
+        ("info", 2.0),
+        ("info", {"shaped": True}),
+        ("info", {"shaped": _NONFINITE}),
+    ],
+)
+def test_named_rewards_get_the_same_decision(field: str, value: Any) -> None:
+    spec = variant_spec("steps-named-rewards")
+    good = {**step_record("a", 0), "info": {"shaped": 0.5}, "bonus": -1.0}
+    bad = {**step_record("b", 0), "info": {"shaped": 0.5}, "bonus": -1.0, field: value}
+    if value is None:
+        del bad[field]
+    raw = dumps(bad).replace(json.dumps(_NONFINITE).encode(), b"NaN")
+    fast, slow = decisions(spec, [dumps(good), raw])
+    assert fast == slow
+    assert fast[0] is None and fast[1] in ("missing_field", "wrong_type", "non_finite"), fast
 
 
 def test_repeated_key_gets_the_same_decision() -> None:

@@ -31,6 +31,7 @@ from .conftest import (
     Layout,
     Written,
     build_store,
+    dumps,
     episode_lines,
     episode_sets,
     n_step_records,
@@ -44,6 +45,7 @@ from .conftest import (
 )
 
 # two named rewards: one at a dotted path, one at the top of the step
+OVERFLOW = 12345.5  # written as 1e400 in the JSON
 REWARDS = {"shaped": {"path": "aux.shaped"}, "bonus": {"path": "bonus"}}
 
 
@@ -242,6 +244,8 @@ def test_arrow_layout_manifest_and_inspect(tmp_path: Path) -> None:
     [
         (None, "missing_field", "aux.shaped (fields.rewards.shaped): missing"),
         (float("nan"), "non_finite", "(fields.rewards.shaped)"),
+        # valid JSON that overflows to inf: read by the fast path, rejected by its checks
+        (OVERFLOW, "non_finite", "aux.shaped (fields.rewards.shaped): inf is not a finite"),
         ("high", "wrong_type", "aux.shaped (fields.rewards.shaped): expected a number"),
     ],
 )
@@ -264,7 +268,8 @@ def test_a_bad_named_reward_quarantines_its_episode(
             {"episode": "bad", "steps": [strip(s) for s in steps]},
             {"episode": "good", "steps": [strip(s) for s in good]},
         ]
-    write_lines(tmp_path / "raw" / "steps.jsonl", records)
+    lines = [dumps(r).replace(b"12345.5", b"1e400") for r in records]
+    write_lines(tmp_path / "raw" / "steps.jsonl", lines)
     spec = write_spec(
         tmp_path, [tmp_path / "raw" / "*.jsonl"], layout=layout, fields=with_rewards()
     )

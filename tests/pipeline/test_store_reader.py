@@ -358,3 +358,9 @@ def test_demo_stores_shapes(demo_stores: dict[str, Path]) -> None:
     zarr = open_store(demo_stores["pendulum-mixed-zarr"])
     assert zarr.content_hash == pendulum.content_hash
     np.testing.assert_array_equal(zarr.actions, pendulum.actions)
+    # the demo's named reward: the pole's height, the observation's cos(theta)
+    assert list(pendulum.reward_columns) == ["upright"]
+    np.testing.assert_array_equal(pendulum.reward_columns["upright"], pendulum.observations[:, 0])
+    np.testing.assert_array_equal(
+        zarr.reward_columns["upright"], pendulum.reward_columns["upright"]
+    )

@@ -115,6 +115,8 @@ def test_pendulum_episodes_are_truncated_and_actions_clipped(raw: Path) -> None:
         assert not any(s["terminal"] for s in steps)
         assert all(len(s["act"]) == 1 and -2.0 <= s["act"][0] <= 2.0 for s in steps)
         assert all(set(s["obs"]) == {"cos", "sin", "vel"} for s in steps)
+        # the second, shaped reward is the pole's height: the observation's cos(theta)
+        assert all(s["upright"] == s["obs"]["cos"] for s in steps)
         assert set(ep["last_obs"]) == {"cos", "sin", "vel"}
     clipped = sum(abs(s["act"][0]) == 2.0 for ep in episodes for s in ep["steps"])
     assert clipped > 0  # the noisy and swing-up actions really hit the bounds
