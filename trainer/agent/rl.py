@@ -1,7 +1,8 @@
 """RL on the text policy: one ``ppo`` or ``reinforce`` update from sampled rollouts.
 
 :class:`RLStage` owns the update of an RL stage; the staged trainer gives it the model
-(after SFT), and it does, per step:
+(after SFT), and it does, per step (the value head is a linear map of the policy's last
+hidden states, trained on them detached, so only the policy loss moves the body):
 
 1. sample ``batch_size`` seeds x ``group_size`` episodes of the student in the store's
    environment (:func:`trainer.agent.rollouts.collect`, temperature / top-k / top-p);
@@ -419,7 +420,10 @@ class RLStage:
                     logp, hidden, ent = token_logprobs(
                         self.sft.forward_hidden, self.lm_head, mb, with_entropy=ent_coef > 0
                     )
-                    values = self.value_head(hidden.float()).squeeze(-1)
+                    # the value head reads the policy's features but does not train them:
+                    # a value loss that spikes (returns of a freshly normalised reward)
+                    # would otherwise pull the policy's body along with it
+                    values = self.value_head(hidden.detach().float()).squeeze(-1)
                 mask = mb.written
                 if self.algo == "ppo":
                     pl = ppo_policy_loss(logp, logp_old[rows], adv[rows], mask, p.clip)
