@@ -22,10 +22,8 @@ from them with the store's ``action`` span pattern. ``eval/success_rate``,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -161,17 +159,6 @@ def offline_metrics(
 # --------------------------------------------------------------------------- online
 
 
-@dataclass
-class _Episode:
-    env: Any
-    ctx: list[int]
-    done: bool = False
-    success: bool = False
-    ret: float = 0.0
-    turns: int = 0
-    parse_failures: int = 0
-
-
 def turn_tail(text: Any, role: str) -> list[int]:
     """The ids a turn has after its end marker (context, e.g. a newline), from the store's
     own layout of a turn."""
@@ -199,79 +186,33 @@ def play_online(
     max_context: int | None = None,
 ) -> dict[str, Any]:
     """The student acts in ``len(seeds)`` episodes of the text env, in lockstep (see the
-    module docstring). Returns the ``eval/*`` metrics and the episodes' transcripts."""
-    pattern = re.compile(action_pattern, re.DOTALL)
-    episodes = []
-    for s in seeds:
-        env = make_env()
-        prompt = env.reset(int(s))
-        episodes.append(_Episode(env, list(text.prompt_ids(prompt))))
-    header = list(text.header_ids(policy_role))
-    tail = turn_tail(text, policy_role)
-    transcripts: list[list[tuple[str, str]]] = [[] for _ in episodes]
-    pad = int(text.pad_id)
-    for _turn in range(max_turns):
-        live = [i for i, e in enumerate(episodes) if not e.done]
-        if not live:
-            break
-        ctxs = [episodes[i].ctx + header for i in live]
-        if max_context is not None:
-            ctxs = [c[-(max_context - max_new_tokens) :] for c in ctxs]
-        width = max(len(c) for c in ctxs)
-        ids = torch.full((len(ctxs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ctxs), width), dtype=torch.long)
-        for r, c in enumerate(ctxs):  # left padding: generation continues every row's end
-            ids[r, width - len(c) :] = torch.tensor(c)
-            mask[r, width - len(c) :] = 1
-        gen_kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "eos_token_id": int(text.end_id),
-            "pad_token_id": pad,
-            "do_sample": temperature > 0,
-        }
-        if temperature > 0:
-            gen_kwargs["temperature"] = temperature
-            gen_kwargs["top_k"] = 0
-        ctx_mgr = autocast() if autocast is not None else None
-        if ctx_mgr is not None:
-            with ctx_mgr:
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs
-                )
-        else:
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs
-            )
-        new = out[:, width:].cpu().tolist()
-        for r, i in enumerate(live):
-            e = episodes[i]
-            gen = new[r]
-            if int(text.end_id) in gen:
-                gen = gen[: gen.index(int(text.end_id))]
-            written = text.decode(gen)
-            m = pattern.search(written)
-            action = m.group(1) if m else ""
-            if m is None:
-                e.parse_failures += 1
-            obs, reward, done, info = e.env.step(action)
-            e.ret += float(reward)
-            e.turns += 1
-            e.ctx += header + gen + [int(text.end_id)] + tail
-            e.ctx += list(text.turn_ids(env_role, obs, False))
-            transcripts[i] += [(policy_role, written), (env_role, obs)]
-            if done:
-                e.done = True
-                e.success = bool(info.get("success", False))
-    n = len(episodes)
-    turns = sum(e.turns for e in episodes)
+    module docstring; :func:`trainer.agent.rollouts.collect` plays them). Returns the
+    ``eval/*`` metrics and the episodes' transcripts."""
+    from trainer.agent.rollouts import collect
+
+    eps = collect(
+        model, text, make_env, seeds, policy_role=policy_role, env_role=env_role,
+        action_pattern=action_pattern, max_new_tokens=max_new_tokens, max_turns=max_turns,
+        device=device, temperature=temperature, max_context=max_context, autocast=autocast,
+    )  # fmt: skip
+    n = len(eps)
+    turns = sum(len(e.texts) for e in eps)
+    returns = [sum(e.env_rewards) for e in eps]
     return {
         "metrics": {
-            "eval/success_rate": sum(e.success for e in episodes) / n,
-            "eval/return_mean": float(np.mean([e.ret for e in episodes])),
-            "eval/return_std": float(np.std([e.ret for e in episodes])),
+            "eval/success_rate": sum(e.success for e in eps) / n,
+            "eval/return_mean": float(np.mean(returns)),
+            "eval/return_std": float(np.std(returns)),
             "eval/turns_mean": turns / n,
-            "eval/parse_failure_rate": sum(e.parse_failures for e in episodes) / max(turns, 1),
+            "eval/parse_failure_rate": sum(e.parse_failures for e in eps) / max(turns, 1),
             "eval/online_episodes": float(n),
         },
-        "transcripts": transcripts,
+        "transcripts": [
+            [
+                x
+                for said, obs in zip(e.texts, e.observations)
+                for x in ((policy_role, said), (env_role, obs))
+            ]
+            for e in eps
+        ],
     }
