@@ -762,17 +762,32 @@ def _write_quarantine(
     max_bad_fraction: float | None,
 ) -> None:
     """``quarantine.jsonl`` in input order; BuildError past ``--max-bad-fraction``."""
+    write_quarantine(spec.name, staging, out, sources, rejected, max_bad_fraction, "records")
+
+
+def write_quarantine(
+    name: str,
+    staging: Path,
+    out: Path,
+    sources: list[SourceFile],
+    rejected: list[Rejected],
+    max_bad_fraction: float | None,
+    unit: str,
+) -> None:
+    """``quarantine.jsonl`` of a store named ``name`` in input order (``rejected`` sorted
+    in place); BuildError when more than ``max_bad_fraction`` of the ``unit`` read were
+    rejected (the quarantine is then kept beside the store for a look)."""
     rejected.sort(key=lambda r: r.order)
     with (staging / QUARANTINE).open("wb") as f:
         for r in rejected:
             f.write(r.to_json())
     n_records = sum(s.records for s in sources)
     if max_bad_fraction is not None and n_records and len(rejected) / n_records > max_bad_fraction:
-        keep_path = out / f"{spec.name}.rejected-quarantine.jsonl"
+        keep_path = out / f"{name}.rejected-quarantine.jsonl"
         shutil.copyfile(staging / QUARANTINE, keep_path)
         top = ", ".join(f"{k} {v}" for k, v in Counter(r.reason for r in rejected).most_common(3))
         raise BuildError(
-            f"{len(rejected)} of {n_records} records quarantined ({len(rejected) / n_records:.1%}) > "
+            f"{len(rejected)} of {n_records} {unit} quarantined ({len(rejected) / n_records:.1%}) > "
             f"--max-bad-fraction {max_bad_fraction}: {top}; see {keep_path}"
         )
 

@@ -36,7 +36,7 @@ from data_specs.sequences import SequenceSpec, load_sequence_spec
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
 from pipeline.report import quarantine_summary
-from pipeline.segments.build import distribution, table_digests
+from pipeline.segments.build import distribution, table_digests, write_quarantine
 from pipeline.segments.sources import Rejected
 from pipeline.segments.tokenizer import sha256_hex, tokenizer_bytes
 from pipeline.sequences.layout import (
@@ -471,7 +471,7 @@ def _build_into(
                 continue
         kept.append((ep, laid, n_turns))
     timings["tokenize"] = round(time.perf_counter() - t, 4)
-    _write_quarantine(spec, staging, out, sources, rejected, max_bad_fraction)
+    write_quarantine(spec.name, staging, out, sources, rejected, max_bad_fraction, "episodes")
     if not kept:
         raise BuildError(_nothing_kept(spec_path, sources, rejected))
     t = time.perf_counter()
@@ -605,30 +605,6 @@ def _columns(kept: list[tuple[Episode, Laid, int]], spec: SequenceSpec) -> Colum
         teacher_ids=t_ids,
         teacher_logprobs=t_lp,
     )
-
-
-def _write_quarantine(
-    spec: SequenceSpec,
-    staging: Path,
-    out: Path,
-    sources: list[SourceFile],
-    rejected: list[Rejected],
-    max_bad_fraction: float | None,
-) -> None:
-    """``quarantine.jsonl`` in input order; BuildError past ``--max-bad-fraction``."""
-    rejected.sort(key=lambda r: r.order)
-    with (staging / QUARANTINE).open("wb") as f:
-        for r in rejected:
-            f.write(r.to_json())
-    n = sum(s.records for s in sources)
-    if max_bad_fraction is not None and n and len(rejected) / n > max_bad_fraction:
-        keep_path = out / f"{spec.name}.rejected-quarantine.jsonl"
-        shutil.copyfile(staging / QUARANTINE, keep_path)
-        top = ", ".join(f"{k} {v}" for k, v in Counter(r.reason for r in rejected).most_common(3))
-        raise BuildError(
-            f"{len(rejected)} of {n} episodes quarantined ({len(rejected) / n:.1%}) > "
-            f"--max-bad-fraction {max_bad_fraction}: {top}; see {keep_path}"
-        )
 
 
 def _counts_and_statistics(

@@ -105,18 +105,10 @@ def train_bpe(
 
 
 def load_tokenizer_json(path: str | Path, origin: str) -> Tokenizer:
-    p = Path(path)
-    if not p.is_file():
-        raise BuildError(
-            f"{origin}: tokenizer.path: {str(p)!r} is not a file (paths are relative to the "
-            f"working directory {Path.cwd()}); give a HF tokenizer.json or use `train:`"
-        )
-    try:
-        return Tokenizer.from_file(str(p))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-        raise BuildError(
-            f"{origin}: tokenizer.path: {p} is not a HF tokenizer.json ({e})"
-        ) from None
+    """A ``tokenizer.json`` (the segment store's loader: errors name the key and the fix)."""
+    from pipeline.segments.tokenizer import load_tokenizer
+
+    return load_tokenizer(path, origin)
 
 
 def load_pretrained(directory: str | Path, origin: str) -> Any:
