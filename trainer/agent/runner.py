@@ -530,11 +530,28 @@ class AgentTrainer(StagedTrainer):
         else:
             self.state.stages[index].start_step = self.state.step
             self._write_stage_start(stage)
+        self._train_stage(
+            index, ckpt, algo, self._stepper(index, algo, sampler), schedulers, sampler
+        )
+
+    def _train_stage(
+        self,
+        index: int,
+        ckpt: dict[str, Any] | None,
+        algo: Any,
+        step: Callable[[int], dict[str, Any]],
+        schedulers: dict[str, Any],
+        sampler: BucketSampler,
+    ) -> None:
+        """Stage ``index``'s steps to its end (or an early stop), its final checkpoint, and
+        the exported model after the last stage."""
+        cfg, p = self.cfg, self.params[index]
+        stage = cfg.stages[index]
         self._algo = algo
         elapsed = self._train_steps(
             index,
             self._pending_metrics(ckpt, self.device),
-            step=self._stepper(index, algo, sampler),
+            step=step,
             schedulers=schedulers,
             row_rates=self._row_rates(index, algo),
             evaluate=lambda: self._evaluate(algo, index),
@@ -544,10 +561,10 @@ class AgentTrainer(StagedTrainer):
         sp = self.state.stages[index]
         sp.done = True
         sp.wall_time_s = elapsed()
-        self._final_states[stage.name] = self._state(loaded)
+        self._final_states[stage.name] = self._state(algo.loaded)
         self._save_final(index, self._checkpoint(algo, schedulers, sampler, index, []))
         if index == len(cfg.stages) - 1 and self.settings.export_merged:
-            self._export(loaded)
+            self._export(algo.loaded)
 
     def _run_rl_stage(
         self,
@@ -609,7 +626,6 @@ class AgentTrainer(StagedTrainer):
         else:
             self.state.stages[index].start_step = self.state.step
             self._write_stage_start(stage)
-        self._algo = algo  # type: ignore[assignment]
         extra = self.extra[index]
         pad = int(self.text.pad_id)
 
@@ -636,23 +652,7 @@ class AgentTrainer(StagedTrainer):
             extra.episodes += stage.batch_size * p.group_size
             return out
 
-        elapsed = self._train_steps(
-            index,
-            self._pending_metrics(ckpt, self.device),
-            step=step,
-            schedulers=schedulers,
-            row_rates=self._row_rates(index, algo),
-            evaluate=lambda: self._evaluate(algo, index),
-            save=lambda buf: self._save_step(algo, schedulers, sampler, index, buf),
-            every_eval=cfg.eval.every if p.eval_every is None else p.eval_every,
-        )
-        sp = self.state.stages[index]
-        sp.done = True
-        sp.wall_time_s = elapsed()
-        self._final_states[stage.name] = self._state(loaded)
-        self._save_final(index, self._checkpoint(algo, schedulers, sampler, index, []))
-        if index == len(cfg.stages) - 1 and self.settings.export_merged:
-            self._export(loaded)
+        self._train_stage(index, ckpt, algo, step, schedulers, sampler)
 
     def _schedulers(self, algo: SFTStage, stage: StageConfig) -> dict[str, Any]:
         return make_schedulers(algo.optimizers, stage.lr_schedule, stage.steps)
