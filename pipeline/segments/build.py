@@ -376,7 +376,19 @@ def content_hash(
     digests: dict[str, dict[str, str]], tokenizer_sha: str, quarantine_sha: str
 ) -> str:
     """One hash over every table's column digests, the tokenizer and the quarantine."""
-    h = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}/segments\n".encode())
+    return tables_content_hash("segments", FORMAT_VERSION, digests, tokenizer_sha, quarantine_sha)
+
+
+def tables_content_hash(
+    kind: str,
+    format_version: int,
+    digests: dict[str, dict[str, str]],
+    tokenizer_sha: str,
+    quarantine_sha: str,
+) -> str:
+    """The content hash of a store kind made of tables and a tokenizer (segments,
+    sequences): its format, every table's column digests, the tokenizer, the quarantine."""
+    h = hashlib.sha256(f"{FORMAT_NAME}/{format_version}/{kind}\n".encode())
     for table in sorted(digests):
         for col in sorted(digests[table]):
             h.update(f"{table}.{col} {digests[table][col]}\n".encode())

@@ -34,16 +34,26 @@ def verify(path: str | Path) -> list[str]:
         name.removesuffix(".arrow"): table_digests(store.table(name))
         for name in (DOCUMENTS_ARROW, EXAMPLES_ARROW, SEGMENTS_ARROW)
     }
+    content = content_hash(digests, file_digest(p / TOKENIZER_JSON), file_digest(p / QUARANTINE))
+    problems += digest_problems(p, manifest, digests, content)
+    problems += [f"{p}: {msg}" for msg in check_invariants(store)]
+    return problems
+
+
+def digest_problems(
+    p: Path, manifest: dict[str, Any], digests: dict[str, dict[str, str]], content: str
+) -> list[str]:
+    """Each table column whose digest, and the content hash if it, differs from the
+    manifest's (the store kinds made of tables: segments, sequences)."""
+    problems = []
     for table, cols in digests.items():
         for col, d in cols.items():
             if manifest.get("table_digests", {}).get(table, {}).get(col) != d:
                 problems.append(f"{p}: {table}.{col}: content differs from the manifest's digest")
-    content = content_hash(digests, file_digest(p / TOKENIZER_JSON), file_digest(p / QUARANTINE))
     if content != manifest.get("content_hash"):
         problems.append(
             f"{p}: content hash {content[:12]} != manifest {str(manifest.get('content_hash'))[:12]}"
         )
-    problems += [f"{p}: {msg}" for msg in check_invariants(store)]
     return problems
 
 

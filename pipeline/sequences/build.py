@@ -36,7 +36,12 @@ from data_specs.sequences import SequenceSpec, load_sequence_spec
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
 from pipeline.report import quarantine_summary
-from pipeline.segments.build import distribution, table_digests, write_quarantine
+from pipeline.segments.build import (
+    distribution,
+    table_digests,
+    tables_content_hash,
+    write_quarantine,
+)
 from pipeline.segments.sources import Rejected
 from pipeline.segments.tokenizer import sha256_hex, tokenizer_bytes
 from pipeline.sequences.layout import (
@@ -286,12 +291,7 @@ def content_hash(
 ) -> str:
     """One hash over every table's column digests, the tokenizer and the quarantine (the
     same for an arrow and a zarr store of the same inputs)."""
-    h = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}/{KIND}\n".encode())
-    for table in sorted(digests):
-        for col in sorted(digests[table]):
-            h.update(f"{table}.{col} {digests[table][col]}\n".encode())
-    h.update(f"tokenizer {tokenizer_sha}\nquarantine {quarantine_sha}\n".encode())
-    return h.hexdigest()
+    return tables_content_hash(KIND, FORMAT_VERSION, digests, tokenizer_sha, quarantine_sha)
 
 
 # --------------------------------------------------------------------------- build

@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.arrowio import data_file_problems, file_digest, read_manifest
 from pipeline.format import QUARANTINE
 from pipeline.segments.build import table_digests
+from pipeline.segments.verify import digest_problems
 from pipeline.sequences.build import content_hash
 from pipeline.sequences.layout import CONTEXT, PROMPT_TURN, TOKENIZER_JSON
 from pipeline.sequences.store import SequenceStore, open_sequence_store, store_tables
@@ -27,15 +28,8 @@ def verify(path: str | Path) -> list[str]:
         return problems
     store = open_sequence_store(p)
     digests = {name: table_digests(t) for name, t in store_tables(store).items()}
-    for table, cols in digests.items():
-        for col, d in cols.items():
-            if manifest.get("table_digests", {}).get(table, {}).get(col) != d:
-                problems.append(f"{p}: {table}.{col}: content differs from the manifest's digest")
     content = content_hash(digests, file_digest(p / TOKENIZER_JSON), file_digest(p / QUARANTINE))
-    if content != manifest.get("content_hash"):
-        problems.append(
-            f"{p}: content hash {content[:12]} != manifest {str(manifest.get('content_hash'))[:12]}"
-        )
+    problems += digest_problems(p, manifest, digests, content)
     problems += [f"{p}: {msg}" for msg in check_invariants(store)]
     return problems
 
