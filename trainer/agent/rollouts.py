@@ -14,6 +14,7 @@ The policy writes a turn's generated tokens and the end-of-turn token when it ge
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,13 +96,7 @@ def collect(
         }  # fmt: skip
         if temperature > 0:
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
-        ctx = autocast() if autocast is not None else None
-        if ctx is not None:
-            with ctx:
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
-                )
-        else:
+        with autocast() if autocast is not None else contextlib.nullcontext():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = out[:, width:].cpu().tolist()
         for r, i in enumerate(live):
