@@ -243,6 +243,7 @@ class StageProgress:
     train_time_s: float = 0.0
     stopped_early: bool = False
     done: bool = False
+    first_eval: dict[str, Any] | None = None
     final_eval: dict[str, Any] | None = None
     best_eval: dict[str, Any] | None = None
     best_value: float | None = None
@@ -268,6 +269,7 @@ class StageProgress:
             if self.train_time_s > 0
             else None,
             "best_metric": metric,
+            "first_eval": self.first_eval,
             "final_eval": self.final_eval,
             "best_eval": self.best_eval,
         }
@@ -635,6 +637,8 @@ class StagedTrainer:
         self.writer.write(row)
         self.progress.update(self.state.step, metrics, stage.name)
         record = {"step": self.state.step, "stage_step": sp.steps_done, **metrics}
+        if sp.first_eval is None:
+            sp.first_eval = record
         sp.final_eval = record
         return record
 

@@ -99,6 +99,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
+import random
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -472,13 +473,24 @@ class RougeL(Leaf):
 
     def __init__(self, path: str, name: str | None, post: Sequence[PostOp], stem: bool) -> None:
         super().__init__(path, name, post)
-        from rouge_score import rouge_scorer
-
+        rouge_scorer = _import_rouge_scorer()
         self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
 
     def one(self, sample: RewardInput, i: int) -> float:
         target = self._need(sample.target, "target", i)
         return float(self._scorer.score(target, sample.text)["rougeL"].fmeasure)
+
+
+def _import_rouge_scorer() -> Any:
+    """rouge_score's scorer module; importing it (nltk) draws from Python's global random
+    stream, which a run checkpoints: the stream is left as it was, so a run that imports it
+    first and a resumed one that had already imported it stay the same run."""
+    state = random.getstate()
+    try:
+        from rouge_score import rouge_scorer
+    finally:
+        random.setstate(state)
+    return rouge_scorer
 
 
 class Length(Leaf):

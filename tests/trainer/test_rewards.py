@@ -525,3 +525,17 @@ def test_the_docstring_example_builds_and_runs():
 def test_importing_the_module_does_not_import_torch():
     code = "import sys, trainer.rewards; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_building_text_rewards_leaves_pythons_random_stream_alone():
+    """A run checkpoints Python's random stream; rouge-score's first import draws from it, so
+    a resumed run (which had imported it already) would otherwise not be the same run."""
+    code = (
+        "import random; random.seed(0); s = random.getstate()\n"
+        "from trainer.rewards import RewardInput, build_reward\n"
+        "r = build_reward({'type': 'weighted_sum', 'components': ["
+        "{'weight': 1.0, 'reward': 'rouge_l'}, {'weight': 1.0, 'reward': 'bleu'}]})\n"
+        "r([RewardInput(text='a b c', target='a b d')])\n"
+        "assert random.getstate() == s, 'the random stream moved'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

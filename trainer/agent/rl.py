@@ -45,7 +45,15 @@ import numpy as np
 import torch
 
 from trainer.agent.losses import sad_loss
-from trainer.agent.rollouts import Episode, RolloutBatch, collect, to_batch, token_logprobs
+from trainer.agent.prompts import StorePrompts, collect_prompts
+from trainer.agent.rollouts import (
+    Episode,
+    RolloutBatch,
+    collect,
+    shared_prefix,
+    to_batch,
+    token_logprobs,
+)
 from trainer.config import ConfigError, need_int
 from trainer.rewards import RewardError, RewardInput, build_reward
 from trainer.rl_losses import (
@@ -76,6 +84,10 @@ class NonFinite(ArithmeticError):
 
 
 BASELINES = ("loo", "value", "none")
+ROLLOUTS = ("auto", "env", "store")
+# Reward leaves that need the environment, and those that compare with the store's turn.
+ENV_LEAVES = ("env_return", "success")
+TARGET_LEAVES = ("exact_match", "token_f1", "bleu", "rouge_l")
 
 
 def _num(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
@@ -133,14 +145,29 @@ class RLParams:
     sft_weight: float = 0.0
     sft_weight_end: float | None = None
     sft_batch_size: int = 8
+    # Alternating: after every `sft_every` RL steps, one plain SFT step (the SAD loss, weight
+    # 1) on a batch of the store; with `sft_every_end`, the interval moves linearly from
+    # sft_every to sft_every_end over the stage (e.g. 2 -> 10: SFT-heavy to RL-heavy).
+    # null: off.
+    sft_every: int | None = None
+    sft_every_end: int | None = None
     span_weights: dict[str, float] = field(default_factory=dict)
+    # Where the rollouts come from: `env` plays episodes in the store's environment; `store`
+    # samples one turn after the context of a policy turn of the training split, scored
+    # against the store's text of that turn (text-overlap rewards, no environment needed);
+    # `auto`: env when the store has one (and an action span), else store.
+    rollouts: str = "auto"
     # Training seeds start here (far from eval.seed); step k samples seeds
-    # seed_base + k * batch_size + i.
+    # seed_base + k * batch_size + i (with rollouts: store, the turns of step k are drawn
+    # by a generator seeded with (seed_base, the run's seed, k)).
     seed_base: int = 5_000_000
     # Moving average of the episode reward: its decay.
     reward_ema_decay: float = 0.9
     # Stage steps between evaluations (null: eval.every).
     eval_every: int | None = None
+    # Evaluate the starting policy (the SFT weights) before the first step: the stage's
+    # curve and its summary start from where it began.
+    eval_at_start: bool = True
 
     def __post_init__(self) -> None:
         for k in ("lr", "value_lr", "weight_decay", "temperature", "vf_coef", "kl_coef",
@@ -167,10 +194,20 @@ class RLParams:
         _num("kl_horizon", self.kl_horizon, 1.0)
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator: one of k1, k2, k3, got {self.kl_estimator!r}")
+        if not isinstance(self.eval_at_start, bool):
+            raise ConfigError(f"eval_at_start: must be true or false, got {self.eval_at_start!r}")
+        if self.rollouts not in ROLLOUTS:
+            raise ConfigError(f"rollouts: one of {', '.join(ROLLOUTS)}, got {self.rollouts!r}")
         if self.baseline not in BASELINES:
             raise ConfigError(f"baseline: one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.sft_weight_end is not None:
             _num("sft_weight_end", self.sft_weight_end, 0.0)
+        for k in ("sft_every", "sft_every_end"):
+            v = getattr(self, k)
+            if v is not None:
+                need_int(k, v, 1, "RL steps per SFT step, or null")
+        if self.sft_every_end is not None and self.sft_every is None:
+            raise ConfigError("sft_every_end: needs sft_every (the interval at the start)")
         for k in ("max_new_tokens", "max_turns", "eval_every"):
             v = getattr(self, k)
             if v is not None:
@@ -181,16 +218,20 @@ class RLParams:
 
 @dataclass
 class RolloutSetup:
-    """What sampling needs besides the model (from the store and the config)."""
+    """What sampling needs besides the model (from the store and the config): an
+    environment (``mode == "env"``) or the store's policy turns (``mode == "store"``)."""
 
     text: Any
-    make_env: Callable[[], Any]
+    make_env: Callable[[], Any] | None
     policy_role: str
     env_role: str
     action_pattern: str
     max_new_tokens: int
     max_turns: int
     max_positions: int
+    mode: str = "env"
+    prompts: StorePrompts | None = None
+    seed: int = 0  # the run's seed (store mode: which turns each step draws)
 
 
 class RLStage:
@@ -229,6 +270,7 @@ class RLStage:
             "value": torch.optim.AdamW(self.value_head.parameters(), lr=params.value_lr),
         }
         self.reward = build_reward(params.reward, "reward")
+        _check_leaves(self.reward, setup.mode)
         self.kl: Any = (
             FixedKLController(params.kl_coef)
             if params.kl_target is None
@@ -264,9 +306,35 @@ class RLStage:
         frac = min(step / self.total_steps, 1.0)
         return p.sft_weight + (p.sft_weight_end - p.sft_weight) * frac
 
+    def sft_step_due(self, step: int) -> bool:
+        """Whether stage step ``step`` (0-based) ends with a plain SFT step."""
+        p = self.p
+        if p.sft_every is None:
+            return False
+        if p.sft_every_end is None:
+            return (step + 1) % p.sft_every == 0
+        # the interval moves linearly; an SFT step falls where the running sum of
+        # 1 / interval crosses an integer, so the steps stay evenly spread at every rate
+        return math.floor(self._sft_phase(step + 1) + 1e-9) > math.floor(
+            self._sft_phase(step) + 1e-9
+        )
+
+    def _sft_phase(self, k: int) -> float:
+        p = self.p
+        assert p.sft_every is not None and p.sft_every_end is not None
+        a, b = p.sft_every, p.sft_every_end
+        return sum(1.0 / (a + (b - a) * min(i / self.total_steps, 1.0)) for i in range(k))
+
     def seeds(self, step: int) -> list[int]:
         base = self.p.seed_base + step * self.batch_size
         return [base + i for i in range(self.batch_size) for _ in range(self.p.group_size)]
+
+    def prompt_rows(self, step: int) -> list[int]:
+        """Store mode: the turns of step ``step``, each ``group_size`` times in a row."""
+        assert self.setup.prompts is not None
+        rng = np.random.default_rng([self.p.seed_base, self.setup.seed, step])
+        rows = self.setup.prompts.sample(rng, self.batch_size)
+        return [r for r in rows for _ in range(self.p.group_size)]
 
     def rollout(self, step: int) -> tuple[list[Episode], float]:
         s, p = self.setup, self.p
@@ -274,6 +342,16 @@ class RLStage:
         model.eval()
         t0 = time.perf_counter()
         try:
+            if s.mode == "store":
+                assert s.prompts is not None
+                eps = collect_prompts(
+                    model, s.text, s.prompts, self.prompt_rows(step),
+                    max_new_tokens=p.max_new_tokens or s.max_new_tokens, device=self.device,
+                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                    max_context=s.max_positions, autocast=self.autocast,
+                )  # fmt: skip
+                return eps, time.perf_counter() - t0
+            assert s.make_env is not None
             eps = collect(
                 model, s.text, s.make_env, self.seeds(step), policy_role=s.policy_role,
                 env_role=s.env_role, action_pattern=s.action_pattern,
@@ -291,12 +369,17 @@ class RLStage:
         samples, owner = [], []
         for i, e in enumerate(eps):
             n = len(e.texts)
-            for j, (said, r) in enumerate(zip(e.texts, e.env_rewards)):
-                last = j == n - 1
-                samples.append(RewardInput(
-                    text=said, env_return=r, success=float(e.success and last),
-                    n_tokens=self._turn_tokens(e, j),
-                ))  # fmt: skip
+            for j, said in enumerate(e.texts):
+                if e.targets:  # a turn of the store: no environment, a target text
+                    samples.append(RewardInput(
+                        text=said, target=e.targets[j], n_tokens=self._turn_tokens(e, j),
+                    ))  # fmt: skip
+                else:
+                    last = j == n - 1
+                    samples.append(RewardInput(
+                        text=said, env_return=e.env_rewards[j],
+                        success=float(e.success and last), n_tokens=self._turn_tokens(e, j),
+                    ))  # fmt: skip
                 owner.append(i)
         try:
             total, logs = self.reward.evaluate(samples)
@@ -321,15 +404,16 @@ class RLStage:
     def _scores(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logp_old, logp_ref, values_old), detached."""
         fwd, head = self.sft.forward_hidden, self.lm_head
+        packed = shared_prefix(batch, self.p.group_size)
         with torch.no_grad(), self.autocast():
-            logp_old, hidden, _ = token_logprobs(fwd, head, batch)
+            logp_old, hidden, _ = token_logprobs(fwd, head, batch, packed=packed)
             values = self.value_head(hidden.float()).squeeze(-1)
             if self.reference is None:
                 with self.loaded.model.disable_adapter():
-                    logp_ref, _, _ = token_logprobs(fwd, head, batch)
+                    logp_ref, _, _ = token_logprobs(fwd, head, batch, packed=packed)
             else:
                 ref_fwd, ref_head = self.reference
-                logp_ref, _, _ = token_logprobs(ref_fwd, ref_head, batch)
+                logp_ref, _, _ = token_logprobs(ref_fwd, ref_head, batch, packed=packed)
         return logp_old, logp_ref, values
 
     def update(self, step: int, sft_batches: Iterator[Any]) -> dict[str, Any]:
@@ -359,6 +443,8 @@ class RLStage:
         stats = self._optimise(
             batch, logp_old, values_old, adv, returns, ent_coef, w_sft, sft_batches
         )
+        if self.sft_step_due(step):
+            stats["sft_step_loss"] = self._sft_step(next(sft_batches))
         kl_mean = float(kl_to_reference(logp_old, logp_ref, mask, p.kl_estimator)[1])  # type: ignore[arg-type]
         self.kl.update(kl_mean, len(eps))
         episode_reward = float(np.mean([sum(r) for r in per_turn])) if per_turn else 0.0
@@ -379,12 +465,32 @@ class RLStage:
             "entropy_coef": ent_coef,
             "sft_weight": w_sft,
             "explained_variance": float(explained_variance(values_old, returns, mask)),
-            "rollout/success_rate": float(np.mean([e.success for e in eps])),
+            **(
+                {"rollout/success_rate": float(np.mean([e.success for e in eps]))}
+                if self.setup.mode == "env"
+                else {}
+            ),
             "rollout/turns_mean": float(np.mean([len(e.texts) for e in eps])),
             "rollout/generated_tokens": float(generated),
             "rollout/generated_tokens_per_s": generated / max(rollout_s, 1e-9),
             "rollout/seconds": rollout_s,
         }
+
+    def _sft_step(self, sb: Any) -> float:
+        """One plain SFT step (the SAD loss) on the policy's optimizer."""
+        with self.autocast():
+            loss, _ = sad_loss(self.sft.hidden(sb), self.lm_head, sb, self.weights)
+        if not bool(torch.isfinite(loss)):
+            raise NonFinite("the loss is not finite (sft_step_loss)")
+        opt = self.optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.sft.grad_clip
+        torch.nn.utils.clip_grad_norm_(
+            self.sft.trainable, clip if clip is not None else float("inf")
+        )
+        opt.step()
+        return float(loss.detach())
 
     def _reinforce_advantages(
         self, batch: RolloutBatch, rewards: torch.Tensor, returns: torch.Tensor,
@@ -411,14 +517,24 @@ class RLStage:
         params = self.sft.trainable + list(self.value_head.parameters())
         sums: dict[str, float] = {}
         count = 0
+        g = p.group_size
+        whole_groups = n % g == 0 and size % g == 0  # minibatches of whole groups
         for _ in range(epochs):
-            order = torch.randperm(n)
+            if whole_groups:  # shuffle the groups, keep each group's rows together
+                order = (torch.randperm(n // g)[:, None] * g + torch.arange(g)).reshape(-1)
+            else:
+                order = torch.randperm(n)
             for start in range(0, n, size):
                 rows = order[start : start + size].to(self.device)
                 mb = batch.rows(rows)
+                packed = shared_prefix(mb, g) if whole_groups else None
                 with self.autocast():
                     logp, hidden, ent = token_logprobs(
-                        self.sft.forward_hidden, self.lm_head, mb, with_entropy=ent_coef > 0
+                        self.sft.forward_hidden,
+                        self.lm_head,
+                        mb,
+                        with_entropy=ent_coef > 0,
+                        packed=packed,
                     )
                     # the value head reads the policy's features but does not train them:
                     # a value loss that spikes (returns of a freshly normalised reward)
@@ -483,3 +599,19 @@ def frozen_reference(loaded: Any) -> Any | None:
 
     frozen = copy.deepcopy(loaded.model).eval().requires_grad_(False)
     return hidden_and_head(dataclasses.replace(loaded, model=frozen, base=frozen))
+
+
+def _check_leaves(reward: Any, mode: str) -> None:
+    """A reward whose leaves the rollouts cannot feed: one line naming the leaf's path."""
+    for node in reward.nodes():
+        if mode == "store" and node.kind in ENV_LEAVES:
+            raise ConfigError(
+                f"{node.path}: leaf {node.kind!r} needs an environment, and this stage's "
+                "rollouts are the store's turns (rollouts: store); compare with the target "
+                f"turn instead ({', '.join(TARGET_LEAVES)})"
+            )
+        if mode == "env" and node.kind in TARGET_LEAVES:
+            raise ConfigError(
+                f"{node.path}: leaf {node.kind!r} compares with the store's text of the turn, "
+                "which episodes played in the environment do not have; set `rollouts: store`"
+            )

@@ -85,6 +85,9 @@ class AgentSettings:
     eval_max_episodes: int | None = 500
     # Episodes per forward pass of the offline evaluation.
     eval_batch_size: int = 32
+    # Held-out policy turns decoded greedily after their stored context and scored against
+    # the store's text (eval/turn_exact_match, turn_token_f1, turn_rouge_l); 0: off.
+    eval_turns: int = 128
     # Online evaluation: most tokens the student may write per turn.
     max_new_tokens: int = 96
     # Online evaluation: 0 acts greedily, > 0 samples at this temperature.
@@ -104,6 +107,7 @@ class AgentSettings:
         if self.eval_max_episodes is not None:
             need_int("eval_max_episodes", self.eval_max_episodes, 1, "or null for all")
         need_int("eval_batch_size", self.eval_batch_size, 1, "episodes per forward pass")
+        need_int("eval_turns", self.eval_turns, 0, "held-out turns decoded, 0 for none")
         need_int("max_new_tokens", self.max_new_tokens, 1, "tokens per generated turn")
         _number("temperature", self.temperature, 0.0)
         for key in ("env_role", "teacher"):
@@ -439,6 +443,7 @@ class AgentTrainer(StagedTrainer):
         else:
             self.extra = [_StageExtra.from_dict(d) for d in ckpt["loop"]["agent"]]
         self._teacher_eval: dict[str, float] | None = None
+        self._eval_prompts: Any = None
         self._model_info: dict[str, Any] = {}
         self._run_stages(ckpt, init_state)
         return self._finish()
@@ -581,13 +586,23 @@ class AgentTrainer(StagedTrainer):
         stage, p = cfg.stages[index], self.params[index]
         made = self._env()
         pattern = self.store.span_patterns.get("action")
-        if made is None or pattern is None:
+        can_play = made is not None and pattern is not None
+        mode = p.rollouts if p.rollouts != "auto" else ("env" if can_play else "store")
+        if mode == "env" and not can_play:
             raise RunError(
-                f"stages.{index}.algo: {stage.algo} samples episodes in the store's "
-                "environment: its spec needs `env:` and an `action` span with a pattern "
-                "(and eval.episodes > 0)"
+                f"stages.{index}.rollouts: env plays episodes in the store's environment: its "
+                "spec needs `env:` and an `action` span with a pattern (and eval.episodes > 0); "
+                "`rollouts: store` samples the store's turns instead"
             )
-        make_env, max_turns = made
+        prompts = None
+        if mode == "store":
+            prompts = self._prompts(self.train_pool)
+            if len(prompts) == 0:
+                raise RunError(
+                    f"stages.{index}.rollouts: store: the training split has no turn of the "
+                    f"policy role {self.policy_role!r}"
+                )
+        make_env, max_turns = made if made is not None else (None, 0)
         sft_params = SFTParams(
             lr=p.lr, weight_decay=p.weight_decay, betas=p.betas, span_weights=p.span_weights
         )
@@ -606,8 +621,8 @@ class AgentTrainer(StagedTrainer):
             reference = hidden_and_head(ref)
         max_positions = int(self.store.manifest["sequences"]["max_tokens"])
         setup = RolloutSetup(
-            self.text, make_env, self.policy_role, str(self.env_role), pattern,
-            self.settings.max_new_tokens, max_turns, max_positions,
+            self.text, make_env, self.policy_role, str(self.env_role), pattern or "",
+            self.settings.max_new_tokens, max_turns, max_positions, mode, prompts, cfg.seed,
         )  # fmt: skip
         algo = RLStage(
             stage.algo, sft, p, setup, batch_size=stage.batch_size, total_steps=stage.steps,
@@ -626,6 +641,8 @@ class AgentTrainer(StagedTrainer):
         else:
             self.state.stages[index].start_step = self.state.step
             self._write_stage_start(stage)
+            if p.eval_at_start:
+                self._evaluate(algo, index)
         extra = self.extra[index]
         pad = int(self.text.pad_id)
 
@@ -653,6 +670,12 @@ class AgentTrainer(StagedTrainer):
             return out
 
         self._train_stage(index, ckpt, algo, step, schedulers, sampler)
+
+    def _prompts(self, episodes: np.ndarray) -> Any:
+        from trainer.agent.prompts import StorePrompts
+
+        header = len(self.text.header_ids(self.policy_role))
+        return StorePrompts.from_store(self.store, episodes, self.policy_role, header)
 
     def _schedulers(self, algo: SFTStage, stage: StageConfig) -> dict[str, Any]:
         return make_schedulers(algo.optimizers, stage.lr_schedule, stage.steps)
@@ -719,6 +742,7 @@ class AgentTrainer(StagedTrainer):
                 autocast=algo.autocast,
             )
             metrics.update(self._online(algo))
+            metrics.update(self._text_overlap(algo))
         finally:
             model.train()
         if self.device.type == "cuda":
@@ -736,6 +760,24 @@ class AgentTrainer(StagedTrainer):
         return self._track_best(
             index, value, record, lambda: self._checkpoint(algo, None, None, index, [])
         )
+
+    def _text_overlap(self, algo: Any) -> dict[str, float]:
+        """Greedy turns after ``agent.eval_turns`` held-out contexts, against the store's."""
+        n = self.settings.eval_turns
+        if n == 0:
+            return {}
+        from trainer.agent.prompts import text_overlap
+
+        if self._eval_prompts is None:
+            self._eval_prompts = self._prompts(self.eval_pool)
+        prompts = self._eval_prompts
+        return text_overlap(
+            algo.loaded.model, self.text, prompts, prompts.spread(n),
+            max_new_tokens=self.settings.max_new_tokens, device=self.device,
+            batch_size=self.settings.eval_batch_size,
+            max_context=int(self.store.manifest["sequences"]["max_tokens"]),
+            autocast=algo.autocast,
+        )  # fmt: skip
 
     def _env(self) -> tuple[Callable[[], Any], int] | None:
         env_spec = self.store.env
