@@ -81,6 +81,7 @@ bench: data
 	$(PYTHON) scripts/bench_train.py
 	$(PYTHON) scripts/bench_qa.py
 	$(PYTHON) scripts/bench_sft.py
+	$(PYTHON) scripts/bench_rl.py
 
 clean:
 	rm -rf stores runs data/raw .pytest_cache .mypy_cache .ruff_cache

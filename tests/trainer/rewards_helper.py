@@ -41,3 +41,9 @@ class Scorer:
 def always_nan(sample: RewardInput) -> float:
     """A broken reward: NaN whatever the turn."""
     return float("nan")
+
+
+def prompt_chars(sample: RewardInput) -> float:
+    """The length of the context the turn answers."""
+    assert sample.prompt is not None
+    return float(len(sample.prompt))

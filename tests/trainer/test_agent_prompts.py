@@ -22,6 +22,7 @@ from trainer.agent.rl import RLParams, RLStage, RolloutSetup, frozen_reference
 from trainer.agent.runner import AgentTrainer, SFTParams, SFTStage
 from trainer.config import ConfigError, load_config
 from trainer.qa.metrics import exact_match, f1
+from trainer.rewards import build_reward
 
 from .test_agent_train import ROOT, overrides, rows
 
@@ -169,6 +170,11 @@ def test_store_rollouts_are_scored_against_the_stored_turn(agent_store: Path) ->
     metrics = stage.update(0, iter(()))
     assert "rollout/success_rate" not in metrics  # no environment, no success
     assert metrics["reward/episode"] == pytest.approx(np.mean(expect))
+    # a python leaf sees the context the turn answers, as the store holds it
+    text = stage.setup.text
+    stage.reward = build_reward({"python": "tests.trainer.rewards_helper:prompt_chars"})
+    per_turn, _ = stage.turn_rewards(eps)
+    assert [t[0] for t in per_turn] == [float(len(text.decode(prompts.context(r)))) for r in rows_]
 
 
 def test_reward_leaves_must_fit_where_the_rollouts_come_from(agent_store: Path) -> None:

@@ -371,8 +371,10 @@ class RLStage:
             n = len(e.texts)
             for j, said in enumerate(e.texts):
                 if e.targets:  # a turn of the store: no environment, a target text
+                    start = e.written.index(True) if any(e.written) else len(e.ids)
                     samples.append(RewardInput(
                         text=said, target=e.targets[j], n_tokens=self._turn_tokens(e, j),
+                        prompt=str(self.setup.text.decode(e.ids[:start])),
                     ))  # fmt: skip
                 else:
                     last = j == n - 1
