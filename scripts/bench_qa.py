@@ -9,11 +9,16 @@ with every segment of their document (no curriculum, so the mix of long and shor
 is the store's), at the config's batch size and reader sizes. A step is everything the
 training loop does for it: the gather of the batch, the reader's pass over every segment,
 the losses (the hybrid adds the halting episodes, GAE and the policy / value losses), the
-backward pass and the optimizer steps. Read-everything inference (the evaluation pass) is
-timed as well. Stages take turns in rounds so that load from other processes hits both.
+backward pass and the optimizer steps. Inference is timed both ways on the same batches:
+reading every segment (``MemoryReader.read``) and early exit
+(``MemoryReader.read_early_exit``: an example leaves the batch once its halting head says
+stop, at the config's ``qa.halt_threshold``), with the reader of ``--run`` (a QA run's
+best checkpoint) or, without it, a fresh reader whose P(HALT) starts at the hybrid stage's
+``halt_bias_init``. Stages take turns in rounds so that load from other processes hits all.
 
 Columns: examples/s (questions), segments/s (segments read), ms per step (median over the
-rounds), and the hybrid / supervised ratio.
+rounds), and the hybrid / supervised ratio; then early exit's fraction of segments read
+and its time per question over reading everything. Target: time ratio <= fraction + 0.1.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="one round of 3 steps")
     ap.add_argument("--json", help="also write the table to this JSON file")
+    ap.add_argument("--run", help="a QA run directory: time inference with its best reader")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.rounds = 3, 1
@@ -86,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         "supervised": SupervisedStage(model, sup),
         "hybrid": HybridStage(model, hyb, seed=args.seed, stream=1, answer_threshold=0.0),
     }
+    reader = model
+    if args.run:  # a trained reader for the inference rows (its halting policy)
+        from trainer.checkpoint import load_checkpoint
+
+        ckpts = sorted(Path(args.run, "checkpoints").glob("best-*.pt")) or sorted(
+            Path(args.run, "checkpoints").glob("final-*.pt")
+        )
+        if not ckpts:
+            raise SystemExit(f"--run: {args.run}/checkpoints has no best-*.pt or final-*.pt")
+        reader = _reader(store, settings)
+        reader.load_state_dict(load_checkpoint(ckpts[-1])["algo_state"])
     rng = np.random.default_rng(args.seed)
     n_batches = args.steps * args.rounds + 1
     batches = [rng.choice(pool, size=batch_size) for _ in range(n_batches)]
@@ -96,15 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         for k, ex in enumerate(idx):
             if name == "inference":
                 with torch.no_grad():
-                    model.eval()
-                    model.read(collate(arrays, ex))
-                    model.train()
+                    reader.eval()
+                    reader.read(collate(arrays, ex))
+                    reader.train()
+                segs += int(arrays.n_segments[ex].sum())
+            elif name == "early_exit":
+                reader.eval()
+                out = reader.read_early_exit(collate(arrays, ex), settings.halt_threshold, 0.0)
+                reader.train()
+                segs += int(out.n_read.sum())
             else:
                 stages[name].update(collate(arrays, ex), step0 + k)
-            segs += int(arrays.n_segments[ex].sum())
+                segs += int(arrays.n_segments[ex].sum())
         return time.perf_counter() - t0, segs
 
-    names = ("supervised", "hybrid", "inference")
+    names = ("supervised", "hybrid", "inference", "early_exit")
     for name in names:  # warm-up
         run_stage(name, [batches[-1]], 0)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -139,15 +162,35 @@ def main(argv: list[str] | None = None) -> int:
     print("| stage | examples/s | segments/s | ms/step |")
     print("|---|---:|---:|---:|")
     for row in rows:
-        label = row["stage"] if row["stage"] != "inference" else "read-everything inference"
+        label = {
+            "inference": "inference, reading everything",
+            "early_exit": "inference, early exit",
+        }.get(row["stage"], row["stage"])
         print(
             f"| {label} | {row['examples_per_s']:.1f} | {row['segments_per_s']:.0f} "
             f"| {row['ms_per_step']:.0f} |"
         )
     print(f"\nhybrid / supervised: {ratio:.2f}x")
+    fraction = segs["early_exit"] / max(segs["inference"], 1)
+    time_ratio = sum(times["early_exit"]) / sum(times["inference"])
+    ok = time_ratio <= fraction + 0.1
+    print(
+        f"early exit ({'the reader of ' + args.run if args.run else 'a fresh reader'}): "
+        f"{fraction:.3f} of the segments read, {time_ratio:.3f} of the time per question "
+        f"(target <= fraction + 0.1: {'met' if ok else 'MISSED'})"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "hybrid_over_supervised": ratio}))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "hybrid_over_supervised": ratio,
+                    "early_exit_fraction": fraction,
+                    "early_exit_time_ratio": time_ratio,
+                }
+            )  # fmt: skip
+        )
     return 0
 
 

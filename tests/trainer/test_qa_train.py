@@ -26,6 +26,7 @@ from trainer.train import main
 
 from .test_checkpoint import assert_same_run, finish, start_killed_training, train_here
 from .test_qa_data import build_tiny_store
+from .test_train import CLOCK_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "qa-demo.yaml"
@@ -119,8 +120,7 @@ def _state(run: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _comparable(run: Path) -> list[dict[str, Any]]:
-    drop = {"time", "steps_per_s", "examples_per_s"}
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows(run)]
+    return [{k: v for k, v in r.items() if k not in CLOCK_KEYS} for r in rows(run)]
 
 
 def test_resume_after_a_signal_ends_with_the_same_weights_and_metrics(

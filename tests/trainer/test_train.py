@@ -163,7 +163,9 @@ CLOCK_KEYS = frozenset(
     {
         "wall_time_s", "train_time_s", "metrics_offset", "time", "steps_per_s", "examples_per_s",
         "tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "eval/peak_rss_mb",
-        "rollout/seconds", "rollout/generated_tokens_per_s",
+        "rollout/seconds", "rollout/generated_tokens_per_s", "eval/ms_per_question",
+        "eval/full_ms_per_question", "eval/time_fraction", "baseline/ms_per_question",
+        "baseline/full_ms_per_question", "baseline/time_fraction",
     }
 )  # fmt: skip
 

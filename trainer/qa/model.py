@@ -268,6 +268,61 @@ class MemoryReader(nn.Module):
         halt = self.halt_head(x if self.cfg.halt_reads_memory else feats)
         return halt.squeeze(-1), self.value_head(x).squeeze(-1)
 
+    # ------------------------------------------------------------------ early exit
+    @torch.no_grad()
+    def read_early_exit(
+        self, batch: QABatch, halt_threshold: float = 0.5, answer_threshold: float = 0.0
+    ) -> EarlyExit:
+        """Read one segment at a time and drop each example from the batch as soon as the
+        halting head says stop (its probability above ``halt_threshold``; an example always
+        stops after its last segment): only the segments read are ever encoded.
+
+        The answer is the best span among the segments read (the largest margin, the later
+        segment on a tie) if its margin beats ``answer_threshold``: what :meth:`read`, then
+        :func:`prefix_answers` at the greedy halt, gives for the same example.
+        """
+        b = batch.input_ids.shape[0]
+        dev = batch.input_ids.device
+        nseg = batch.n_segments
+        memory = torch.zeros(b, self.cfg.memory_dim, device=dev)
+        best = torch.full((b,), float("-inf"), device=dev)
+        start = torch.full((b,), -1, dtype=torch.long, device=dev)
+        end = torch.full((b,), -1, dtype=torch.long, device=dev)
+        n_read = torch.zeros(b, dtype=torch.long, device=dev)
+        active = torch.arange(b, device=dev)
+        t = 0
+        while True:
+            active = active[nseg[active] > t]
+            if active.numel() == 0:
+                break
+            cstart = batch.context_start[active, t]
+            states, summary = self.encode(
+                batch.input_ids[active, t], batch.token_mask[active, t], cstart, memory[active]
+            )
+            logits = self.span_head(states)
+            margin, sp, ep = best_spans(
+                logits[..., 0], logits[..., 1], batch.context_mask[active, t],
+                self.cfg.max_answer_tokens,
+            )  # fmt: skip
+            prev = best[active]
+            better = margin >= prev  # cummax's tie rule: the later segment
+            best_k = torch.maximum(prev, margin)
+            off = batch.token_offset[active, t]
+            start[active] = torch.where(better, sp - cstart + off, start[active])
+            end[active] = torch.where(better, ep - cstart + off, end[active])
+            best[active] = best_k
+            x = policy_features(margin, best_k, t, nseg[active])
+            new_mem = self.memory_cell(torch.cat([summary, x], dim=-1), memory[active])
+            memory[active] = new_mem
+            n_read[active] = t + 1
+            halt, _ = self.policy(new_mem, x)
+            stop = (torch.sigmoid(halt) > halt_threshold) & (t < nseg[active] - 1)
+            active = active[~stop]
+            t += 1
+        has = best > answer_threshold
+        none = torch.full_like(start, -1)
+        return EarlyExit(n_read, torch.where(has, start, none), torch.where(has, end, none), best)
+
     # ------------------------------------------------------------------ a whole batch
     def read(self, batch: QABatch) -> ReadOutput:
         """Read every segment of every example of ``batch`` in order (see the module doc).
@@ -328,6 +383,16 @@ class MemoryReader(nn.Module):
             halt_logit=halt,
             value=value,
         )
+
+
+@dataclass(frozen=True)
+class EarlyExit:
+    """What an early-exit read of a batch returns (one row per example)."""
+
+    n_read: torch.Tensor  # (B,) int64 segments encoded before the reader halted
+    start: torch.Tensor  # (B,) int64 answer in document tokens, -1 = no answer
+    end: torch.Tensor  # (B,) int64
+    margin: torch.Tensor  # (B,) best margin among the segments read
 
 
 def prefix_answers(

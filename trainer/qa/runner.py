@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -501,6 +502,9 @@ class _Reads:
     n_read: np.ndarray  # (N,) segments read with halting (= n_segments without)
     halt_span: np.ndarray  # (N, 2) document-token answer at the halt, -1 = no answer
     full_span: np.ndarray  # (N, 2) answer after reading everything
+    seconds_full: float = 0.0  # reading every segment
+    seconds_halting: float = 0.0  # the early-exit read (0 without halting)
+    agreement: float = 1.0  # early exit = the halt simulated on the full read (fraction)
 
 
 class QAEvaluator:
@@ -521,35 +525,60 @@ class QAEvaluator:
             int(e): ([] if ex.is_impossible[e] else list(ex.answers[e])) for e in self.examples
         }
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def read(self, model: MemoryReader, halting: bool) -> _Reads:
-        """One pass over the examples: every segment read, halts taken greedily."""
+        """One pass over the examples reading every segment (the ``full`` answers) and,
+        with ``halting``, one early-exit pass (:meth:`MemoryReader.read_early_exit`: an
+        example leaves the batch when it halts) for the answers at the halt, each timed.
+        The early-exit answers are checked against the halt simulated on the full read."""
         s = self.settings
         was_training = model.training
         model.eval()
         parts: list[list[np.ndarray]] = [[], [], [], [], []]
+        t_full = t_halt = 0.0
+        agree = 0
         try:
             with torch.no_grad():
                 for i in range(0, len(self.examples), s.eval_batch_size):
                     batch = collate(self.arrays, self.examples[i : i + s.eval_batch_size])
                     batch = batch.to(self.device)
+                    self._sync()
+                    t0 = time.perf_counter()
                     out = model.read(batch)
                     ps, pe = prefix_answers(out, batch, s.answer_threshold)
                     n = batch.n_segments
                     last = (n - 1)[:, None]
+                    full_span = torch.cat([ps.gather(1, last), pe.gather(1, last)], dim=1)
+                    self._sync()
+                    t_full += time.perf_counter() - t0
                     if halting:
+                        t0 = time.perf_counter()
+                        ee = model.read_early_exit(batch, s.halt_threshold, s.answer_threshold)
+                        self._sync()
+                        t_halt += time.perf_counter() - t0
+                        h = ee.n_read - 1
+                        halt_span = torch.stack([ee.start, ee.end], dim=1)
                         halt = torch.sigmoid(out.halt_logit) > s.halt_threshold
-                        h = halting_episodes(halt, n, torch.zeros_like(out.margin), 0.0).n_read - 1
+                        sim = halting_episodes(halt, n, torch.zeros_like(out.margin), 0.0).n_read
+                        at = (sim - 1)[:, None]
+                        sim_span = torch.cat([ps.gather(1, at), pe.gather(1, at)], dim=1)
+                        same = (sim == ee.n_read) & (sim_span == halt_span).all(1)
+                        agree += int(same.sum())
                     else:
                         h = n - 1
-                    at = h[:, None]
-                    halt_span = torch.cat([ps.gather(1, at), pe.gather(1, at)], dim=1)
-                    full_span = torch.cat([ps.gather(1, last), pe.gather(1, last)], dim=1)
+                        halt_span = full_span
                     for acc, v in zip(parts, (batch.example_index, n, h + 1, halt_span, full_span)):
                         acc.append(v.cpu().numpy())
         finally:
             model.train(was_training)
         ex_a, n_a, read_a, hs_a, fs_a = (np.concatenate(p) for p in parts)
-        return _Reads(ex_a, n_a, read_a, hs_a, fs_a)
+        return _Reads(
+            ex_a, n_a, read_a, hs_a, fs_a, t_full, t_halt,
+            agree / len(ex_a) if halting else 1.0,
+        )  # fmt: skip
 
     def _scores(self, example: np.ndarray, spans: np.ndarray) -> dict[str, float]:
         f1s, ems, answered = [], [], []
@@ -582,6 +611,12 @@ class QAEvaluator:
         row.update({f"eval/full_{k}": v for k, v in full.items()})
         row["eval/full_segments_read"] = float(r.n_segments.mean())
         row["eval/examples"] = float(len(r.example))
+        n = max(len(r.example), 1)
+        row["eval/full_ms_per_question"] = 1000 * r.seconds_full / n
+        if halting:
+            row["eval/ms_per_question"] = 1000 * r.seconds_halting / n
+            row["eval/time_fraction"] = r.seconds_halting / max(r.seconds_full, 1e-12)
+            row["eval/early_exit_agreement"] = r.agreement
         return row
 
 
