@@ -898,12 +898,18 @@ def apply_preset(raw: dict[str, Any], name: Any, config_path: Path) -> list[str]
     if not isinstance(overlay, dict):
         raise ConfigError(f"{f}: must be a mapping of dotted keys to values")
     out: list[str] = []
-    n_stages = len(raw.get("stages") or [])
+    stages = raw.get("stages") or []
+    n_stages = len(stages)
+    qa_run = bool(stages) and all(
+        isinstance(st, dict) and str(st.get("algo", "")).startswith("qa_") for st in stages
+    )
     for key, value in overlay.items():
         if key not in PRESET_KEYS:
             raise ConfigError(
                 f"{f}: {key}: a preset may only set {', '.join(PRESET_KEYS)}{_suggest(str(key), list(PRESET_KEYS))}"
             )
+        if qa_run and (key == "eval.episodes" or key.startswith("agent.")):
+            continue  # what a QA run does not read (it refuses them when a user sets them)
         keys = (
             [key.replace("*", str(i)) for i in range(n_stages)]
             if key.startswith("stages.*.")

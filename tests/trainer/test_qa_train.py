@@ -374,3 +374,18 @@ def test_sweep_and_bench_scripts_run_on_a_tiny_store(
     capsys.readouterr()
     assert bench_qa.main(["--store", str(tiny_store), "--quick"]) == 0
     assert "| supervised |" in capsys.readouterr().out
+
+
+def test_keys_a_qa_run_would_ignore_are_refused_by_name(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [str(CONFIG), *overrides(tiny_store, tmp_path / "k")]
+    for key, value in [("val_fraction", "0.2"), ("reward.scale", "2"), ("eval.episodes", "5"),
+                       ("eval.deterministic", "false"), ("model", "{path: x}"),
+                       ("agent", "{eval_turns: 3}")]:  # fmt: skip
+        err = _err(capsys, [*base, f"{key}={value}"])
+        assert err.startswith(f"trainer.train: error: {key}: a QA run does not use it"), err
+    # presets set evaluation keys for every kind of run: a QA run takes only what it reads
+    cfg = load_config(CONFIG, [*overrides(tiny_store, tmp_path / "p"), "preset=research"])
+    assert cfg.eval.episodes == 10 and cfg.agent is None
+    runner.refuse_unused_keys(cfg)

@@ -43,11 +43,12 @@ read-everything baseline in ``summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -622,6 +623,43 @@ class QAEvaluator:
 
 # --------------------------------------------------------------------------- the run
 
+# What a QA run does not read (transition-store and sequence-store settings), with why.
+_UNUSED = {
+    "reward": "the reward of a QA run is the F1 at the halt less segment_cost per segment "
+    "(stages.N.segment_cost)",
+    "val_fraction": "QA runs evaluate on the store's dev split (qa.eval_split)",
+    "eval.episodes": "a QA run plays no environment",
+    "eval.seed": "a QA run plays no environment",
+    "eval.deterministic": "halting is greedy in evaluation (qa.halt_threshold)",
+    "eval.max_episode_steps": "a QA run plays no environment",
+    "eval.val_transitions": "QA runs evaluate qa.eval_max_examples questions",
+    "eval.val_batch_size": "QA runs evaluate qa.eval_batch_size questions at a time",
+    "model": "the reader's sizes are qa.model",
+    "agent": "agent settings are for sequence stores (sft, ppo, reinforce)",
+}
+
+
+def refuse_unused_keys(cfg: TrainConfig) -> None:
+    """A key a QA run would accept and ignore, set to anything but its default: one line
+    naming the key (and what the run reads instead)."""
+    defaults = {
+        f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        for f in fields(TrainConfig)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
+    for key, why in _UNUSED.items():
+        head, _, tail = key.partition(".")
+        given, default = getattr(cfg, head), defaults[head]
+        if tail:
+            given, default = getattr(given, tail), getattr(default, tail)
+        if given == default:
+            continue
+        if dataclasses.is_dataclass(given):  # name the key inside the section
+            key += "." + next(
+                f.name for f in fields(given) if getattr(given, f.name) != getattr(default, f.name)
+            )
+        raise ConfigError(f"{key}: a QA run does not use it ({why}); remove it")
+
 
 @dataclass
 class _StageExtra:
@@ -647,6 +685,7 @@ class QATrainer(StagedTrainer):
         self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
     ) -> None:
         super().__init__(cfg, resume=resume, overwrite=overwrite, log=log)
+        refuse_unused_keys(cfg)
         self.settings = parse_settings(cfg.qa)
         self.params = [stage_params(cfg, i) for i in range(len(cfg.stages))]
         es = cfg.early_stopping
