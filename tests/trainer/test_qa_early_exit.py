@@ -195,3 +195,65 @@ def test_answer_cli_segments_a_document_as_the_store_did_and_answers_as_evaluati
     assert main([str(run), "--document", str(tmp_path / "nope.txt"), "--question", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope.txt" in err
+
+
+def test_halting_rules_match_a_plain_per_example_loop(
+    store: SegmentStore,  # noqa: F811
+    arrays: QAArrays,  # noqa: F811
+) -> None:
+    from trainer.qa.metrics import best_over_golds
+
+    torch.manual_seed(2)
+    model = tiny_reader(store).eval()
+    model.reset_policy(0.0)
+    examples = np.arange(arrays.n_examples)
+    thr = spread_halting(model, collate(arrays, examples), 0.5)
+    settings = QASettings(eval_batch_size=7, halt_threshold=thr)
+    ev = QAEvaluator(store, arrays, examples, settings, torch.device("cpu"))
+    rules = ev.halting_rules(model, n_taus=5)
+    # each example alone: its margins and spans per segment, walked in plain loops
+    per = []
+    for e in examples.tolist():
+        b = collate(arrays, np.array([e]))
+        with torch.no_grad():
+            out = model.read(b)
+        n = int(b.n_segments[0])
+        off = (b.token_offset[0] - b.context_start[0]).tolist()
+        per.append((e, n, out.margin[0, :n].tolist(),
+                    [(int(out.span_start[0, t]) + off[t], int(out.span_end[0, t]) + off[t])
+                     for t in range(n)]))  # fmt: skip
+
+    def score(read: list[int]) -> tuple[float, float]:
+        f1s, fr = [], []
+        for (e, n, m, spans), h in zip(per, read):
+            best, ans = float("-inf"), (-1, -1)
+            for t in range(h):
+                if m[t] >= best:
+                    best, ans = m[t], spans[t]
+            text = store.answer_text(e, *ans) if best > settings.answer_threshold else ""
+            golds = [] if store.examples.is_impossible[e] else list(store.examples.answers[e])
+            f1s.append(best_over_golds(text, golds)[0])
+            fr.append(h / n)
+        return 100 * float(np.mean(f1s)), float(np.mean(fr))
+
+    for row in rules["first_k"][:3] + rules["first_k"][-1:]:
+        f1, fr = score([min(row["k"], n) for _, n, _, _ in per])
+        assert (row["f1"], row["fraction_read"]) == pytest.approx((f1, fr)), row
+    assert rules["first_k"][-1]["fraction_read"] == 1.0
+    for row in rules["margin"]:
+        read = []
+        for _, n, m, _ in per:
+            best, h = float("-inf"), n
+            for t in range(n):
+                best = max(best, m[t])
+                if best > row["tau"]:
+                    h = t + 1
+                    break
+            read.append(h)
+        f1, fr = score(read)
+        assert (row["f1"], row["fraction_read"]) == pytest.approx((f1, fr)), row
+    assert rules["margin"][-1]["fraction_read"] == 1.0  # the last tau: never passed
+    assert len({r["fraction_read"] for r in rules["margin"]}) > 2  # the taus spread the reads
+    row = ev(model, halting=True)
+    assert rules["learned"]["f1"] == pytest.approx(row["eval/f1"])
+    assert rules["learned"]["fraction_read"] == pytest.approx(row["eval/fraction_read"])

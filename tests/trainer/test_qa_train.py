@@ -389,3 +389,18 @@ def test_keys_a_qa_run_would_ignore_are_refused_by_name(
     cfg = load_config(CONFIG, [*overrides(tiny_store, tmp_path / "p"), "preset=research"])
     assert cfg.eval.episodes == 10 and cfg.agent is None
     runner.refuse_unused_keys(cfg)
+
+
+def test_accumulated_bf16_run_through_the_cli(tiny_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acc"
+    argv = [*overrides(tiny_store, out), "stages.0.grad_accumulation=2",
+            "stages.1.grad_accumulation=3", "precision=bf16"]  # fmt: skip
+    assert main([str(CONFIG), *argv]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "bf16"
+    train = [r for r in rows(out) if r["kind"] == "train"]
+    assert all(np.isfinite(r["loss/span"]) for r in train)
+    ckpt = load_checkpoint(out / "checkpoints" / "final-hybrid.pt")
+    extra = ckpt["loop"]["qa"]
+    # questions drawn: batch_size x micro-batches x steps, per stage
+    assert [e["examples"] for e in extra] == [4 * 2 * 4, 4 * 3 * 4]

@@ -26,7 +26,6 @@ the head (Gemma 2's soft-capping, Cohere's logit scale) would be trained on othe
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import warnings
@@ -37,7 +36,8 @@ from typing import Any
 
 import torch
 
-from trainer.config import PRECISIONS, ConfigError, build_section, need_choice, need_int
+from trainer.config import ConfigError, build_section, need_choice, need_int
+from trainer.precision import make_scaler, precision_context  # noqa: F401  (re-exported)
 
 ARCHITECTURES = ("llama", "gpt2")
 END_TOKEN = "<|end|>"
@@ -538,27 +538,6 @@ def hidden_and_head(loaded: LoadedModel) -> tuple[HiddenFn, torch.nn.Module]:
         return hidden
 
     return forward, head
-
-
-def precision_context(
-    precision: str, device: torch.device | str
-) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to bfloat16 / float16 for ``bf16`` / ``fp16`` on ``device``; nothing for fp32."""
-    need_choice("precision", precision, PRECISIONS)
-    dev = torch.device(device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and dev.type != "cuda":
-        raise ConfigError(f"precision: fp16 needs CUDA (device is {dev.type}); use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(dev.type, dtype=dtype)
-
-
-def make_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler | None:
-    """A gradient scaler for fp16 on CUDA (float16 gradients underflow without it); else None."""
-    if precision == "fp16" and torch.device(device).type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    return None
 
 
 # --------------------------------------------------------------------------- export

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.format import StoreError
 from pipeline.segments.store import SegmentStore, open_segment_store
@@ -69,6 +70,7 @@ from trainer.loop import (
     StagedTrainer,
 )
 from trainer.optim import OptimizerSpec, build_optimizer, make_schedulers
+from trainer.precision import make_scaler, precision_context
 from trainer.qa.data import CurriculumSampler, QAArrays, QABatch, collate
 from trainer.qa.losses import (
     discounted_returns,
@@ -208,11 +210,15 @@ class SupervisedParams:
     eval_every: int | None = None
     # Max global gradient norm (the stage's grad_clip; null: none).
     grad_clip: float | None = None
+    # Micro-batches of batch_size questions summed per optimizer step: the gradient of one
+    # batch of batch_size * grad_accumulation questions, in the memory of one micro-batch.
+    grad_accumulation: int = 1
 
     def __post_init__(self) -> None:
         self.lr = _number("lr", self.lr, 0.0)
         self.weight_decay = _number("weight_decay", self.weight_decay, 0.0)
         _check_eval_every(self.eval_every)
+        need_int("grad_accumulation", self.grad_accumulation, 1, "micro-batches per step")
 
 
 @dataclass
@@ -263,8 +269,13 @@ class HybridParams:
     eval_every: int | None = None
     # Max gradient norm, applied to each part separately (the stage's grad_clip; null: none).
     grad_clip: float | None = None
+    # Micro-batches of batch_size questions per optimizer step. The span loss is that of the
+    # whole step's questions; the halting episodes' advantages are normalised within each
+    # micro-batch, whose policy and value losses weigh 1 / grad_accumulation each.
+    grad_accumulation: int = 1
 
     def __post_init__(self) -> None:
+        need_int("grad_accumulation", self.grad_accumulation, 1, "micro-batches per step")
         for key in ("qa_lr", "policy_lr", "weight_decay", "segment_cost", "value_coef"):
             setattr(self, key, _number(key, getattr(self, key), 0.0))
         for key in ("gamma", "gae_lambda"):
@@ -340,11 +351,48 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Ten
     return torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
 
 
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _step(
+    opts: list[torch.optim.Optimizer],
+    params: list[torch.nn.Parameter],
+    max_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+) -> torch.Tensor | None:
+    """Clip ``params`` (unscaled first under fp16) and step ``opts``; the norm or None."""
+    if scaler is not None:
+        for opt in opts:
+            scaler.unscale_(opt)
+    norm = _clip(params, max_norm)
+    for opt in opts:
+        if scaler is not None:
+            scaler.step(opt)
+        else:
+            opt.step()
+    if scaler is not None:
+        scaler.update()
+    return norm
+
+
+def _clip_unscaled(
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    max_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+) -> torch.Tensor | None:
+    if scaler is not None:
+        scaler.unscale_(opt)
+    return _clip(params, max_norm)
+
+
 def _batch_span_loss(out: ReadOutput, batch: QABatch) -> torch.Tensor:
-    """The span loss of a read of ``batch`` over all of its segments."""
+    """The span loss of a read of ``batch`` over all of its segments (in float32 whatever
+    the autocast type of the read)."""
     return span_loss(
-        out.start_logits,
-        out.end_logits,
+        out.start_logits.float(),
+        out.end_logits.float(),
         batch.start_target,
         batch.end_target,
         batch.span_mask,
@@ -356,9 +404,18 @@ class SupervisedStage:
     """``qa_supervised``: one optimizer over the reader, span loss on every segment."""
 
     def __init__(
-        self, model: MemoryReader, p: SupervisedParams, optimizer: OptimizerSpec | None = None
+        self,
+        model: MemoryReader,
+        p: SupervisedParams,
+        optimizer: OptimizerSpec | None = None,
+        *,
+        precision: str = "fp32",
+        device: torch.device | str = "cpu",
     ) -> None:
         self.model, self.p = model, p
+        precision_context(precision, device)  # fp16 off CUDA: one line now, not mid-run
+        self.autocast = lambda: precision_context(precision, device)
+        self.scaler = make_scaler(precision, device)
         self.qa_params = model.qa_parameters()
         self.optimizers = {
             "qa": _adamw(self.qa_params, p.lr, p.weight_decay)
@@ -368,18 +425,27 @@ class SupervisedStage:
 
     def loss(self, batch: QABatch) -> tuple[torch.Tensor, dict[str, Any]]:
         """The span loss of ``batch`` (one pass over every segment) and its metrics."""
-        out = self.model.read(batch)
+        with self.autocast():
+            out = self.model.read(batch)
         loss = _batch_span_loss(out, batch)
         return loss, {"loss/span": loss.detach()}
 
-    def update(self, batch: QABatch, step: int) -> dict[str, Any]:
-        """One gradient step; metrics are 0-dim tensors (no host sync)."""
-        loss, m = self.loss(batch)
+    def update(self, batches: QABatch | list[QABatch], step: int) -> dict[str, Any]:
+        """One gradient step over one batch or the micro-batches of one step (the span loss
+        of all their segments together); metrics are 0-dim tensors (no host sync)."""
+        batches = batches if isinstance(batches, list) else [batches]
         opt = self.optimizers["qa"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = _clip(self.qa_params, self.p.grad_clip)
-        opt.step()
+        segments = [b.segment_mask.sum() for b in batches]
+        total_segments = torch.stack(segments).sum()
+        total = torch.zeros((), device=segments[0].device)
+        for b, n in zip(batches, segments):
+            loss, _ = self.loss(b)
+            part = loss * (n / total_segments)  # this micro-batch's share of the segments
+            _backward(part, self.scaler)
+            total = total + part.detach()
+        m: dict[str, Any] = {"loss/span": total}
+        norm = _step([opt], self.qa_params, self.p.grad_clip, self.scaler)
         if norm is not None:
             m["grad_norm/qa"] = norm.detach()
         return m
@@ -397,8 +463,13 @@ class HybridStage:
         stream: int,
         answer_threshold: float,
         optimizer: OptimizerSpec | None = None,
+        precision: str = "fp32",
+        device: torch.device | str = "cpu",
     ) -> None:
         self.model, self.p = model, p
+        precision_context(precision, device)  # fp16 off CUDA: one line now, not mid-run
+        self.autocast = lambda: precision_context(precision, device)
+        self.scaler = make_scaler(precision, device)
         self.seed, self.stream = seed, stream
         self.answer_threshold = answer_threshold
         self.qa_params = model.qa_parameters()
@@ -418,25 +489,31 @@ class HybridStage:
                 ),
             }
 
-    def loss(self, batch: QABatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss(
+        self, batch: QABatch, step: int, micro: int = 0, span_share: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The hybrid loss at stage step ``step`` and its metrics, in the update's order:
         read every segment; span loss; decisions sampled from the policy (a generator seeded
-        by the step); episodes, each ending at its first HALT; rewards from the F1 at the
-        halt and the segments read; advantages (GAE or return - value), normalised; policy,
-        entropy and value losses."""
+        by the step and the micro-batch ``micro``); episodes, each ending at its first HALT;
+        rewards from the F1 at the halt and the segments read; advantages (GAE or return -
+        value), normalised; policy, entropy and value losses. ``span_share``: this
+        micro-batch's share of the step's segments (its span loss's weight; 1 alone), the
+        other losses weigh 1 / grad_accumulation."""
         p = self.p
-        out = self.model.read(batch)
+        with self.autocast():
+            out = self.model.read(batch)
         sl = _batch_span_loss(out, batch)
         # K episodes per question: rows k * B + b of the (K * B, T) tensors below
         k = p.episodes_per_question
-        halt_logit, value = out.halt_logit.repeat(k, 1), out.value.repeat(k, 1)
+        halt_logit, value = out.halt_logit.float().repeat(k, 1), out.value.float().repeat(k, 1)
         n_segments = batch.n_segments.repeat(k)
         with torch.no_grad():
             ps, pe = prefix_answers(out, batch, self.answer_threshold)
             prefix_f1 = span_f1(ps, pe, batch.gold_start[:, None], batch.gold_end[:, None])
             dev = halt_logit.device
             gen = torch.Generator(device=dev)
-            gen.manual_seed(step_seed(self.seed, step, stream=0xEB150DE + self.stream))
+            stream = 0xEB150DE + self.stream + (micro << 24)  # micro 0: as with no accumulation
+            gen.manual_seed(step_seed(self.seed, step, stream=stream))
             u = torch.rand(halt_logit.shape, generator=gen, device=dev)
             halt = u < torch.sigmoid(halt_logit)
             ep = halting_episodes(halt, n_segments, prefix_f1.repeat(k, 1), p.segment_cost)
@@ -455,9 +532,10 @@ class HybridStage:
         beta = entropy_coefficient(
             max(policy_step, 0), p.entropy_coef, p.entropy_decay, p.entropy_floor
         )
-        loss = p.sl_weight * sl + p.value_coef * vl
+        share = 1.0 if span_share is None else span_share
+        loss = p.sl_weight * sl * share + p.value_coef * vl / p.grad_accumulation
         if policy_step >= 0:
-            loss = loss + pg - beta * ent
+            loss = loss + (pg - beta * ent) / p.grad_accumulation
         n_read = ep.n_read.to(prefix_f1.dtype)
         m: dict[str, Any] = {
             "loss/span": sl.detach(),
@@ -473,17 +551,36 @@ class HybridStage:
         }
         return loss, m
 
-    def update(self, batch: QABatch, step: int) -> dict[str, Any]:
-        """One gradient step: the hybrid loss, one backward (the two parts have disjoint
-        parameters), each part clipped and stepped by its own optimizer."""
-        loss, m = self.loss(batch, step)
+    def update(self, batches: QABatch | list[QABatch], step: int) -> dict[str, Any]:
+        """One gradient step: the hybrid loss of each micro-batch, one backward each (the
+        two parts have disjoint parameters), each part clipped and stepped by its own
+        optimizer."""
+        batches = batches if isinstance(batches, list) else [batches]
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        loss.backward()
-        qa_norm = _clip(self.qa_params, self.p.grad_clip)
-        pol_norm = _clip(self.policy_params, self.p.grad_clip)
+        segments = [b.segment_mask.sum() for b in batches]
+        total_segments = torch.stack(segments).sum()
+        sums: dict[str, Any] = {}
+        for i, (b, n) in enumerate(zip(batches, segments)):
+            share = n / total_segments if len(batches) > 1 else None
+            loss, mi = self.loss(b, step, micro=i, span_share=share)
+            _backward(loss, self.scaler)
+            for key, v in mi.items():
+                sums[key] = sums.get(key, 0.0) + v
+        m = {key: v / len(batches) for key, v in sums.items()}
+        qa_norm = _clip_unscaled(
+            self.optimizers["qa"], self.qa_params, self.p.grad_clip, self.scaler
+        )
+        pol_norm = _clip_unscaled(
+            self.optimizers["policy"], self.policy_params, self.p.grad_clip, self.scaler
+        )
         for opt in self.optimizers.values():
-            opt.step()
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler is not None:
+            self.scaler.update()
         if step >= self.p.value_warmup_steps:  # the halting head has had a gradient
             self.model.policy_trained.fill_(True)
         if qa_norm is not None and pol_norm is not None:
@@ -597,6 +694,68 @@ class QAEvaluator:
         out["no_answer_accuracy"] = (~ans[~has]).mean() if (~has).any() else float("nan")
         return {k: float(v) for k, v in out.items()}
 
+    def halting_rules(self, model: MemoryReader, n_taus: int = 19) -> dict[str, Any]:
+        """F1 and fraction read of the simple halting rules a user would try first, on the
+        same reader: read the first k segments (k = 1..K), and halt once the best margin so
+        far passes tau (taus at ``n_taus`` quantiles of the segments' margins, and one above
+        them all: read everything); beside the learned policy's point. One full read of the
+        examples; every rule's halt is worked out from it (the answers an early exit at the
+        same halt gives, see :meth:`MemoryReader.read_early_exit`)."""
+        s = self.settings
+        was_training = model.training
+        model.eval()
+        cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
+        try:
+            with torch.no_grad():
+                for i in range(0, len(self.examples), s.eval_batch_size):
+                    batch = collate(self.arrays, self.examples[i : i + s.eval_batch_size])
+                    batch = batch.to(self.device)
+                    out = model.read(batch)
+                    bs, be = prefix_answers(out, batch, s.answer_threshold)
+                    halt = torch.sigmoid(out.halt_logit) > s.halt_threshold
+                    greedy = halting_episodes(
+                        halt, batch.n_segments, torch.zeros_like(out.margin), 0.0
+                    ).n_read
+                    t_max = self.arrays.n_segments[self.examples].max()
+                    pad = int(t_max) - out.margin.shape[1]
+                    for acc, v in zip(cols, (
+                        batch.example_index, batch.n_segments, greedy,
+                        F.pad(out.margin, (0, pad), value=float("-inf")),
+                        F.pad(bs, (0, pad), value=-1), F.pad(be, (0, pad), value=-1),
+                    )):  # fmt: skip
+                        acc.append(v.cpu().numpy())
+        finally:
+            model.train(was_training)
+        ex, n, learned, margin, ps, pe = (np.concatenate(c) for c in cols)
+        rows = np.arange(len(ex))
+
+        def point(h: np.ndarray) -> dict[str, float]:  # h: segments read per example
+            spans = np.stack([ps[rows, h - 1], pe[rows, h - 1]], axis=1)
+            sc = self._scores(ex, spans)
+            return {"f1": sc["f1"], "fraction_read": float(np.mean(h / n))}
+
+        first_k = [{"k": k, **point(np.minimum(k, n))} for k in range(1, int(n.max()) + 1)]
+        best = np.maximum.accumulate(margin, axis=1)  # (N, T) best margin after segment t
+        real = np.unique(margin[np.isfinite(margin)])  # sorted
+        q = np.quantile(real, np.linspace(0.05, 0.95, n_taus))
+        # each tau halfway between two margins, never on one (a rule's halt must not hang on
+        # the last bits of a margin)
+        above = np.minimum(np.searchsorted(real, q, side="right"), len(real) - 1)
+        below = np.maximum(above - 1, 0)
+        taus = sorted(set(((real[below] + real[above]) / 2).tolist()))
+        taus.append(float(real.max()) + 1.0)  # never passed: read everything
+        t = np.arange(margin.shape[1])[None, :]
+        by_tau = []
+        for tau in taus:
+            hit = (best > tau) & (t < n[:, None])
+            first = np.where(hit.any(1), hit.argmax(1) + 1, n)
+            by_tau.append({"tau": float(tau), **point(first)})
+        return {
+            "learned": {"halt_threshold": s.halt_threshold, **point(learned)},
+            "first_k": first_k,
+            "margin": by_tau,
+        }
+
     def __call__(self, model: MemoryReader, *, halting: bool) -> dict[str, float]:
         """The evaluation row: ``eval/...`` with halting (if asked), ``eval/full_...`` without."""
         r = self.read(model, halting)
@@ -669,6 +828,7 @@ class _StageExtra:
     segments: int = 0
     baseline_eval: dict[str, Any] | None = None
     handed_on: str = "final"
+    halting_rules: dict[str, Any] | None = None  # the stage's reader under the simple rules
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _StageExtra:
@@ -791,8 +951,9 @@ class QATrainer(StagedTrainer):
 
     def _build_stage(self, index: int, model: MemoryReader) -> SupervisedStage | HybridStage:
         p, optimizer = self.params[index], self.cfg.stages[index].optimizer
+        prec, dev = self.cfg.precision, self.device
         if isinstance(p, SupervisedParams):
-            return SupervisedStage(model, p, optimizer)
+            return SupervisedStage(model, p, optimizer, precision=prec, device=dev)
         return HybridStage(
             model,
             p,
@@ -800,6 +961,8 @@ class QATrainer(StagedTrainer):
             stream=index,
             answer_threshold=self.settings.answer_threshold,
             optimizer=optimizer,
+            precision=prec,
+            device=dev,
         )
 
     # ------------------------------------------------------------------ one stage
@@ -841,6 +1004,8 @@ class QATrainer(StagedTrainer):
             every_eval=cfg.eval.every if p.eval_every is None else p.eval_every,
         )
         self._restore_best(model, index)
+        if isinstance(p, HybridParams):  # the learned policy beside the rules, same reader
+            self.extra[index].halting_rules = self.evaluator.halting_rules(model)
         sp = self.state.stages[index]
         sp.done = True
         sp.wall_time_s = elapsed()
@@ -899,12 +1064,16 @@ class QATrainer(StagedTrainer):
         """One training step of stage ``index`` at stage step ``s0``: a batch, one update."""
         extra = self.extra[index]
 
+        micro = self.params[index].grad_accumulation
+
         def step(s0: int) -> dict[str, Any]:
-            examples = sampler.sample()
-            extra.examples += len(examples)
-            extra.segments += int(self.arrays.n_segments[examples].sum())
-            batch = collate(self.arrays, examples).to(self.device)
-            metrics = algo.update(batch, s0)
+            batches = []
+            for _ in range(micro):
+                examples = sampler.sample()
+                extra.examples += len(examples)
+                extra.segments += int(self.arrays.n_segments[examples].sum())
+                batches.append(collate(self.arrays, examples).to(self.device))
+            metrics = algo.update(batches, s0)
             metrics["curriculum/max_segments"] = float(sampler.limit(s0))
             return metrics
 
@@ -1037,6 +1206,7 @@ class QATrainer(StagedTrainer):
             p = self.params[i]
             if isinstance(p, HybridParams):
                 d["segment_cost"] = p.segment_cost
+                d["halting_rules"] = ex.halting_rules
             stages.append(d)
         summary: dict[str, Any] = {
             "run": str(self.run_dir),
@@ -1045,6 +1215,7 @@ class QATrainer(StagedTrainer):
             "store_hash": self.store.content_hash,
             "seed": self.cfg.seed,
             "device": str(self.device),
+            "precision": self.cfg.precision,
             "total_steps": st.step,
             "wall_time_s": round(sum(s.wall_time_s for s in st.stages), 3),
             "metric": self.metric,
