@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not ckpts:
             raise SystemExit(f"--run: {args.run}/checkpoints has no best-*.pt or final-*.pt")
-        reader = _reader(store, settings)
-        reader.load_state_dict(load_checkpoint(ckpts[-1])["algo_state"])
+        ckpt = load_checkpoint(ckpts[-1])
+        reader = MemoryReader(ReaderConfig(**ckpt["meta"]["reader"]))  # the run's sizes
+        reader.load_state_dict(ckpt["algo_state"])
     rng = np.random.default_rng(args.seed)
     n_batches = args.steps * args.rounds + 1
     batches = [rng.choice(pool, size=batch_size) for _ in range(n_batches)]

@@ -1,19 +1,24 @@
-"""F1 against the fraction of segments read, across lambda (the price of reading a segment).
+"""F1 against the fraction of segments read: the learned halting policy across lambda (the
+price of reading a segment), beside the simple rules, over seeds.
 
-    python scripts/qa_sweep.py                                   # configs/qa-demo.yaml
+    python scripts/qa_sweep.py                                   # configs/qa-demo.yaml, seed 0
+    python scripts/qa_sweep.py --seeds 0,1,2 --lambdas 0.005,0.01,0.02,0.05
     python scripts/qa_sweep.py --lambdas 0,0.01,0.03 --init runs/qa-demo/checkpoints/final-supervised.pt
     python scripts/qa_sweep.py --out runs/qa-sweep stages.1.steps=200    # + config overrides
 
-One supervised reader is the starting point of every point of the sweep: ``--init`` names
-its checkpoint, or the config's ``qa_supervised`` stage is trained once into
-``OUT/supervised`` (and reused by later sweeps into the same OUT). Then, for each lambda,
+For each seed, one supervised reader is the starting point of every lambda: ``--init`` names
+its checkpoint (one seed only), or the config's ``qa_supervised`` stage is trained once into
+``OUT/s<seed>/supervised`` (reused by later sweeps into the same OUT). Then, for each lambda,
 the config's ``qa_hybrid`` stage is trained from it with ``segment_cost = lambda`` into
-``OUT/lambda-<value>`` (a finished run from the same checkpoint bytes and config is
-reused unless ``--overwrite``), and its evaluation on the dev split is read from its ``summary.json``.
+``OUT/s<seed>/lambda-<value>`` (a finished run from the same checkpoint bytes and config is
+reused unless ``--overwrite``); its evaluation on the dev split is read from its
+``summary.json``, with the same reader under the simple halting rules (``halting_rules``):
+read the first k segments, and halt once the best answer margin passes tau.
 
-Writes ``OUT/qa-sweep.png`` (F1 against fraction read, one point per lambda, the
-read-everything baseline at 1.0, the "F1 within 2 points" band and the "30% fewer
-segments" line) and ``OUT/sweep.json``, and prints the table in Markdown.
+Writes ``OUT/qa-sweep.png`` (F1 against fraction read: the learned policy's points, the two
+rules' points, each family's Pareto front, the read-everything F1 and the "30% fewer
+segments" line) and ``OUT/sweep.json``, and prints the tables in Markdown with, per seed,
+whether the learned front dominates each rule's front.
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ def _finished(out: Path, key: str, log: Any) -> bool:
     """Whether ``out`` holds a finished run that was trained under ``key``."""
     if not (out / "summary.json").is_file():
         return False
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    if any("segment_cost" in st and not st.get("halting_rules") for st in summary["stages"]):
+        log(f"{out} has no halting_rules (an older run); training it again")
+        return False
     key_file = out / KEY_FILE
     if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
         log(f"reusing {out}")
@@ -139,58 +148,78 @@ def train_hybrid(
     return _train(r, key, log)
 
 
-def _groups(rows: list[dict[str, Any]]) -> list[tuple[float, float, list[float]]]:
-    """Points that land on the same (fraction read, F1), with their lambdas."""
-    out: list[tuple[float, float, list[float]]] = []
-    for r in rows:
-        for x, y, lams in out:
-            if abs(x - r["fraction_read"]) < 0.01 and abs(y - r["f1"]) < 0.3:
-                lams.append(r["lambda"])
-                break
-        else:
-            out.append((r["fraction_read"], r["f1"], [r["lambda"]]))
-    return out
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats: fewer segments read and F1 at least as high (sorted
+    by fraction read)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
 
 
-def plot(rows: list[dict[str, Any]], baseline: dict[str, Any], path: Path, title: str) -> None:
-    """F1 against fraction read: the whole range, and a zoom on the region of the target."""
+def dominated(point: tuple[float, float], front: list[tuple[float, float]], tol: float) -> bool:
+    """Whether some point of ``front`` reads no more and scores no less (F1 within ``tol``)."""
+    return any(x <= point[0] + 1e-9 and y >= point[1] - tol for x, y in front)
+
+
+def rule_points(summary: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    rules = next(st["halting_rules"] for st in summary["stages"] if st.get("halting_rules"))
+    return {
+        "first_k": [(r["fraction_read"], r["f1"]) for r in rules["first_k"]],
+        "margin": [(r["fraction_read"], r["f1"]) for r in rules["margin"]],
+    }
+
+
+def plot(
+    rows: list[dict[str, Any]],
+    rules: dict[str, list[tuple[float, float]]],
+    read_all: float,
+    path: Path,
+    title: str,
+) -> None:
+    """F1 against fraction read: every family's points and its Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bf = baseline["f1"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    families = [
+        ("learned policy (λ sweep)", [(r["fraction_read"], r["f1"]) for r in rows], "C0", "o"),
+        ("first k segments", rules["first_k"], "C1", "s"),
+        ("margin > τ", rules["margin"], "C2", "^"),
+    ]
     for ax, zoom in zip(axes, (False, True)):
-        pts = sorted(rows, key=lambda r: r["fraction_read"])
-        ax.plot(
-            [r["fraction_read"] for r in pts],
-            [r["f1"] for r in pts],
-            "o-",
-            color="C0",
-            lw=0.8,
-            label="hybrid reader (halting)",
-        )
-        for x, y, lams in _groups(rows):
-            label = "λ=" + ", ".join(f"{v:g}" for v in sorted(lams))
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
-        ax.plot([1.0], [bf], "*", ms=13, color="C3", label=f"read everything (F1 {bf:.1f})")
-        ax.axhspan(bf - 2, bf + 2, color="C3", alpha=0.1, label="within 2 F1 points")
+        for label, pts, color, marker in families:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=color,
+                       marker=marker, alpha=0.45)  # fmt: skip
+            front = pareto(pts)
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color,
+                    lw=1.4, label=f"{label}: Pareto front")  # fmt: skip
+        ax.axhline(read_all, color="C3", lw=0.8, ls=":", label=f"read everything ({read_all:.1f})")
         ax.axvline(0.7, color="grey", ls="--", lw=0.8, label="30% fewer segments")
         ax.set_xlabel("fraction of segments read (mean over questions)")
         ax.set_ylabel("F1 (dev)")
         ax.grid(alpha=0.3)
         if zoom:
-            ax.set_xlim(0.4, 1.05)
-            ax.set_ylim(bf - 10, bf + 4)
-            ax.set_title("zoom on the target region", fontsize=10)
+            ax.set_xlim(0.3, 1.02)
+            ax.set_ylim(read_all - 12, read_all + 4)
+            ax.set_title("zoom", fontsize=10)
         else:
-            ax.set_xlim(0, 1.05)
+            ax.set_xlim(0, 1.02)
             ax.set_title(title, fontsize=10)
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
         help="comma-separated segment costs (default 0,0.005,0.01,0.02,0.05,0.1,0.2)",
     )
+    ap.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default 0)")
     ap.add_argument(
-        "--init", help="a supervised checkpoint (default: train one into OUT/supervised)"
+        "--init", help="a supervised checkpoint (one seed; default: train one per seed)"
     )
+    ap.add_argument("--tol", type=float, default=0.0, help="F1 slack of the dominance check")
     ap.add_argument("--overwrite", action="store_true", help="retrain finished lambda runs")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -218,54 +249,72 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr)
 
+    if args.init and len(args.seeds) > 1:
+        print("qa_sweep: error: --init gives one supervised start: use one seed", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    rules: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    read_all: dict[int, float] = {}
     try:
-        raw = _raw_config(args.config, args.overrides)
+        base = _raw_config(args.config, args.overrides)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        init = Path(args.init) if args.init else train_supervised(raw, out / "supervised", log)
-        rows, baseline = [], None
-        init_digest = file_digest(init)
-        for lam in args.lambdas:
-            log(f"lambda {lam:g} ...")
-            s = train_hybrid(
-                raw, init, init_digest, lam, out / f"lambda-{lam:g}", args.overwrite, log
-            )
-            h, b = s["hybrid"], s["baseline"]
-            baseline = baseline or b
-            rows.append(
-                {
-                    "lambda": lam,
-                    "f1": h["f1"],
-                    "exact_match": h["exact_match"],
-                    "fraction_read": h["fraction_read"],
-                    "fraction_read_total": h["fraction_read_total"],
-                    "segments_read": h["segments_read"],
-                    "no_answer_accuracy": h["no_answer_accuracy"],
-                    "read_everything_f1": h["read_everything_f1"],
-                    "run": str(out / f"lambda-{lam:g}"),
-                }
-            )
+        for seed in args.seeds:
+            raw = {**base, "seed": seed}
+            sdir = out / f"s{seed}"
+            init = Path(args.init) if args.init else train_supervised(raw, sdir / "supervised", log)
+            init_digest = file_digest(init)
+            rules[seed] = {"first_k": [], "margin": []}
+            for lam in args.lambdas:
+                log(f"seed {seed}, lambda {lam:g} ...")
+                run = sdir / f"lambda-{lam:g}"
+                s = train_hybrid(raw, init, init_digest, lam, run, args.overwrite, log)
+                h, b = s["hybrid"], s["baseline"]
+                read_all.setdefault(seed, b["f1"])
+                for k, pts in rule_points(s).items():
+                    rules[seed][k] += pts
+                rows.append({
+                    "seed": seed, "lambda": lam, "f1": h["f1"], "exact_match": h["exact_match"],
+                    "fraction_read": h["fraction_read"], "segments_read": h["segments_read"],
+                    "read_everything_f1": h["read_everything_f1"], "run": str(run),
+                })  # fmt: skip
     except (ConfigError, OSError) as e:
         print(f"qa_sweep: error: {e}", file=sys.stderr)
         return 2
-    assert baseline is not None
-    plot(rows, baseline, out / "qa-sweep.png", f"QA reader: F1 vs segments read ({args.config})")
+    union = {k: [p for r in rules.values() for p in r[k]] for k in ("first_k", "margin")}
+    mean_read_all = sum(read_all.values()) / len(read_all)
+    plot(rows, union, mean_read_all, out / "qa-sweep.png",
+         f"QA reader: F1 vs segments read ({args.config}, seeds {args.seeds})")  # fmt: skip
+    verdicts = []
+    for seed in args.seeds:
+        learned = pareto([(r["fraction_read"], r["f1"]) for r in rows if r["seed"] == seed])
+        for k in ("first_k", "margin"):
+            front = [p for p in pareto(rules[seed][k]) if p[0] < 1.0 - 1e-9]  # not read-all
+            beaten = [p for p in front if not dominated(p, learned, args.tol)]
+            verdicts.append({"seed": seed, "rule": k, "front": front, "not_dominated": beaten})
     (out / "sweep.json").write_text(
-        json.dumps({"baseline": baseline, "init": str(init), "rows": rows}, indent=2) + "\n"
+        json.dumps(
+            {"read_everything_f1": read_all, "rows": rows, "rules": rules, "verdicts": verdicts},
+            indent=2,
+        )
+        + "\n"  # fmt: skip
     )
-    print(
-        f"read everything: F1 {baseline['f1']:.2f}  EM {baseline['exact_match']:.2f}  "
-        f"({baseline['segments_read']:.1f} segments per question)\n"
-    )
-    print("| λ | F1 | EM | fraction read | segments read | ΔF1 vs read-everything |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| seed | λ | F1 | EM | fraction read | segments read | ΔF1 vs read-everything |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['lambda']:g} | {r['f1']:.2f} | {r['exact_match']:.2f} | "
+            f"| {r['seed']} | {r['lambda']:g} | {r['f1']:.2f} | {r['exact_match']:.2f} | "
             f"{r['fraction_read']:.3f} | {r['segments_read']:.1f} | "
-            f"{r['f1'] - baseline['f1']:+.2f} |"
+            f"{r['f1'] - read_all[r['seed']]:+.2f} |"
         )
-    print(f"\n{out / 'qa-sweep.png'}")
+    print("\n| seed | rule | rule's front points | not dominated by the learned front |")
+    print("|---:|---|---:|---|")
+    for v in verdicts:
+        miss = ", ".join(f"({x:.2f}, {y:.1f})" for x, y in v["not_dominated"]) or "none"
+        print(f"| {v['seed']} | {v['rule']} | {len(v['front'])} | {miss} |")
+    ok = all(not v["not_dominated"] for v in verdicts)
+    print(f"\nthe learned front dominates both rules on every seed: {'yes' if ok else 'NO'}")
+    print(f"{out / 'qa-sweep.png'}")
     return 0
 
 

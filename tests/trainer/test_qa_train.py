@@ -351,29 +351,48 @@ def test_sweep_and_bench_scripts_run_on_a_tiny_store(
         sys.path.pop(0)
     out = tmp_path / "sweep"
     tiny = [t for t in TINY if not t.startswith("checkpoint.keep_last")]
-    argv = ["--out", str(out), "--lambdas", "0,0.2", "--quiet", f"store={tiny_store}", *tiny]
+    argv = ["--out", str(out), "--lambdas", "0,0.2", "--seeds", "0,1", "--quiet",
+            f"store={tiny_store}", *tiny]  # fmt: skip
     assert qa_sweep.main(argv) == 0
     table = capsys.readouterr().out
-    assert "| 0.2 |" in table and (out / "qa-sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 1 | 0.2 |" in table and (out / "qa-sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 0 | first_k |" in table and "| 1 | margin |" in table
+    assert "dominates both rules on every seed:" in table
     sweep = json.loads((out / "sweep.json").read_text())
-    assert [r["lambda"] for r in sweep["rows"]] == [0.0, 0.2]
-    assert sweep["init"].endswith("final-supervised.pt")
+    assert [(r["seed"], r["lambda"]) for r in sweep["rows"]] == [
+        (0, 0.0),
+        (0, 0.2),
+        (1, 0.0),
+        (1, 0.2),
+    ]
+    assert {v["rule"] for v in sweep["verdicts"]} == {"first_k", "margin"}
+    assert len(sweep["rules"]["0"]["first_k"]) >= 2  # one point per k, per lambda run
 
     def stamps() -> dict[str, int]:
         return {
-            d.name: (d / "summary.json").stat().st_mtime_ns for d in out.iterdir() if d.is_dir()
-        }
+            f"{s.name}/{d.name}": (d / "summary.json").stat().st_mtime_ns
+            for s in out.iterdir() if s.is_dir() for d in s.iterdir() if d.is_dir()
+        }  # fmt: skip
 
     first = stamps()
     assert qa_sweep.main(argv) == 0  # the same sweep again: every run is reused
     assert stamps() == first
     assert qa_sweep.main([*argv, "stages.1.entropy_coef=0.02"]) == 0  # the hybrid stage changed
     again = stamps()
-    assert again["supervised"] == first["supervised"]
-    assert again["lambda-0"] != first["lambda-0"] and again["lambda-0.2"] != first["lambda-0.2"]
+    assert again["s0/supervised"] == first["s0/supervised"]
+    assert again["s0/lambda-0"] != first["s0/lambda-0"]
+    assert again["s1/lambda-0.2"] != first["s1/lambda-0.2"]
     capsys.readouterr()
     assert bench_qa.main(["--store", str(tiny_store), "--quick"]) == 0
-    assert "| supervised |" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "| supervised |" in text and "| inference, early exit |" in text
+    assert (
+        bench_qa.main(
+            ["--store", str(tiny_store), "--quick", "--run", str(out / "s0" / "lambda-0.2")]
+        )
+        == 0
+    )
+    assert "early exit (the reader of" in capsys.readouterr().out
 
 
 def test_keys_a_qa_run_would_ignore_are_refused_by_name(
@@ -404,3 +423,18 @@ def test_accumulated_bf16_run_through_the_cli(tiny_store: Path, tmp_path: Path) 
     extra = ckpt["loop"]["qa"]
     # questions drawn: batch_size x micro-batches x steps, per stage
     assert [e["examples"] for e in extra] == [4 * 2 * 4, 4 * 3 * 4]
+
+
+def test_pareto_fronts_and_dominance() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import qa_sweep
+    finally:
+        sys.path.pop(0)
+    pts = [(0.5, 60.0), (0.3, 50.0), (0.4, 49.0), (0.7, 60.0), (1.0, 70.0), (0.9, 65.0)]
+    assert qa_sweep.pareto(pts) == [(0.3, 50.0), (0.5, 60.0), (0.9, 65.0), (1.0, 70.0)]
+    front = qa_sweep.pareto(pts)
+    assert qa_sweep.dominated((0.6, 55.0), front, 0.0)  # (0.5, 60) reads less, scores more
+    assert not qa_sweep.dominated((0.45, 55.0), front, 0.0)
+    assert qa_sweep.dominated((0.45, 50.5), front, 1.0)  # (0.3, 50) within the slack
+    assert not qa_sweep.dominated((0.2, 10.0), front, 0.0)  # nothing reads that little
