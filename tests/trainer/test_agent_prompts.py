@@ -257,7 +257,7 @@ def test_store_rollouts_through_the_trainer(agent_store: Path, tmp_path: Path) -
     got = rows(out)
     train = [r for r in got if r["kind"] == "train" and r["stage"] == "reinforce"]
     assert len(train) == 2
-    for key in ("reward/rouge_l", "reward/token_f1", "sft_step_loss", "kl"):
+    for key in ("reward/rouge_l", "reward/token_f1", "sft_step_loss", "kl", "lr", "lr/value"):
         assert key in train[-1], key
     evals = [r for r in got if r["kind"] == "eval" and r["stage"] == "reinforce"]
     assert [r["step"] for r in evals] == [2, 4]  # at the stage's start, and its end
@@ -314,3 +314,30 @@ def test_shared_prefix_packing_scores_like_separate_rows(agent_store: Path, mode
     assert other is not None  # (they share the store's common start, no more)
     assert int(torch.unique(other.index[mixed.attention_mask.bool()]).numel()) > n_packed
     assert shared_prefix(batch, 3, min_saving=0.99) is None  # not worth a packed layout
+
+
+def test_a_bf16_rl_step_runs_under_autocast(agent_store: Path) -> None:
+    stage = store_stage(agent_store, reward="rouge_l", group_size=2)
+    store = open_sequence_store(agent_store)
+    bf16 = SFTStage(
+        stage.loaded, SFTParams(lr=1e-3), label_weights(store.label_names, {}), precision="bf16",
+        device=torch.device("cpu"), grad_clip=1.0, has_teacher=False,
+    )  # fmt: skip
+    stage = RLStage(
+        "ppo", bf16, stage.p, stage.setup, batch_size=2, total_steps=4,
+        reference=frozen_reference(stage.loaded),
+    )  # fmt: skip
+    seen = []
+    real = torch.nn.Linear.forward
+
+    def spy(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        out = real(self, x)
+        seen.append(out.dtype)
+        return out
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Linear, "forward", spy)
+        m = stage.update(0, iter(()))
+    assert torch.bfloat16 in seen  # the policy ran in bf16
+    assert all(np.isfinite(m[k]) for k in ("policy_loss", "value_loss", "kl", "approx_kl"))

@@ -716,6 +716,11 @@ class AgentTrainer(StagedTrainer):
             last["tokens"], last["trained"] = extra.tokens, extra.trained_tokens
             return {
                 "lr": float(algo.optimizers["model"].param_groups[0]["lr"]),
+                **{  # every other optimizer's (an RL stage's value head)
+                    f"lr/{name}": float(opt.param_groups[0]["lr"])
+                    for name, opt in algo.optimizers.items()
+                    if name != "model"
+                },
                 "steps_per_s": round(steps / seconds, 3),
                 "tokens_per_s": round(tok / seconds, 1),
                 "trained_tokens_per_s": round(trained / seconds, 1),
