@@ -28,6 +28,12 @@ data/raw/qa/.generated: scripts/make_qa_demo_data.py | $(STAMP)
 	$(PYTHON) scripts/make_qa_demo_data.py --out data/raw/qa
 	touch $@
 
+# The harder QA demo: more documents (a dev split of over 1,000 questions), other planted
+# facts (seed 1), and 3 distractor facts per document about near-miss creatures.
+data/raw/qa-hard/.generated: scripts/make_qa_demo_data.py | $(STAMP)
+	$(PYTHON) scripts/make_qa_demo_data.py --out data/raw/qa-hard --docs 2000 --distractors 3 --seed 1
+	touch $@
+
 # MuJoCo (Hopper-v5) logs in the D4RL style; needs the `mujoco` extra, which setup installs.
 data/raw/hopper/.generated: scripts/make_mujoco_data.py scripts/make_demo_data.py | $(STAMP)
 	$(PYTHON) scripts/make_mujoco_data.py --out data/raw
@@ -38,7 +44,7 @@ data/raw/agent/.generated: scripts/make_agent_data.py trainer/envs/*.py | $(STAM
 	$(PYTHON) scripts/make_agent_data.py --out data/raw
 	touch $@
 
-data: $(STAMP) data/raw/.generated data/raw/qa/.generated data/raw/hopper/.generated data/raw/agent/.generated
+data: $(STAMP) data/raw/.generated data/raw/qa/.generated data/raw/qa-hard/.generated data/raw/hopper/.generated data/raw/agent/.generated
 	@for spec in $(SPECS); do \
 		$(PYTHON) -m pipeline.build $$spec --out stores || exit 1; \
 	done

@@ -112,8 +112,32 @@ def _boundaries(words: list[str]) -> np.ndarray:
     return np.flatnonzero(ends[:-1]) + 1
 
 
-def make_doc(i: int, words: list[str], rng: np.random.Generator) -> Doc:
-    """One document: a slice of the corpus with 1-5 facts planted and their questions."""
+def _distractors(
+    facts: list[tuple[str, str, str, str]], k: int, rng: np.random.Generator
+) -> list[tuple[str, str, str, str]]:
+    """``k`` facts of the same kinds as the asked ones, about near-miss creatures (one word
+    of an asked creature changed), with their own answers; never a creature asked about."""
+    taken = {(a, n) for _, a, n, _ in facts}
+    out: list[tuple[str, str, str, str]] = []
+    for _ in range(100 * k):
+        if len(out) == k:
+            break
+        kind, adj, noun, _ = facts[int(rng.integers(len(facts)))]
+        if rng.random() < 0.5:
+            adj = ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]
+        else:
+            noun = NOUNS[int(rng.integers(len(NOUNS)))]
+        if (adj, noun) in taken:
+            continue
+        taken.add((adj, noun))
+        vocab = FACTS[kind][2]
+        out.append((kind, adj, noun, vocab[int(rng.integers(len(vocab)))]))
+    return out
+
+
+def make_doc(i: int, words: list[str], rng: np.random.Generator, distractors: int = 0) -> Doc:
+    """One document: a slice of the corpus with 1-5 facts planted and their questions (and
+    ``distractors`` unasked facts of the same kinds about near-miss creatures)."""
     n = int(np.exp(rng.uniform(np.log(MIN_WORDS), np.log(MAX_WORDS))))
     start = int(rng.integers(0, len(words) - n))
     body = words[start : start + n]
@@ -126,10 +150,20 @@ def make_doc(i: int, words: list[str], rng: np.random.Generator) -> Doc:
         kind = KINDS[int(rng.integers(len(KINDS)))]
         vocab = FACTS[kind][2]
         facts.append((kind, adj, noun, vocab[int(rng.integers(len(vocab)))]))
+    asked = len(facts)
+    if distractors:  # (no draw at all without them: the default data stay as they were)
+        facts += _distractors(facts, distractors, rng)
+        order = rng.permutation(len(facts))  # distractors anywhere, before or after
+    n_facts = len(facts)
     cand = _boundaries(body)
     if len(cand) < n_facts:
         cand = np.arange(1, len(body))
     where = np.sort(rng.choice(cand, size=n_facts, replace=False))
+    if distractors:
+        facts = [facts[j] for j in order.tolist()]
+        is_asked = [j < asked for j in order.tolist()]
+    else:
+        is_asked = [True] * n_facts
     pieces: list[str] = []
     answers: list[tuple[int, int]] = []  # (fact index, character start of the answer)
     pos = 0
@@ -152,6 +186,8 @@ def make_doc(i: int, words: list[str], rng: np.random.Generator) -> Doc:
     for f, at in answers:
         kind, adj, noun, answer = facts[f]
         assert context[at : at + len(answer)] == answer
+        if not is_asked[f]:
+            continue
         doc.qas.append(
             {
                 "id": f"qa-{i:04d}-{len(doc.qas):02d}",
@@ -162,9 +198,10 @@ def make_doc(i: int, words: list[str], rng: np.random.Generator) -> Doc:
         )
     if rng.random() < 0.5:
         planted = {(k, a, n) for k, a, n, _ in facts}
+        asked_facts = [f for f, a in zip(facts, is_asked) if a]
         for _ in range(100):
             if rng.random() < 0.5:  # a planted creature, another kind of fact
-                _, adj, noun, _ = facts[int(rng.integers(len(facts)))]
+                _, adj, noun, _ = asked_facts[int(rng.integers(len(asked_facts)))]
             else:
                 adj = ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]
                 noun = NOUNS[int(rng.integers(len(NOUNS)))]
@@ -227,11 +264,11 @@ def to_jsonl(docs: list[Doc]) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-def generate(n_docs: int, seed: int) -> tuple[list[Doc], list[Doc]]:
+def generate(n_docs: int, seed: int, distractors: int = 0) -> tuple[list[Doc], list[Doc]]:
     """(train documents, dev documents), deterministic from ``seed``."""
     rng = np.random.default_rng(seed)
     words = corpus_words()
-    docs = [make_doc(i, words, rng) for i in range(n_docs)]
+    docs = [make_doc(i, words, rng, distractors) for i in range(n_docs)]
     n_dev = max(1, int(round(n_docs * DEV_FRACTION))) if n_docs > 1 else 0
     train, dev = docs[: n_docs - n_dev], docs[n_docs - n_dev :]
     return train + bad_records(train[0]), dev
@@ -249,11 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="data/raw/qa", help="output directory (default data/raw/qa)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--docs", type=int, default=400, help="number of documents (default 400)")
+    ap.add_argument(
+        "--distractors", type=int, default=0,
+        help="unasked facts per document, of the asked kinds, about near-miss creatures",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.docs < 2:
         print("error: --docs must be at least 2 (one train and one dev document)", file=sys.stderr)
         return 2
-    train, dev = generate(args.docs, args.seed)
+    if args.distractors < 0:
+        print("error: --distractors must be 0 or more", file=sys.stderr)
+        return 2
+    train, dev = generate(args.docs, args.seed, args.distractors)
     out = Path(args.out)
     write(out, train, dev)
     for name, docs in (("train", train), ("dev", dev)):
