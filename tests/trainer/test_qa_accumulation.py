@@ -120,3 +120,31 @@ def test_bf16_autocast_trains_close_to_fp32_and_fp16_needs_cuda(
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         HybridStage(model, HybridParams(), seed=0, stream=0, answer_threshold=0.0,
                     precision="fp16", device="cpu")  # fmt: skip
+
+
+def test_token_dropout_touches_only_document_tokens_outside_the_answer(
+    store: SegmentStore,  # noqa: F811
+    arrays: QAArrays,  # noqa: F811
+) -> None:
+    from trainer.qa.data import drop_tokens
+
+    b = collate(arrays, np.arange(arrays.n_examples))
+    unk = int(store.special_tokens["unk"])
+    assert drop_tokens(b, 0.0, unk, torch.Generator()) is b
+    gen = torch.Generator().manual_seed(0)
+    d = drop_tokens(b, 0.5, unk, gen)
+    again = drop_tokens(b, 0.5, unk, torch.Generator().manual_seed(0))
+    assert torch.equal(d.input_ids, again.input_ids)  # a pure function of the generator
+    changed = d.input_ids != b.input_ids
+    eligible = 0
+    for i, t, w in zip(*np.nonzero(np.ones(b.input_ids.shape, dtype=bool))):  # a plain loop
+        st, en = int(b.start_target[i, t]), int(b.end_target[i, t])
+        in_answer = st > 0 and st <= w <= en
+        ok = bool(b.context_mask[i, t, w]) and not in_answer
+        eligible += ok and int(b.input_ids[i, t, w]) != unk
+        if changed[i, t, w]:
+            assert ok and int(d.input_ids[i, t, w]) == unk
+        elif not ok:
+            assert int(d.input_ids[i, t, w]) == int(b.input_ids[i, t, w])
+    assert 0.4 < int(changed.sum()) / eligible < 0.6
+    assert torch.equal(d.start_target, b.start_target)

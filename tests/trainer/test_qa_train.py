@@ -413,7 +413,7 @@ def test_keys_a_qa_run_would_ignore_are_refused_by_name(
 def test_accumulated_bf16_run_through_the_cli(tiny_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "acc"
     argv = [*overrides(tiny_store, out), "stages.0.grad_accumulation=2",
-            "stages.1.grad_accumulation=3", "precision=bf16"]  # fmt: skip
+            "stages.1.grad_accumulation=3", "precision=bf16", "stages.0.token_dropout=0.1"]  # fmt: skip
     assert main([str(CONFIG), *argv]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "bf16"

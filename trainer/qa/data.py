@@ -22,6 +22,7 @@ examples that the curriculum admits at that step, so a resumed run sees the same
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -233,3 +234,19 @@ class CurriculumSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
+
+
+def drop_tokens(batch: QABatch, p: float, unk_id: int, generator: torch.Generator) -> QABatch:
+    """Token dropout: each document token of ``batch`` becomes ``unk_id`` with probability
+    ``p``, except the gold answer's tokens (its span stays readable; the question, [CLS],
+    [SEP] and padding are never touched). A regulariser of the supervised span loss: a
+    reader cannot lean on memorised surface forms of a whole document."""
+    if p <= 0:
+        return batch
+    u = torch.rand(batch.input_ids.shape, generator=generator, device=generator.device)
+    pos = torch.arange(batch.input_ids.shape[-1], device=batch.input_ids.device)
+    st, en = batch.start_target[..., None], batch.end_target[..., None]
+    answer = (st > NO_ANSWER_POSITION) & (pos >= st) & (pos <= en)
+    drop = batch.context_mask & ~answer & (u.to(batch.input_ids.device) < p)
+    ids = torch.where(drop, torch.full_like(batch.input_ids, unk_id), batch.input_ids)
+    return dataclasses.replace(batch, input_ids=ids)

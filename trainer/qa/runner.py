@@ -71,7 +71,7 @@ from trainer.loop import (
 )
 from trainer.optim import OptimizerSpec, build_optimizer, make_schedulers
 from trainer.precision import make_scaler, precision_context
-from trainer.qa.data import CurriculumSampler, QAArrays, QABatch, collate
+from trainer.qa.data import CurriculumSampler, QAArrays, QABatch, collate, drop_tokens
 from trainer.qa.losses import (
     discounted_returns,
     entropy_bonus,
@@ -213,8 +213,12 @@ class SupervisedParams:
     # Micro-batches of batch_size questions summed per optimizer step: the gradient of one
     # batch of batch_size * grad_accumulation questions, in the memory of one micro-batch.
     grad_accumulation: int = 1
+    # Token dropout: each document token of a training batch becomes [UNK] with this
+    # probability (the gold answer's tokens never do); 0: off.
+    token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        self.token_dropout = _number("token_dropout", self.token_dropout, 0.0, 0.9)
         self.lr = _number("lr", self.lr, 0.0)
         self.weight_decay = _number("weight_decay", self.weight_decay, 0.0)
         _check_eval_every(self.eval_every)
@@ -273,9 +277,12 @@ class HybridParams:
     # whole step's questions; the halting episodes' advantages are normalised within each
     # micro-batch, whose policy and value losses weigh 1 / grad_accumulation each.
     grad_accumulation: int = 1
+    # Token dropout on the training batches, as in qa_supervised; 0: off.
+    token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         need_int("grad_accumulation", self.grad_accumulation, 1, "micro-batches per step")
+        self.token_dropout = _number("token_dropout", self.token_dropout, 0.0, 0.9)
         for key in ("qa_lr", "policy_lr", "weight_decay", "segment_cost", "value_coef"):
             setattr(self, key, _number(key, getattr(self, key), 0.0))
         for key in ("gamma", "gae_lambda"):
@@ -1064,15 +1071,26 @@ class QATrainer(StagedTrainer):
         """One training step of stage ``index`` at stage step ``s0``: a batch, one update."""
         extra = self.extra[index]
 
-        micro = self.params[index].grad_accumulation
+        p = self.params[index]
+        micro, dropout = p.grad_accumulation, p.token_dropout
+        unk = self.store.special_tokens.get("unk")
+        if dropout > 0 and unk is None:
+            raise RunError(
+                f"stages.{index}.token_dropout: the store's tokenizer has no [UNK] token"
+            )
+        gen = torch.Generator(device=self.device)
 
         def step(s0: int) -> dict[str, Any]:
             batches = []
-            for _ in range(micro):
+            for i in range(micro):
                 examples = sampler.sample()
                 extra.examples += len(examples)
                 extra.segments += int(self.arrays.n_segments[examples].sum())
-                batches.append(collate(self.arrays, examples).to(self.device))
+                batch = collate(self.arrays, examples).to(self.device)
+                if dropout > 0:  # a pure function of (seed, stage, step, micro-batch)
+                    gen.manual_seed(step_seed(self.cfg.seed, s0, stream=0x70D0 + 64 * index + i))
+                    batch = drop_tokens(batch, dropout, int(unk or 0), gen)
+                batches.append(batch)
             metrics = algo.update(batches, s0)
             metrics["curriculum/max_segments"] = float(sampler.limit(s0))
             return metrics
