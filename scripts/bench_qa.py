@@ -95,13 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     reader = model
     if args.run:  # a trained reader for the inference rows (its halting policy)
         from trainer.checkpoint import load_checkpoint
+        from trainer.qa.answer import AnswerError, run_checkpoint
 
-        ckpts = sorted(Path(args.run, "checkpoints").glob("best-*.pt")) or sorted(
-            Path(args.run, "checkpoints").glob("final-*.pt")
-        )
-        if not ckpts:
-            raise SystemExit(f"--run: {args.run}/checkpoints has no best-*.pt or final-*.pt")
-        ckpt = load_checkpoint(ckpts[-1])
+        try:
+            ckpt = load_checkpoint(run_checkpoint(Path(args.run)))
+        except AnswerError as e:
+            raise SystemExit(f"--run: {e}") from None
         reader = MemoryReader(ReaderConfig(**ckpt["meta"]["reader"]))  # the run's sizes
         reader.load_state_dict(ckpt["algo_state"])
     rng = np.random.default_rng(args.seed)

@@ -156,6 +156,12 @@ def test_answer_cli_segments_a_document_as_the_store_did_and_answers_as_evaluati
     )
     st = open_segment_store(store_path)
     reader = Reader(run)
+    # the reader of the last stage (the one with a trained halting head), not the first's
+    from trainer.checkpoint import load_checkpoint
+
+    want_state = load_checkpoint(run / "checkpoints" / "best-hybrid.pt")["algo_state"]
+    for k, v in reader.model.state_dict().items():
+        assert torch.equal(v, want_state[k]), k
     qa = QAArrays.from_store(st)
     ex = st.examples
     doc = int(ex.doc_index[0])

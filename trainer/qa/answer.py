@@ -47,16 +47,25 @@ class Answer:
         return d
 
 
-def _checkpoint(run: Path, which: str) -> Path:
+def run_checkpoint(run: Path, which: str = "best") -> Path:
+    """The checkpoint of a QA run's last stage (``best`` or ``final``), or ``which`` as a
+    path. The last stage holds the halting head the run trained."""
     if which not in ("best", "final"):
         path = Path(which)
         if not path.is_file():
             raise AnswerError(f"--checkpoint: {which} is not a file")
         return path
-    found = sorted((run / "checkpoints").glob(f"{which}-*.pt"))
-    if not found:
-        raise AnswerError(f"{run}: no {which}-*.pt in {run / 'checkpoints'} (is it a QA run?)")
-    return found[-1]  # the last stage's (names sort in stage order for the demo's stages)
+    from trainer.config import load_config
+
+    try:
+        names = [st.name for st in load_config(run / "config.yaml").stages]
+    except (ConfigError, OSError) as e:
+        raise AnswerError(f"{run}: {e}") from None
+    for name in reversed(names):  # a stage the run did not reach has no checkpoint yet
+        path = run / "checkpoints" / f"{which}-{name}.pt"
+        if path.is_file():
+            return path
+    raise AnswerError(f"{run}: no {which}-STAGE.pt in {run / 'checkpoints'} (is it a QA run?)")
 
 
 class Reader:
@@ -83,7 +92,7 @@ class Reader:
             self.store = open_segment_store(cfg.store)
         except Exception as e:  # noqa: BLE001 - the store's own one-line errors
             raise AnswerError(f"{run}: its store {cfg.store} cannot be opened: {e}") from None
-        ckpt = load_checkpoint(_checkpoint(run, checkpoint))
+        ckpt = load_checkpoint(run_checkpoint(run, checkpoint))
         meta = ckpt.get("meta", {})
         if meta.get("kind") != "qa":
             raise AnswerError(f"{run}: the checkpoint is not a QA reader's")
