@@ -5,13 +5,16 @@
 hidden states, trained on them detached, so only the policy loss moves the body):
 
 1. sample ``batch_size`` seeds x ``group_size`` episodes of the student in the store's
-   environment (:func:`trainer.agent.rollouts.collect`, temperature / top-k / top-p);
+   environment (:func:`trainer.agent.rollouts.collect`, temperature / top-k / top-p), or,
+   with ``rollouts: store``, ``batch_size`` policy turns of the store x ``group_size``
+   samples after their stored context (:func:`trainer.agent.prompts.collect_prompts`);
 2. score each policy turn with the REWARD of the stage (:mod:`trainer.rewards`: the turn's
    text, the environment's reward for it, success on the episode's last turn, the tokens
    it wrote), logged per component as ``reward/NAME``;
 3. score the written tokens under the policy (the rollout policy, ``logp_old``) and under
    the frozen reference (the SFT weights: with LoRA the base with the adapter disabled, no
-   second copy), and the value head;
+   second copy), and the value head; a group whose samples share their prompt is scored
+   as one packed row (:func:`trainer.agent.rollouts.shared_prefix`);
 4. ``ppo``: a per-token KL penalty ``-kl_coef * (logp_old - logp_ref)`` on every written
    token and each turn's reward on its last token, GAE over the written tokens
    (:func:`trainer.rl_losses.token_gae`), whitened advantages, then ``ppo_epochs`` passes of
@@ -21,7 +24,8 @@ hidden states, trained on them detached, so only the policy loss moves the body)
    one gradient step;
 5. in both, ``sft_weight`` (from ``sft_weight`` to ``sft_weight_end`` over the stage, a
    curriculum from SFT-heavy to RL-heavy) times the SAD loss of a batch of the store keeps
-   a supervised anchor;
+   a supervised anchor, and ``sft_every`` puts a plain SFT step after every N RL steps (N
+   moving to ``sft_every_end``);
 6. the KL coefficient is fixed or adapts towards ``kl_target``
    (:class:`trainer.rl_losses.AdaptiveKLController`).
 
