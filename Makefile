@@ -63,11 +63,13 @@ demo: data
 	$(PYTHON) -m trainer.train configs/pendulum-bc-iql.yaml --overwrite
 	$(PYTHON) -m trainer.compare runs/pendulum-bc-iql --out runs/compare.png
 
-# F1 against the fraction of segments read across lambda: one supervised reader, one hybrid
-# run per lambda (LAMBDAS), runs/qa-sweep/qa-sweep.png and the table in Markdown.
+# F1 against the fraction of segments read across lambda, beside the simple halting rules:
+# per seed (SEEDS) one supervised reader and one hybrid run per lambda (LAMBDAS),
+# runs/qa-sweep/qa-sweep.png and the tables in Markdown.
 LAMBDAS ?= 0,0.005,0.01,0.02,0.05,0.1,0.2
+SEEDS ?= 0
 qa-sweep: data
-	$(PYTHON) scripts/qa_sweep.py --lambdas $(LAMBDAS) --out runs/qa-sweep $(ARGS)
+	$(PYTHON) scripts/qa_sweep.py --lambdas $(LAMBDAS) --seeds $(SEEDS) --out runs/qa-sweep $(ARGS)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
