@@ -85,6 +85,17 @@ def need_number(name: str, v: Any, what: str) -> None:
         raise ConfigError(f"{name}: must be a number ({what}), got {v!r}")
 
 
+def need_in_range(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
+    """``v`` as a float; a ConfigError naming ``name`` unless it is a finite number (not a
+    bool) in ``[lo, hi]`` (None: open on that side)."""
+    if not _is_number(v) or not math.isfinite(v):
+        raise ConfigError(f"{name}: must be a number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{name}: must be in {rng}, got {v}")
+    return float(v)
+
+
 def need_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
     """A ConfigError naming ``name`` unless ``v`` is one of ``choices``."""
     if v not in choices:

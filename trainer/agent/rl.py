@@ -58,7 +58,7 @@ from trainer.agent.rollouts import (
     to_batch,
     token_logprobs,
 )
-from trainer.config import ConfigError, need_int
+from trainer.config import ConfigError, need_in_range, need_int
 from trainer.rewards import RewardError, RewardInput, build_reward
 from trainer.rl_losses import (
     AdaptiveKLController,
@@ -92,14 +92,6 @@ ROLLOUTS = ("auto", "env", "store")
 # Reward leaves that need the environment, and those that compare with the store's turn.
 ENV_LEAVES = ("env_return", "success")
 TARGET_LEAVES = ("exact_match", "token_f1", "bleu", "rouge_l")
-
-
-def _num(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-        raise ConfigError(f"{name}: must be a number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ConfigError(f"{name}: must be in [{lo}, {hi}], got {v}")
-    return float(v)
 
 
 @dataclass
@@ -176,26 +168,26 @@ class RLParams:
     def __post_init__(self) -> None:
         for k in ("lr", "value_lr", "weight_decay", "temperature", "vf_coef", "kl_coef",
                   "entropy_coef", "entropy_floor", "sft_weight"):  # fmt: skip
-            _num(k, getattr(self, k), 0.0)
+            need_in_range(k, getattr(self, k), 0.0)
         if self.temperature <= 0:
             raise ConfigError("temperature: must be > 0 for sampled rollouts")
-        _num("top_p", self.top_p, 0.0, 1.0)
+        need_in_range("top_p", self.top_p, 0.0, 1.0)
         need_int("top_k", self.top_k, 0, "0 for no top-k")
         need_int("group_size", self.group_size, 1, "episodes per seed")
         need_int("ppo_epochs", self.ppo_epochs, 1, "passes per rollout batch")
         need_int("minibatch_episodes", self.minibatch_episodes, 1, "episodes per minibatch")
         need_int("sft_batch_size", self.sft_batch_size, 1, "episodes of the anchor batch")
         need_int("seed_base", self.seed_base, 0, "first training seed")
-        _num("clip", self.clip, 0.0, 1.0)
-        _num("gamma", self.gamma, 0.0, 1.0)
-        _num("lam", self.lam, 0.0, 1.0)
-        _num("entropy_decay", self.entropy_decay, 0.0, 1.0)
-        _num("reward_ema_decay", self.reward_ema_decay, 0.0, 1.0)
+        need_in_range("clip", self.clip, 0.0, 1.0)
+        need_in_range("gamma", self.gamma, 0.0, 1.0)
+        need_in_range("lam", self.lam, 0.0, 1.0)
+        need_in_range("entropy_decay", self.entropy_decay, 0.0, 1.0)
+        need_in_range("reward_ema_decay", self.reward_ema_decay, 0.0, 1.0)
         if self.value_clip is not None:
-            _num("value_clip", self.value_clip, 0.0)
+            need_in_range("value_clip", self.value_clip, 0.0)
         if self.kl_target is not None:
-            _num("kl_target", self.kl_target, 0.0)
-        _num("kl_horizon", self.kl_horizon, 1.0)
+            need_in_range("kl_target", self.kl_target, 0.0)
+        need_in_range("kl_horizon", self.kl_horizon, 1.0)
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator: one of k1, k2, k3, got {self.kl_estimator!r}")
         if not isinstance(self.eval_at_start, bool):
@@ -205,7 +197,7 @@ class RLParams:
         if self.baseline not in BASELINES:
             raise ConfigError(f"baseline: one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.sft_weight_end is not None:
-            _num("sft_weight_end", self.sft_weight_end, 0.0)
+            need_in_range("sft_weight_end", self.sft_weight_end, 0.0)
         for k in ("sft_every", "sft_every_end"):
             v = getattr(self, k)
             if v is not None:

@@ -48,7 +48,14 @@ from trainer.agent.data import BucketSampler, SequenceArrays, collate, packed_at
 from trainer.agent.evaluation import offline_metrics, play_online
 from trainer.agent.losses import label_weights, sad_loss
 from trainer.checkpoint import CheckpointError, load_checkpoint, seed_everything
-from trainer.config import ConfigError, StageConfig, TrainConfig, build_section, need_int
+from trainer.config import (
+    ConfigError,
+    StageConfig,
+    TrainConfig,
+    build_section,
+    need_in_range,
+    need_int,
+)
 from trainer.logging import mark_panel, save_panels, stage_starts
 from trainer.loop import RunError, StagedTrainer
 from trainer.optim import OptimizerSpec, build_optimizer, make_schedulers
@@ -57,15 +64,6 @@ from trainer.samplers import step_seed
 AGENT_METRIC = "eval/action_accuracy"  # early_stopping.metric auto, offline
 ONLINE_METRIC = "eval/success_rate"  # ... and when the store's environment is played
 _RESUME_FIXED = ("store", "seed", "stages", "model", "precision", "agent", "store_hash")
-
-
-def _number(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-        raise ConfigError(f"{name}: must be a number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ConfigError(f"{name}: must be in {rng}, got {v}")
-    return float(v)
 
 
 # --------------------------------------------------------------------------- settings
@@ -102,14 +100,14 @@ class AgentSettings:
     export_merged: bool = True
 
     def __post_init__(self) -> None:
-        _number("eval_fraction", self.eval_fraction, 0.0, 0.9)
+        need_in_range("eval_fraction", self.eval_fraction, 0.0, 0.9)
         need_int("split_seed", self.split_seed, 0, "the held-out split's seed")
         if self.eval_max_episodes is not None:
             need_int("eval_max_episodes", self.eval_max_episodes, 1, "or null for all")
         need_int("eval_batch_size", self.eval_batch_size, 1, "episodes per forward pass")
         need_int("eval_turns", self.eval_turns, 0, "held-out turns decoded, 0 for none")
         need_int("max_new_tokens", self.max_new_tokens, 1, "tokens per generated turn")
-        _number("temperature", self.temperature, 0.0)
+        need_in_range("temperature", self.temperature, 0.0)
         for key in ("env_role", "teacher"):
             v = getattr(self, key)
             if v is not None and not isinstance(v, str):
@@ -129,7 +127,7 @@ class Curriculum:
     def __post_init__(self) -> None:
         if self.start_tokens is not None:
             need_int("start_tokens", self.start_tokens, 1, "or null for no curriculum")
-        _number("full_at", self.full_at, 0.0, 1.0)
+        need_in_range("full_at", self.full_at, 0.0, 1.0)
 
 
 @dataclass
@@ -161,8 +159,8 @@ class SFTParams:
     eval_every: int | None = None
 
     def __post_init__(self) -> None:
-        _number("lr", self.lr, 0.0)
-        _number("weight_decay", self.weight_decay, 0.0)
+        need_in_range("lr", self.lr, 0.0)
+        need_in_range("weight_decay", self.weight_decay, 0.0)
         if (
             not isinstance(self.betas, list | tuple)
             or len(self.betas) != 2
@@ -175,7 +173,7 @@ class SFTParams:
                 f"span_weights: must map span names to weights, e.g. {{reasoning: 0.5, "
                 f"action: 1.0}}, got {self.span_weights!r}"
             )
-        _number("distill_weight", self.distill_weight, 0.0)
+        need_in_range("distill_weight", self.distill_weight, 0.0)
         need_int("grad_accumulation", self.grad_accumulation, 1, "micro-batches per step")
         if not isinstance(self.pack, bool):
             raise ConfigError(f"pack: must be true or false, got {self.pack!r}")
@@ -185,7 +183,7 @@ class SFTParams:
         if isinstance(self.curriculum, dict):
             self.curriculum = build_section(Curriculum, self.curriculum, "curriculum")
         if self.epochs is not None:
-            _number("epochs", self.epochs, 0.0)
+            need_in_range("epochs", self.epochs, 0.0)
             if self.epochs <= 0:
                 raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
         if self.eval_every is not None:

@@ -63,7 +63,14 @@ from trainer.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from trainer.config import ConfigError, StageConfig, TrainConfig, build_section, need_int
+from trainer.config import (
+    ConfigError,
+    StageConfig,
+    TrainConfig,
+    build_section,
+    need_in_range,
+    need_int,
+)
 from trainer.logging import mark_panel, save_panels, stage_starts
 from trainer.loop import (
     RunError,
@@ -90,15 +97,6 @@ from trainer.samplers import step_seed
 
 QA_METRIC = "eval/combined"
 _RESUME_FIXED = ("store", "seed", "stages", "qa", "store_hash")
-
-
-def _number(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-        raise ConfigError(f"{name}: must be a number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ConfigError(f"{name}: must be in {rng}, got {v}")
-    return float(v)
 
 
 # --------------------------------------------------------------------------- settings
@@ -145,12 +143,12 @@ class QASettings:
                 f"eval_max_examples: must be an integer >= 1 or null, got {self.eval_max_examples!r}"
             )
         need_int("eval_batch_size", self.eval_batch_size, 1)
-        self.f1_weight = _number("f1_weight", self.f1_weight, 0.0, 1.0)
-        self.answer_threshold = _number("answer_threshold", self.answer_threshold)
-        self.halt_threshold = _number("halt_threshold", self.halt_threshold, 0.0, 1.0)
+        self.f1_weight = need_in_range("f1_weight", self.f1_weight, 0.0, 1.0)
+        self.answer_threshold = need_in_range("answer_threshold", self.answer_threshold)
+        self.halt_threshold = need_in_range("halt_threshold", self.halt_threshold, 0.0, 1.0)
         if not isinstance(self.restore_best, bool):
             raise ConfigError(f"restore_best: must be true or false, got {self.restore_best!r}")
-        self.policy_holdout = _number("policy_holdout", self.policy_holdout, 0.0, 1.0)
+        self.policy_holdout = need_in_range("policy_holdout", self.policy_holdout, 0.0, 1.0)
         if self.policy_holdout >= 1.0:
             raise ConfigError(
                 "policy_holdout: must be below 1 (the supervised stages need documents too)"
@@ -188,7 +186,7 @@ class Curriculum:
             raise ConfigError(
                 f"start_segments: must be an integer >= 1 or null, got {self.start_segments!r}"
             )
-        self.full_at = _number("full_at", self.full_at, 0.0, 1.0)
+        self.full_at = need_in_range("full_at", self.full_at, 0.0, 1.0)
 
 
 def _check_eval_every(v: Any) -> None:
@@ -218,9 +216,9 @@ class SupervisedParams:
     token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self.token_dropout = _number("token_dropout", self.token_dropout, 0.0, 0.9)
-        self.lr = _number("lr", self.lr, 0.0)
-        self.weight_decay = _number("weight_decay", self.weight_decay, 0.0)
+        self.token_dropout = need_in_range("token_dropout", self.token_dropout, 0.0, 0.9)
+        self.lr = need_in_range("lr", self.lr, 0.0)
+        self.weight_decay = need_in_range("weight_decay", self.weight_decay, 0.0)
         _check_eval_every(self.eval_every)
         need_int("grad_accumulation", self.grad_accumulation, 1, "micro-batches per step")
 
@@ -282,20 +280,20 @@ class HybridParams:
 
     def __post_init__(self) -> None:
         need_int("grad_accumulation", self.grad_accumulation, 1, "micro-batches per step")
-        self.token_dropout = _number("token_dropout", self.token_dropout, 0.0, 0.9)
+        self.token_dropout = need_in_range("token_dropout", self.token_dropout, 0.0, 0.9)
         for key in ("qa_lr", "policy_lr", "weight_decay", "segment_cost", "value_coef"):
-            setattr(self, key, _number(key, getattr(self, key), 0.0))
+            setattr(self, key, need_in_range(key, getattr(self, key), 0.0))
         for key in ("gamma", "gae_lambda"):
-            setattr(self, key, _number(key, getattr(self, key), 0.0, 1.0))
+            setattr(self, key, need_in_range(key, getattr(self, key), 0.0, 1.0))
         if self.advantage not in ("gae", "reinforce"):
             raise ConfigError(f"advantage: must be gae or reinforce, got {self.advantage!r}")
         if not isinstance(self.normalize_advantages, bool):
             raise ConfigError("normalize_advantages: must be true or false")
-        self.entropy_coef = _number("entropy_coef", self.entropy_coef, 0.0)
-        self.entropy_decay = _number("entropy_decay", self.entropy_decay, 0.0, 1.0)
-        self.entropy_floor = _number("entropy_floor", self.entropy_floor, 0.0)
-        self.sl_weight = _number("sl_weight", self.sl_weight, 0.0)
-        self.halt_bias_init = _number("halt_bias_init", self.halt_bias_init)
+        self.entropy_coef = need_in_range("entropy_coef", self.entropy_coef, 0.0)
+        self.entropy_decay = need_in_range("entropy_decay", self.entropy_decay, 0.0, 1.0)
+        self.entropy_floor = need_in_range("entropy_floor", self.entropy_floor, 0.0)
+        self.sl_weight = need_in_range("sl_weight", self.sl_weight, 0.0)
+        self.halt_bias_init = need_in_range("halt_bias_init", self.halt_bias_init)
         need_int("episodes_per_question", self.episodes_per_question, 1)
         need_int("value_warmup_steps", self.value_warmup_steps, 0)
         _check_eval_every(self.eval_every)
