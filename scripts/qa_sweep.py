@@ -13,7 +13,9 @@ the config's ``qa_hybrid`` stage is trained from it with ``segment_cost = lambda
 ``OUT/s<seed>/lambda-<value>`` (a finished run from the same checkpoint bytes and config is
 reused unless ``--overwrite``); its evaluation on the dev split is read from its
 ``summary.json``, with the same reader under the simple halting rules (``halting_rules``):
-read the first k segments, and halt once the best answer margin passes tau.
+read the first k segments, and halt once the best answer margin passes tau; and the learned
+policy with its halting threshold swept (a run trained before a rule existed has its rules
+worked out again from its final checkpoint, once).
 
 Writes ``OUT/qa-sweep.png`` (F1 against fraction read: the learned policy's points, the two
 rules' points, each family's Pareto front, the read-everything F1 and the "30% fewer
@@ -163,12 +165,46 @@ def dominated(point: tuple[float, float], front: list[tuple[float, float]], tol:
     return any(x <= point[0] + 1e-9 and y >= point[1] - tol for x, y in front)
 
 
-def rule_points(summary: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+RULES = ("first_k", "margin", "learned_threshold")
+RULES_FILE = "halting-rules.json"  # rules worked out again for a run whose summary lacks some
+
+
+def halting_rules(run: Path, summary: dict[str, Any], log: Any) -> dict[str, Any]:
+    """The hybrid stage's ``halting_rules`` of a finished run. A run trained before a rule
+    existed has them worked out again from its final checkpoint (the reader its summary
+    evaluated), once: they are kept in ``RULES_FILE`` beside it, under that checkpoint's
+    digest."""
     rules = next(st["halting_rules"] for st in summary["stages"] if st.get("halting_rules"))
-    return {
-        "first_k": [(r["fraction_read"], r["f1"]) for r in rules["first_k"]],
-        "margin": [(r["fraction_read"], r["f1"]) for r in rules["margin"]],
-    }
+    if all(k in rules for k in RULES):
+        return dict(rules)
+    from trainer.qa.answer import Reader, run_checkpoint
+
+    digest = file_digest(run_checkpoint(run, "final"))
+    cache = run / RULES_FILE
+    if cache.is_file():
+        kept = json.loads(cache.read_text(encoding="utf-8"))
+        if kept.get("checkpoint_sha256") == digest:
+            return dict(kept["halting_rules"])
+    log(f"{run}: working out the halting rules again from its final checkpoint")
+    import torch
+
+    from trainer.qa.data import QAArrays
+    from trainer.qa.runner import QAEvaluator
+
+    reader = Reader(run, "final")
+    s, store = reader.settings, reader.store
+    examples = store.split_indices(s.eval_split)[: s.eval_max_examples]
+    ev = QAEvaluator(store, QAArrays.from_store(store), examples, s, torch.device("cpu"))
+    rules = ev.halting_rules(reader.model)
+    cache.write_text(
+        json.dumps({"checkpoint_sha256": digest, "halting_rules": rules}, indent=1) + "\n",
+        encoding="utf-8",
+    )
+    return dict(rules)
+
+
+def rule_points(rules: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    return {k: [(r["fraction_read"], r["f1"]) for r in rules[k]] for k in RULES}
 
 
 def plot(
@@ -189,6 +225,7 @@ def plot(
         ("learned policy (λ sweep)", [(r["fraction_read"], r["f1"]) for r in rows], "C0", "o"),
         ("first k segments", rules["first_k"], "C1", "s"),
         ("margin > τ", rules["margin"], "C2", "^"),
+        ("learned policy, halt threshold swept", rules["learned_threshold"], "C4", "."),
     ]
     for ax, zoom in zip(axes, (False, True)):
         for label, pts, color, marker in families:
@@ -264,14 +301,14 @@ def main(argv: list[str] | None = None) -> int:
             sdir = out / f"s{seed}"
             init = Path(args.init) if args.init else train_supervised(raw, sdir / "supervised", log)
             init_digest = file_digest(init)
-            rules[seed] = {"first_k": [], "margin": []}
+            rules[seed] = {k: [] for k in RULES}
             for lam in args.lambdas:
                 log(f"seed {seed}, lambda {lam:g} ...")
                 run = sdir / f"lambda-{lam:g}"
                 s = train_hybrid(raw, init, init_digest, lam, run, args.overwrite, log)
                 h, b = s["hybrid"], s["baseline"]
                 read_all.setdefault(seed, b["f1"])
-                for k, pts in rule_points(s).items():
+                for k, pts in rule_points(halting_rules(run, s, log)).items():
                     rules[seed][k] += pts
                 rows.append({
                     "seed": seed, "lambda": lam, "f1": h["f1"], "exact_match": h["exact_match"],
@@ -281,17 +318,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         print(f"qa_sweep: error: {e}", file=sys.stderr)
         return 2
-    union = {k: [p for r in rules.values() for p in r[k]] for k in ("first_k", "margin")}
+    union = {k: [p for r in rules.values() for p in r[k]] for k in RULES}
     mean_read_all = sum(read_all.values()) / len(read_all)
     plot(rows, union, mean_read_all, out / "qa-sweep.png",
          f"QA reader: F1 vs segments read ({args.config}, seeds {args.seeds})")  # fmt: skip
     verdicts = []
     for seed in args.seeds:
-        learned = pareto([(r["fraction_read"], r["f1"]) for r in rows if r["seed"] == seed])
+        points = [(r["fraction_read"], r["f1"]) for r in rows if r["seed"] == seed]
+        learned = pareto(points)
+        swept = pareto(points + rules[seed]["learned_threshold"])
         for k in ("first_k", "margin"):
             front = [p for p in pareto(rules[seed][k]) if p[0] < 1.0 - 1e-9]  # not read-all
-            beaten = [p for p in front if not dominated(p, learned, args.tol)]
-            verdicts.append({"seed": seed, "rule": k, "front": front, "not_dominated": beaten})
+            verdicts.append({
+                "seed": seed, "rule": k, "front": front,
+                "not_dominated": [p for p in front if not dominated(p, learned, args.tol)],
+                "not_dominated_swept": [p for p in front if not dominated(p, swept, args.tol)],
+            })  # fmt: skip
     (out / "sweep.json").write_text(
         json.dumps(
             {"read_everything_f1": read_all, "rows": rows, "rules": rules, "verdicts": verdicts},
@@ -307,13 +349,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['fraction_read']:.3f} | {r['segments_read']:.1f} | "
             f"{r['f1'] - read_all[r['seed']]:+.2f} |"
         )
-    print("\n| seed | rule | rule's front points | not dominated by the learned front |")
-    print("|---:|---|---:|---|")
+    print(
+        "\n| seed | rule | rule's front points | not dominated by the learned λ front "
+        "| not dominated with the learned policy's threshold swept too |"
+    )
+    print("|---:|---|---:|---|---|")
     for v in verdicts:
-        miss = ", ".join(f"({x:.2f}, {y:.1f})" for x, y in v["not_dominated"]) or "none"
-        print(f"| {v['seed']} | {v['rule']} | {len(v['front'])} | {miss} |")
-    ok = all(not v["not_dominated"] for v in verdicts)
-    print(f"\nthe learned front dominates both rules on every seed: {'yes' if ok else 'NO'}")
+        miss = [
+            ", ".join(f"({x:.2f}, {y:.1f})" for x, y in v[key]) or "none"
+            for key in ("not_dominated", "not_dominated_swept")
+        ]
+        print(f"| {v['seed']} | {v['rule']} | {len(v['front'])} | {miss[0]} | {miss[1]} |")
+    for key, what in (("not_dominated", "λ"), ("not_dominated_swept", "λ and threshold")):
+        ok = all(not v[key] for v in verdicts)
+        print(
+            f"the learned front ({what}) dominates both rules on every seed: "
+            f"{'yes' if ok else 'NO'}"
+        )
     print(f"{out / 'qa-sweep.png'}")
     return 0
 

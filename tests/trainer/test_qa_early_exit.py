@@ -218,7 +218,7 @@ def test_halting_rules_match_a_plain_per_example_loop(
     ev = QAEvaluator(store, arrays, examples, settings, torch.device("cpu"))
     rules = ev.halting_rules(model, n_taus=5)
     # each example alone: its margins and spans per segment, walked in plain loops
-    per = []
+    per, p_halt = [], []
     for e in examples.tolist():
         b = collate(arrays, np.array([e]))
         with torch.no_grad():
@@ -228,6 +228,7 @@ def test_halting_rules_match_a_plain_per_example_loop(
         per.append((e, n, out.margin[0, :n].tolist(),
                     [(int(out.span_start[0, t]) + off[t], int(out.span_end[0, t]) + off[t])
                      for t in range(n)]))  # fmt: skip
+        p_halt.append(torch.sigmoid(out.halt_logit[0, :n]).tolist())
 
     def score(read: list[int]) -> tuple[float, float]:
         f1s, fr = [], []
@@ -259,6 +260,15 @@ def test_halting_rules_match_a_plain_per_example_loop(
         f1, fr = score(read)
         assert (row["f1"], row["fraction_read"]) == pytest.approx((f1, fr)), row
     assert rules["margin"][-1]["fraction_read"] == 1.0  # the last tau: never passed
+    for row in rules["learned_threshold"]:  # the policy's own halt, threshold moved
+        read = []
+        for (_, n, _, _), ps in zip(per, p_halt):
+            passed = [t + 1 for t in range(n) if ps[t] > row["halt_threshold"]]
+            read.append(passed[0] if passed else n)
+        f1, fr = score(read)
+        assert (row["f1"], row["fraction_read"]) == pytest.approx((f1, fr)), row
+    assert rules["learned_threshold"][-1]["fraction_read"] == 1.0
+    assert len({r["fraction_read"] for r in rules["learned_threshold"]}) > 2
     assert len({r["fraction_read"] for r in rules["margin"]}) > 2  # the taus spread the reads
     row = ev(model, halting=True)
     assert rules["learned"]["f1"] == pytest.approx(row["eval/f1"])

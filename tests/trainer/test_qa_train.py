@@ -367,6 +367,28 @@ def test_sweep_and_bench_scripts_run_on_a_tiny_store(
     ]
     assert {v["rule"] for v in sweep["verdicts"]} == {"first_k", "margin"}
     assert len(sweep["rules"]["0"]["first_k"]) >= 2  # one point per k, per lambda run
+    assert len(sweep["rules"]["1"]["learned_threshold"]) >= 2
+    assert all("not_dominated_swept" in v for v in sweep["verdicts"])
+
+    # a run trained before a rule existed: its rules are worked out again from its checkpoint
+    run = out / "s1" / "lambda-0.2"
+    summary = json.loads((run / "summary.json").read_text())
+    rules = next(st["halting_rules"] for st in summary["stages"] if st.get("halting_rules"))
+    del rules["learned_threshold"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert qa_sweep.main(argv) == 0
+    kept = json.loads((run / qa_sweep.RULES_FILE).read_text())["halting_rules"]
+
+    def numbers(x: object) -> list[float]:
+        if isinstance(x, dict):
+            return [v for k in sorted(x) for v in numbers(x[k])]
+        if isinstance(x, list):
+            return [v for item in x for v in numbers(item)]
+        return [float(x)] if isinstance(x, (int, float)) else []  # not the run paths
+
+    assert numbers(kept["margin"]) == pytest.approx(numbers(rules["margin"]))
+    assert numbers(json.loads((out / "sweep.json").read_text())) == pytest.approx(numbers(sweep))
+    capsys.readouterr()
 
     def stamps() -> dict[str, int]:
         return {

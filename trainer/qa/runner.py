@@ -610,6 +610,19 @@ class _Reads:
     agreement: float = 1.0  # early exit = the halt simulated on the full read (fraction)
 
 
+def _midpoint_thresholds(score: np.ndarray, n: int) -> list[float]:
+    """``n`` thresholds at the quantiles (5% to 95%) of the finite values of ``score``, each
+    halfway between two of them and never on one (a rule's halt must not hang on the last
+    bits of a value), and one above them all (never passed: read everything)."""
+    real = np.unique(score[np.isfinite(score)])  # sorted
+    q = np.quantile(real, np.linspace(0.05, 0.95, n))
+    above = np.minimum(np.searchsorted(real, q, side="right"), len(real) - 1)
+    below = np.maximum(above - 1, 0)
+    thresholds = sorted(set(((real[below] + real[above]) / 2).tolist()))
+    thresholds.append(float(real.max()) + 1.0)
+    return thresholds
+
+
 class QAEvaluator:
     """F1 / exact match / segments read of a reader on a fixed set of examples."""
 
@@ -705,11 +718,14 @@ class QAEvaluator:
         far passes tau (taus at ``n_taus`` quantiles of the segments' margins, and one above
         them all: read everything); beside the learned policy's point. One full read of the
         examples; every rule's halt is worked out from it (the answers an early exit at the
-        same halt gives, see :meth:`MemoryReader.read_early_exit`)."""
+        same halt gives, see :meth:`MemoryReader.read_early_exit`). ``learned_threshold``
+        is the learned policy itself with its halting threshold swept the same way (its
+        halting probabilities' quantiles): the curve a user gets from one trained policy
+        by moving ``qa.halt_threshold``."""
         s = self.settings
         was_training = model.training
         model.eval()
-        cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
+        cols: list[list[np.ndarray]] = [[], [], [], [], [], [], []]
         try:
             with torch.no_grad():
                 for i in range(0, len(self.examples), s.eval_batch_size):
@@ -727,11 +743,12 @@ class QAEvaluator:
                         batch.example_index, batch.n_segments, greedy,
                         F.pad(out.margin, (0, pad), value=float("-inf")),
                         F.pad(bs, (0, pad), value=-1), F.pad(be, (0, pad), value=-1),
+                        F.pad(torch.sigmoid(out.halt_logit), (0, pad), value=float("-inf")),
                     )):  # fmt: skip
                         acc.append(v.cpu().numpy())
         finally:
             model.train(was_training)
-        ex, n, learned, margin, ps, pe = (np.concatenate(c) for c in cols)
+        ex, n, learned, margin, ps, pe, p_halt = (np.concatenate(c) for c in cols)
         rows = np.arange(len(ex))
 
         def point(h: np.ndarray) -> dict[str, float]:  # h: segments read per example
@@ -740,25 +757,23 @@ class QAEvaluator:
             return {"f1": sc["f1"], "fraction_read": float(np.mean(h / n))}
 
         first_k = [{"k": k, **point(np.minimum(k, n))} for k in range(1, int(n.max()) + 1)]
-        best = np.maximum.accumulate(margin, axis=1)  # (N, T) best margin after segment t
-        real = np.unique(margin[np.isfinite(margin)])  # sorted
-        q = np.quantile(real, np.linspace(0.05, 0.95, n_taus))
-        # each tau halfway between two margins, never on one (a rule's halt must not hang on
-        # the last bits of a margin)
-        above = np.minimum(np.searchsorted(real, q, side="right"), len(real) - 1)
-        below = np.maximum(above - 1, 0)
-        taus = sorted(set(((real[below] + real[above]) / 2).tolist()))
-        taus.append(float(real.max()) + 1.0)  # never passed: read everything
         t = np.arange(margin.shape[1])[None, :]
-        by_tau = []
-        for tau in taus:
-            hit = (best > tau) & (t < n[:, None])
-            first = np.where(hit.any(1), hit.argmax(1) + 1, n)
-            by_tau.append({"tau": float(tau), **point(first)})
+
+        def sweep(score: np.ndarray, name: str) -> list[dict[str, float]]:
+            """Halt at the first segment whose ``score`` passes each threshold."""
+            pts = []
+            for thr in _midpoint_thresholds(score, n_taus):
+                hit = (score > thr) & (t < n[:, None])
+                first = np.where(hit.any(1), hit.argmax(1) + 1, n)
+                pts.append({name: thr, **point(first)})
+            return pts
+
+        best = np.maximum.accumulate(margin, axis=1)  # (N, T) best margin after segment t
         return {
             "learned": {"halt_threshold": s.halt_threshold, **point(learned)},
             "first_k": first_k,
-            "margin": by_tau,
+            "margin": sweep(best, "tau"),
+            "learned_threshold": sweep(p_halt, "halt_threshold"),
         }
 
     def __call__(self, model: MemoryReader, *, halting: bool) -> dict[str, float]:
