@@ -205,10 +205,25 @@ class SourceSpec:
     steps_key: str | None = None  # episode_per_line: the list of steps
 
 
+# `store.part_rows: auto`: a store of more transitions than this is written in parts of
+# this many rows (pipeline/transitions/layout.py); a smaller one stays one file.
+AUTO_PART_ROWS = 1 << 20
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     format: Literal["arrow", "zarr"] = "arrow"
     discount: float = 0.99  # for return_to_go
+    # arrow only: write transitions/part-NNNNN.arrow of at most this many rows each instead
+    # of transitions.arrow; "auto": parts of AUTO_PART_ROWS once the store holds more
+    # transitions than that; None (the default): one file
+    part_rows: int | Literal["auto"] | None = None
+
+    def rows_per_part(self, transitions: int) -> int | None:
+        """Rows per part file for a store of ``transitions`` rows; None: one file."""
+        if self.part_rows == "auto":
+            return AUTO_PART_ROWS if transitions > AUTO_PART_ROWS else None
+        return self.part_rows
 
 
 @dataclass(frozen=True)
@@ -245,6 +260,8 @@ class TransitionSpec:
         rewards = d["fields"].pop("rewards")
         if rewards:  # absent when empty: a spec without `rewards` hashes as it always has
             d["fields"]["rewards"] = {name: dict(fp) for name, fp in rewards}
+        if d["store"]["part_rows"] is None:  # likewise: a one-file store's spec is unchanged
+            del d["store"]["part_rows"]
         return _jsonable(d)
 
     def sha256(self) -> str:
@@ -490,14 +507,28 @@ def _parse_source(value: Any, ctx: _Ctx) -> SourceSpec:
 
 
 def _parse_store(value: Any, ctx: _Ctx) -> StoreSpec:
-    d = _mapping(value, ctx, {"format", "discount"})
+    d = _mapping(value, ctx, {"format", "discount", "part_rows"})
     fmt = d.get("format", "arrow")
     if fmt not in ("arrow", "zarr"):
         raise ctx.child("format").fail(f"must be `arrow` or `zarr`, got {fmt!r}")
     discount = _float(d.get("discount", 0.99), ctx.child("discount"), "the discount factor")
     if not 0.0 <= discount <= 1.0:
         raise ctx.child("discount").fail(f"must be in [0, 1], got {discount}")
-    return StoreSpec(format=fmt, discount=discount)
+    part_rows = d.get("part_rows")
+    if part_rows is not None:
+        where = ctx.child("part_rows")
+        if fmt != "arrow":
+            raise where.fail(
+                f"parts are written for store.format `arrow` only, not {fmt!r}; remove "
+                "part_rows (a zarr store is chunked already)"
+            )
+        whole = isinstance(part_rows, int) and not isinstance(part_rows, bool)
+        if part_rows != "auto" and not (whole and part_rows >= 1):
+            raise where.fail(
+                "must be an integer >= 1 (transitions per part file) or `auto` (parts of "
+                f"{AUTO_PART_ROWS} rows above that many transitions), got {part_rows!r}"
+            )
+    return StoreSpec(format=fmt, discount=discount, part_rows=part_rows)
 
 
 def _parse_env(value: Any, ctx: _Ctx) -> EnvSpec:

@@ -64,6 +64,7 @@ from pipeline.transitions.layout import (
     EPISODES_ARROW,
     FORMAT_VERSION,
     KIND,
+    PARTS_KEY,
     TRANSITIONS_ARROW,
     ZARR_GROUP,
 )
@@ -74,6 +75,7 @@ from pipeline.transitions.writer import (
     ColumnSink,
     combine_digests,
     episodes_digest,
+    write_arrow_parts,
     write_arrow_transitions,
     write_zarr,
 )
@@ -537,10 +539,18 @@ def _write_store(
     episodes = sink.episodes_table()
     for ep_row in sink.episodes:
         ep_row.pop("_key", None)
+    parted: dict[str, Any] = {}  # only in a parted store's manifest
     if spec.store.format == "arrow":
-        write_arrow_transitions(sink, staging / TRANSITIONS_ARROW)
+        part_rows = spec.store.rows_per_part(sink.rows)
+        if part_rows is None:
+            write_arrow_transitions(sink, staging / TRANSITIONS_ARROW)
+            data_files = [TRANSITIONS_ARROW]
+        else:
+            parts = write_arrow_parts(sink, staging, part_rows)
+            parted[PARTS_KEY] = {"part_rows": part_rows, "parts": parts}
+            data_files = [part["file"] for part in parts]
         write_arrow_table(episodes, staging / EPISODES_ARROW)
-        data_files = [TRANSITIONS_ARROW, EPISODES_ARROW, QUARANTINE]
+        data_files += [EPISODES_ARROW, QUARANTINE]
     else:
         write_zarr(sink, episodes, staging / ZARR_GROUP)
         data_files = [QUARANTINE]
@@ -561,6 +571,7 @@ def _write_store(
         data_files,
         staging,
         tally.steps_read,
+        parted,
     )
 
 
@@ -653,6 +664,7 @@ def _manifest(
     data_files: list[str],
     staging: Path,
     steps_read: int,
+    parted: dict[str, Any],
 ) -> dict[str, Any]:
     a = spec.fields.action
     o = spec.fields.observation
@@ -713,6 +725,7 @@ def _manifest(
             f: {"sha256": file_digest(staging / f), "bytes": (staging / f).stat().st_size}
             for f in data_files
         },
+        **parted,
         "versions": versions("numpy", "pyarrow", "polars", "orjson", "zarr"),
     }
 

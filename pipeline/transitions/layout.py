@@ -9,3 +9,14 @@ FORMAT_VERSION = 2
 TRANSITIONS_ARROW = "transitions.arrow"
 EPISODES_ARROW = "episodes.arrow"
 ZARR_GROUP = "store.zarr"
+
+# A parted arrow store (spec `store.part_rows`) holds its transitions in
+# TRANSITION_PARTS/part-00000.arrow, part-00001.arrow, ... instead of TRANSITIONS_ARROW,
+# and lists them in the manifest under PARTS_KEY.
+TRANSITION_PARTS = "transitions"
+PARTS_KEY = "transition_parts"
+
+
+def part_file(index: int) -> str:
+    """The store-relative path of part ``index`` (``transitions/part-00003.arrow``)."""
+    return f"{TRANSITION_PARTS}/part-{index:05d}.arrow"

@@ -7,7 +7,9 @@ The last step lays those columns out as the store format:
 * arrow: an Arrow IPC *stream* with ONE record batch, so that every column is a single
   contiguous buffer and readers get zero-copy arrays. pyarrow's IPC writer lays it out
   from arrays over the memory-mapped column files, so the data is never held in memory;
-  episode ids over 2 GiB in total make the id column ``large_string``;
+  episode ids over 2 GiB in total make the id column ``large_string``. With
+  ``store.part_rows`` the same batch is written as slices of that many rows, one stream
+  file (of one batch) per part;
 * zarr: a group with one array per column, written chunk by chunk.
 
 The content hash is taken over the logical column bytes (format-independent), so an
@@ -30,6 +32,7 @@ import pyarrow as pa
 
 from data_specs.schema import reward_column
 from pipeline.transitions.episodes import Transitions
+from pipeline.transitions.layout import TRANSITION_PARTS, part_file
 
 COPY_ROWS = 1 << 16
 
@@ -378,23 +381,50 @@ def write_arrow_transitions(sink: ColumnSink, path: Path) -> None:
     packed to bits), so no column is read into memory: the writer copies each buffer from
     the page cache to the file, and the pages of a mapping are dropped as soon as they are
     written (:class:`_DroppingFile`). Memory stays bounded whatever the store's size."""
+    with _Mappings() as maps:
+        _write_batches(sink, _sink_schema(sink), maps, [(path, 0, sink.rows)])
+
+
+def write_arrow_parts(sink: ColumnSink, store: Path, part_rows: int) -> list[dict[str, Any]]:
+    """The sink's rows cut in parts of ``part_rows`` (the last one holds the rest), each
+    ONE record batch in its own Arrow IPC stream file ``store/transitions/part-NNNNN.arrow``
+    with the schema of ``transitions.arrow``, laid out as :func:`write_arrow_transitions`
+    lays out the whole. Parts cut the rows by count alone: an episode may go on in the next
+    part. Returns ``[{"file": store-relative path, "rows": n}]`` in row order."""
+    if part_rows < 1:
+        raise ValueError(f"part_rows must be >= 1, got {part_rows}")
+    (store / TRANSITION_PARTS).mkdir(parents=True, exist_ok=True)
+    cuts = [
+        (k, a, min(a + part_rows, sink.rows)) for k, a in enumerate(range(0, sink.rows, part_rows))
+    ]
+    with _Mappings() as maps:
+        _write_batches(
+            sink, _sink_schema(sink), maps, [(store / part_file(k), a, b) for k, a, b in cuts]
+        )
+    return [{"file": part_file(k), "rows": b - a} for k, a, b in cuts]
+
+
+def _sink_schema(sink: ColumnSink) -> pa.Schema:
     large = sink.string_bytes > STRING_BYTES_LIMIT
-    schema = transition_schema(
+    return transition_schema(
         sink.obs_dim, sink.discrete, sink.act_dim, large_ids=large, reward_names=sink.reward_names
     )
-    with _Mappings() as maps:
-        _write_batch(sink, schema, maps, path)
 
 
-def _write_batch(sink: ColumnSink, schema: pa.Schema, maps: _Mappings, path: Path) -> None:
+def _write_batches(
+    sink: ColumnSink, schema: pa.Schema, maps: _Mappings, files: list[tuple[Path, int, int]]
+) -> None:
+    """Rows ``[start, stop)`` of the sink's batch into each ``(path, start, stop)`` of
+    ``files`` (a slice of the batch: the IPC writer writes only the slice's bytes)."""
     arrays = [_column_array(sink, c, f.type, maps) for c, f in zip(sink.columns, schema)]
     batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
-    with (
-        _DroppingFile(path, maps) as out,
-        pa.PythonFile(out, mode="w") as f,
-        pa.ipc.new_stream(f, schema) as w,
-    ):
-        w.write_batch(batch)
+    for path, start, stop in files:
+        with (
+            _DroppingFile(path, maps) as out,
+            pa.PythonFile(out, mode="w") as f,
+            pa.ipc.new_stream(f, schema) as w,
+        ):
+            w.write_batch(batch.slice(start, stop - start))
     # the arrays (and so the exported mappings) are released when this frame ends
 
 
