@@ -7,11 +7,14 @@ import path (``from pipeline.store import open_store``) that scripts and the tra
 from __future__ import annotations
 
 from pipeline.arrowio import column_to_numpy, read_manifest
+from pipeline.transitions.parts import Column, PartedColumn
 from pipeline.transitions.store import ActionSpace, Episodes, TransitionStore, open_store
 
 __all__ = [
     "ActionSpace",
+    "Column",
     "Episodes",
+    "PartedColumn",
     "TransitionStore",
     "column_to_numpy",
     "open_store",

@@ -96,8 +96,8 @@ def make_ctx(data: TransitionArrays, discrete: bool, device: torch.device) -> Al
     return AlgoContext(
         obs_dim=OBS_DIM,
         action_space=space,
-        obs_mean=data.observations.mean(axis=0),
-        obs_std=data.observations.std(axis=0),
+        obs_mean=np.asarray(data.observations).mean(axis=0),
+        obs_std=np.asarray(data.observations).std(axis=0),
         discount=0.99,
         device=device,
     )

@@ -40,7 +40,7 @@ from trainer.config import ConfigError
 from trainer.rewards import Column, Leaf, RewardError, RewardNode, build_reward
 
 if TYPE_CHECKING:
-    from pipeline.store import TransitionStore
+    from pipeline.store import PartedColumn, TransitionStore
     from trainer.samplers import TransitionArrays
 
 MAIN = "reward"  # the name of the store's own reward in a relabelling tree
@@ -69,7 +69,9 @@ class StoreRewards:
     """The reward columns a relabelling reads: one value per row, and per episode the
     value of a last step the store dropped (0 where none was)."""
 
-    rows: dict[str, np.ndarray]  # {name: (N,)}: `reward` and every named reward column
+    # {name: (N,)}: `reward` and every named reward column (a parted store's: PartedColumn,
+    # read whole by np.asarray)
+    rows: dict[str, np.ndarray | PartedColumn]
     dropped: dict[str, np.ndarray]  # {name: (E,) float64}
     where: str = "the store"  # named in errors
 

@@ -30,7 +30,7 @@ import torch
 from trainer.batch import TransitionBatch
 
 if TYPE_CHECKING:
-    from pipeline.store import TransitionStore
+    from pipeline.store import Column, TransitionStore
 
 _MASK64 = (1 << 64) - 1
 
@@ -55,15 +55,19 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
 
 @dataclass(frozen=True)
 class TransitionArrays:
-    """The columns of a transition store (or synthetic data) as host arrays, episodes in order."""
+    """The columns of a transition store (or synthetic data) as host arrays, episodes in order.
 
-    observations: np.ndarray  # (N, obs_dim) float32
-    actions: np.ndarray  # (N,) int64 or (N, act_dim) float32
-    rewards: np.ndarray  # (N,) float32
-    next_observations: np.ndarray  # (N, obs_dim) float32
+    A parted store's numeric columns are :class:`~pipeline.store.PartedColumn` s (one
+    memory-mapped view per part): rows are gathered from them by fancy indexing, as from
+    an array; a whole column is read with ``np.asarray`` (a copy)."""
+
+    observations: Column  # (N, obs_dim) float32
+    actions: Column  # (N,) int64 or (N, act_dim) float32
+    rewards: Column  # (N,) float32
+    next_observations: Column  # (N, obs_dim) float32
     terminated: np.ndarray  # (N,) bool
     truncated: np.ndarray  # (N,) bool
-    return_to_go: np.ndarray  # (N,) float32
+    return_to_go: Column  # (N,) float32
     episode_start: np.ndarray  # (E,) int64, first row of each episode
     episode_length: np.ndarray  # (E,) int64
     # (E,) float64: reward of a last step the store dropped as unbootstrappable (else 0);
@@ -278,8 +282,8 @@ class DeviceTransitions:
             at += w
         self.width = at
 
-        def take(a: np.ndarray) -> np.ndarray:
-            return a if rows is None else a[rows]
+        def take(a: Column) -> np.ndarray:
+            return np.asarray(a) if rows is None else a[rows]
 
         # New episode boundaries in the packed order.
         starts = np.cumsum(lengths) - lengths

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.arrowio import read_manifest
 from pipeline.report import hist_lines, quarantine_lines
+from pipeline.transitions.layout import PARTS_KEY, TRANSITION_PARTS
 from pipeline.transitions.store import TransitionStore
 
 
@@ -29,6 +30,12 @@ def describe(path: str | Path) -> str:
         f"episodes     {c['episodes']}  ({c['episodes_terminated']} terminated, {c['episodes_truncated']} truncated)",
         f"transitions  {c['transitions']}",
     ]
+    parts = m.get(PARTS_KEY)
+    if parts:
+        lines.append(
+            f"  in {len(parts['parts'])} parts of up to {parts['part_rows']} rows "
+            f"({TRANSITION_PARTS}/part-NNNNN.arrow)"
+        )
     for key in (
         "truncated_last_steps_dropped",
         "episodes_without_end_flag_as_truncated",

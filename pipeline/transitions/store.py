@@ -9,6 +9,13 @@ zero-copy (nothing is read until a page is touched). A zarr store is read into m
     store.actions               # (N,) int64 or (N, act_dim) float32
     store.reward_columns        # {NAME: (N,) float32}: the spec's named rewards (fields.rewards)
     store.as_tensors("cpu")     # the same, as torch tensors (no copy on CPU)
+
+A parted arrow store (``transitions/part-NNNNN.arrow``, spec ``store.part_rows``) is the
+same table: each part is memory-mapped, and a numeric column of several parts is a
+:class:`~pipeline.transitions.parts.PartedColumn` of the parts' zero-copy views (indexing
+gathers across parts; ``np.asarray`` concatenates). Its boolean columns are unpacked from
+bits, and its ids decoded, into one array, as a single file's are; ``as_tensors`` copies
+each column into one tensor (torch needs one buffer).
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from pipeline.transitions.layout import (
     EPISODES_ARROW,
     FORMAT_VERSION,
     KIND,
+    PARTS_KEY,
     TRANSITIONS_ARROW,
     ZARR_GROUP,
 )
+from pipeline.transitions.parts import Column, PartedColumn
 
 if TYPE_CHECKING:
     import torch
@@ -94,9 +103,22 @@ class TransitionStore:
             raise StoreError(f"{self.path}: a {self.manifest.get('kind')} store, not transitions")
         check_format_version(self.path, self.manifest, FORMAT_VERSION)
         self.format: str = self.manifest["store_format"]
-        self._columns: dict[str, np.ndarray] = {}
+        self._columns: dict[str, Column] = {}
         self._episodes: dict[str, np.ndarray] = {}
-        if self.format == "arrow":
+        # a parted store: each part's table, in row order (None: one file, or zarr)
+        self._parts: list[pa.Table] | None = None
+        if self.format == "arrow" and PARTS_KEY in self.manifest:
+            self._parts = self._open_parts()
+            self._table = pa.Table.from_batches(
+                [b for t in self._parts for b in t.to_batches()], self._parts[0].schema
+            )
+            self._ep_table = read_ipc(self.path / EPISODES_ARROW)
+            if self._table.num_rows != self.manifest["counts"]["transitions"]:
+                raise StoreError(
+                    f"{self.path}: its parts hold {self._table.num_rows} rows, manifest says "
+                    f"{self.manifest['counts']['transitions']}; a part is missing or replaced"
+                )
+        elif self.format == "arrow":
             self._table = read_ipc(self.path / TRANSITIONS_ARROW)
             self._ep_table = read_ipc(self.path / EPISODES_ARROW)
             if self._table.num_rows != self.manifest["counts"]["transitions"]:
@@ -108,6 +130,51 @@ class TransitionStore:
             self._load_zarr()
         else:
             raise StoreError(f"{self.path}: unknown store_format {self.format!r}")
+
+    def _open_parts(self) -> list[pa.Table]:
+        """Every part the manifest lists, memory-mapped; StoreError naming the first part
+        that is missing, unreadable, of other rows than the manifest says, or of another
+        schema than the first part's."""
+        listed = self.manifest[PARTS_KEY]
+        entries = listed.get("parts") if isinstance(listed, dict) else None
+        if (
+            not isinstance(entries, list)
+            or not entries
+            or not all(
+                isinstance(e, dict)
+                and isinstance(e.get("file"), str)
+                and isinstance(e.get("rows"), int)
+                for e in entries
+            )
+        ):
+            raise StoreError(
+                f"{self.path / 'manifest.json'}: {PARTS_KEY} lists no parts ({{file, rows}} "
+                "each); rebuild with --force"
+            )
+        tables: list[pa.Table] = []
+        for entry in entries:
+            path = self.path / entry["file"]
+            t = read_ipc(path)
+            if t.num_rows != entry["rows"]:
+                raise StoreError(
+                    f"{path}: {t.num_rows} rows, manifest says {entry['rows']}; the part is "
+                    "truncated or replaced, rebuild with --force"
+                )
+            if tables and not t.schema.equals(tables[0].schema):
+                raise StoreError(
+                    f"{path}: its schema differs from {entries[0]['file']}'s; the part was "
+                    "replaced, rebuild with --force"
+                )
+            tables.append(t)
+        return tables
+
+    @property
+    def part_starts(self) -> np.ndarray | None:
+        """(P + 1,) int64: the first row of each part, then the number of rows; None for a
+        store in one file (or zarr)."""
+        if self._parts is None:
+            return None
+        return np.concatenate([[0], np.cumsum([t.num_rows for t in self._parts])]).astype(np.int64)
 
     def _load_zarr(self) -> None:
         import zarr
@@ -122,11 +189,20 @@ class TransitionStore:
                 out[name] = np.asarray(g[name][...])
 
     # ------------------------------------------------------------------ columns
-    def column(self, name: str) -> np.ndarray:
+    def column(self, name: str) -> Column:
+        """A column as one array; for a parted store, a numeric column of several parts
+        is a :class:`PartedColumn` of zero-copy views (booleans and ids: one array)."""
         if name not in self._columns:
             if self.format != "arrow":
                 raise KeyError(name)
-            self._columns[name] = column_to_numpy(self._table.column(name))
+            if self._parts is None or len(self._parts) == 1:
+                self._columns[name] = column_to_numpy(self._table.column(name))
+            else:
+                views = [column_to_numpy(t.column(name)) for t in self._parts]
+                if views[0].dtype.kind in "bO":  # unpacked / decoded anyway: one array
+                    self._columns[name] = np.concatenate(views)
+                else:
+                    self._columns[name] = PartedColumn(views)
         return self._columns[name]
 
     def column_slice(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -153,15 +229,15 @@ class TransitionStore:
         return pa.table({name: pa.array(e[name], typ) for name, typ in columns})
 
     @property
-    def observations(self) -> np.ndarray:
+    def observations(self) -> Column:
         return self.column("observation")  # (N, obs_dim) float32
 
     @property
-    def actions(self) -> np.ndarray:
+    def actions(self) -> Column:
         return self.column("action")  # (N,) int64 or (N, act_dim) float32
 
     @property
-    def rewards(self) -> np.ndarray:
+    def rewards(self) -> Column:
         return self.column("reward")  # (N,) float32
 
     @property
@@ -171,33 +247,33 @@ class TransitionStore:
         return {name: str(entry["column"]) for name, entry in named.items()}
 
     @property
-    def reward_columns(self) -> dict[str, np.ndarray]:
+    def reward_columns(self) -> dict[str, Column]:
         """{NAME: (N,) float32}: the named reward columns (fields.rewards); {} if none."""
         return {name: self.column(col) for name, col in self.reward_column_names.items()}
 
     @property
-    def next_observations(self) -> np.ndarray:
+    def next_observations(self) -> Column:
         return self.column("next_observation")  # (N, obs_dim) float32
 
     @property
     def terminated(self) -> np.ndarray:
-        return self.column("terminated")  # (N,) bool
+        return np.asarray(self.column("terminated"))  # (N,) bool (always one array)
 
     @property
     def truncated(self) -> np.ndarray:
-        return self.column("truncated")  # (N,) bool
+        return np.asarray(self.column("truncated"))  # (N,) bool (always one array)
 
     @property
-    def return_to_go(self) -> np.ndarray:
+    def return_to_go(self) -> Column:
         return self.column("return_to_go")  # (N,) float32
 
     @property
-    def steps(self) -> np.ndarray:
+    def steps(self) -> Column:
         return self.column("step")  # (N,) int32
 
     @property
     def episode_id(self) -> np.ndarray:
-        return self.column("episode_id")  # (N,) object (str)
+        return np.asarray(self.column("episode_id"))  # (N,) object (str) (always one array)
 
     def __len__(self) -> int:
         return int(self.manifest["counts"]["transitions"])
@@ -299,10 +375,12 @@ class TransitionStore:
     # ------------------------------------------------------------------ torch
     def as_tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Every numeric column as a torch tensor on ``device`` (no copy on CPU where the
-        dtype allows; booleans become float32 0/1 masks for arithmetic in losses)."""
+        dtype allows; booleans become float32 0/1 masks for arithmetic in losses). A
+        column of several parts is concatenated first: a tensor is one buffer."""
         import torch
 
-        def t(a: np.ndarray) -> torch.Tensor:
+        def t(column: Column) -> torch.Tensor:
+            a = np.asarray(column)
             if not a.flags.writeable:
                 # torch warns on read-only memory; the store is never written through it.
                 import warnings
