@@ -10,7 +10,8 @@ on last rows; ``next_observation`` equal to the next row's ``observation`` insid
 episode; ``return_to_go`` and the episode ``return`` over every logged reward (a dropped
 last step's too); named reward columns (``reward_NAME``) finite and as the spec declares
 them; and the manifest's counts. Rows are read ``CHECK_ROWS`` at a time, so a
-store larger than memory verifies in bounded memory.
+store larger than memory verifies in bounded memory. A parted store's parts are checked
+each on its own (digest, rows, schema, one batch), then their rows as one table.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 from data_specs.schema import reward_column
 from pipeline.arrowio import check_format_version, data_file_problems, file_digest, read_manifest
 from pipeline.format import QUARANTINE, StoreError
-from pipeline.transitions.layout import FORMAT_VERSION
+from pipeline.transitions.layout import FORMAT_VERSION, PARTS_KEY, TRANSITION_PARTS, part_file
 from pipeline.transitions.store import TransitionStore
 from pipeline.transitions.writer import (
     COPY_ROWS,
@@ -37,6 +38,7 @@ from pipeline.transitions.writer import (
     column_hasher,
     combine_digests,
     episodes_digest,
+    transition_schema,
 )
 
 CHECK_ROWS = 1 << 20  # rows per pass of the row checks
@@ -425,6 +427,101 @@ def _count_problems(store: TransitionStore, e: _Episodes) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- parts
+
+
+def part_problems(store: Path, manifest: dict[str, Any]) -> list[str]:
+    """A parted store's parts, each on its own (their bytes are checked as data files):
+    listed in order with their digests, cut every ``part_rows`` rows, each ONE record
+    batch of the rows and the schema the manifest says, and no other part file beside
+    them. The rows across parts are then checked as one table, episodes that go on in
+    the next part included."""
+    entry = manifest[PARTS_KEY]
+    part_rows = entry.get("part_rows") if isinstance(entry, dict) else None
+    parts = entry.get("parts") if isinstance(entry, dict) else None
+    if (
+        not isinstance(part_rows, int)
+        or part_rows < 1
+        or not isinstance(parts, list)
+        or not parts
+        or not all(isinstance(part, dict) for part in parts)
+    ):
+        return [
+            f"{store}: manifest: {PARTS_KEY} needs part_rows >= 1 and a list of parts "
+            "({file, rows} each); rebuild with --force"
+        ]
+    problems: list[str] = []
+    data_files = manifest.get("data_files", {})
+    for k, part in enumerate(parts):
+        name = part.get("file")
+        if name != part_file(k):
+            problems.append(f"{store}: manifest: part {k} is {name!r}, expected {part_file(k)!r}")
+        elif name not in data_files:
+            problems.append(f"{store / name}: not among the manifest's data_files (no digest)")
+        rows = part.get("rows")
+        last = k == len(parts) - 1
+        if not isinstance(rows, int) or not (1 <= rows <= part_rows if last else rows == part_rows):
+            problems.append(
+                f"{store / str(name)}: manifest says {rows} rows; parts hold part_rows "
+                f"({part_rows}) rows each, the last one 1 to {part_rows}"
+            )
+    total = sum(part["rows"] for part in parts if isinstance(part.get("rows"), int))
+    if total != manifest["counts"]["transitions"]:
+        problems.append(
+            f"{store}: manifest: the parts add up to {total} rows, counts.transitions is "
+            f"{manifest['counts']['transitions']}"
+        )
+    listed = {part.get("file") for part in parts}
+    for extra in sorted((store / TRANSITION_PARTS).glob("*")):
+        if f"{TRANSITION_PARTS}/{extra.name}" not in listed:
+            problems.append(f"{extra}: a file among the parts that the manifest does not list")
+    if problems:
+        return problems
+    return [msg for part in parts for msg in _one_part_problems(store, manifest, part)]
+
+
+def _one_part_problems(store: Path, manifest: dict[str, Any], part: dict[str, Any]) -> list[str]:
+    """One part file: one record batch, of the manifest's rows and schema."""
+    path = store / part["file"]
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            reader = pa.ipc.open_stream(source)
+            schema = reader.schema
+            rows = [b.num_rows for b in reader]
+    except (pa.ArrowInvalid, OSError) as e:
+        return [f"{path}: unreadable Arrow IPC stream ({e})"]
+    problems = []
+    ids = schema.field("episode_id").type if "episode_id" in schema.names else None
+    want = _schema_of(manifest, ids is not None and pa.types.is_large_string(ids))
+    if not schema.equals(want):
+        have = dict(zip(schema.names, schema.types))
+        wrong = [
+            f"{f.name}: {have[f.name]}, expected {f.type}" if f.name in have else f"no {f.name}"
+            for f in want
+            if have.get(f.name) != f.type
+        ]
+        if schema.names != want.names:
+            wrong.append(f"columns {schema.names}, expected {want.names}")
+        problems.append(f"{path}: schema is not the store's: {'; '.join(wrong)}")
+    if len(rows) != 1:
+        problems.append(f"{path}: {len(rows)} record batches; a part holds exactly one")
+    if sum(rows) != part["rows"]:
+        problems.append(f"{path}: {sum(rows)} rows, manifest says {part['rows']}")
+    return problems
+
+
+def _schema_of(manifest: dict[str, Any], large_ids: bool) -> pa.Schema:
+    """The transitions schema the manifest's spaces and reward columns call for."""
+    a = manifest["action_space"]
+    return transition_schema(
+        int(manifest["observation_space"]["dim"]),
+        a["type"] == "discrete",
+        int(a.get("dim") or 0),
+        large_ids=large_ids,
+        reward_names=tuple(manifest.get("reward_columns", {})),
+    )
+
+
 # --------------------------------------------------------------------------- verify
 
 
@@ -448,6 +545,8 @@ def verify(path: str | Path) -> list[str]:
     manifest = read_manifest(p)
     check_format_version(p, manifest, FORMAT_VERSION)
     problems = data_file_problems(p, manifest)
+    if not problems and PARTS_KEY in manifest:
+        problems = part_problems(p, manifest)
     if problems:
         return problems
     store = TransitionStore(p)
