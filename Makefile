@@ -86,6 +86,7 @@ bench: data
 	$(PYTHON) scripts/bench_build.py
 	$(PYTHON) scripts/bench_segments.py
 	$(PYTHON) scripts/bench_sampler.py
+	$(PYTHON) scripts/bench_parts.py
 	$(PYTHON) scripts/bench_train.py
 	$(PYTHON) scripts/bench_qa.py
 	$(PYTHON) scripts/bench_sft.py
