@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline.format import BuildError
 from pipeline.sources import prefetch
@@ -70,6 +70,24 @@ def _exit_with(parent: int) -> None:
 
 def _call(fn: Callable[[Any, Any], Any], task: Any) -> Any:
     return fn(_context, task)
+
+
+class Engine(Protocol[C]):
+    """What a build asks of an engine: its ``map`` and ``run`` of pure functions over
+    tasks, results in task order (:class:`LocalEngine`, :class:`pipeline.ray_engine.RayEngine`)."""
+
+    context: C
+    workers: int  # processes (or CPUs of a cluster) the functions run on
+
+    def run(self, fn: Callable[[C, T], R], task: T) -> R: ...
+
+    def map(self, fn: Callable[[C, T], R], tasks: Iterable[T]) -> Iterator[tuple[T, R]]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Engine[C]: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class LocalEngine(Generic[C]):

@@ -224,6 +224,69 @@ def iter_chunks(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk]
         src.sha256 = hashing.hasher.hexdigest()
 
 
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """A run of whole lines of an uncompressed input named by its byte range: what a task
+    of the Ray engine carries instead of the bytes (the worker reads them, :meth:`load`)."""
+
+    path: str  # absolute: a worker does not run in the building process's directory
+    offset: int
+    length: int
+    first_line: int  # 1-based line number of the first line
+    n_lines: int
+    newline: bool  # the range ends in b"\n" (False only for a file's unterminated last line)
+
+    def load(self) -> Chunk:
+        """The :class:`Chunk` of these bytes, as :func:`iter_chunks` would give it."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        if len(data) != self.length:
+            raise BuildError(
+                f"{self.path}: {self.length} bytes expected at offset {self.offset}, "
+                f"{len(data)} read; the file changed during the build"
+            )
+        return Chunk(data if self.newline else data + b"\n", self.first_line)
+
+
+def iter_ranges(src: SourceFile, chunk_bytes: int = 32 << 20) -> Iterator[Chunk | FileRange]:
+    """Line-aligned chunks of ``src`` as :class:`FileRange` (a compressed file: as
+    :class:`Chunk` from :func:`iter_chunks`), cut where :func:`iter_chunks` cuts them; one
+    read that hashes the file (``src.sha256``) and counts its lines."""
+    if src.path.name.lower().endswith(COMPRESSED_SUFFIXES):
+        yield from iter_chunks(src, chunk_bytes)
+        return
+    path = str(src.path.resolve())
+    h = hashlib.sha256()
+    offset = 0  # of the first byte not yet in a range
+    line_no = 1
+    carry = 0  # bytes after the last newline, not yet in a range
+    with src.path.open("rb") as fh:
+        while block := fh.read(chunk_bytes):
+            h.update(block)
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                carry += len(block)
+                continue
+            length = carry + cut + 1
+            n = block.count(b"\n", 0, cut + 1)
+            yield FileRange(path, offset, length, line_no, n, True)
+            offset += length
+            line_no += n
+            carry = len(block) - cut - 1
+    if carry:
+        yield FileRange(path, offset, carry, line_no, 1, False)
+    src.sha256 = h.hexdigest()
+
+
+def as_chunk(chunk: Chunk | FileRange) -> Chunk:
+    """``chunk`` itself, or the bytes of a :class:`FileRange` read into a :class:`Chunk`."""
+    return chunk.load() if isinstance(chunk, FileRange) else chunk
+
+
 def read_lines(src: SourceFile, wanted: set[int]) -> dict[int, bytes]:
     """Return the raw bytes of the given 1-based line numbers (one streaming pass)."""
     out: dict[int, bytes] = {}

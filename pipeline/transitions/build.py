@@ -33,10 +33,18 @@ import pyarrow as pa
 
 from data_specs.schema import TransitionSpec, load_spec, reward_column
 from pipeline.arrowio import file_digest, write_arrow_table
-from pipeline.engine import LocalEngine, default_workers
+from pipeline.engine import Engine, LocalEngine, default_workers
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
 from pipeline.report import quarantine_summary
-from pipeline.sources import Chunk, SourceFile, iter_chunks, resolve_sources
+from pipeline.sources import (
+    Chunk,
+    FileRange,
+    SourceFile,
+    as_chunk,
+    iter_chunks,
+    iter_ranges,
+    resolve_sources,
+)
 from pipeline.storage import (
     BuildResult,
     build_key,
@@ -81,6 +89,7 @@ from pipeline.transitions.writer import (
 )
 
 DUPLICATE_EPISODE = "duplicate_episode"
+ENGINES = ("local", "ray")  # where the per-chunk functions run (pipeline.engine, ray_engine)
 BUCKET_TARGET_BYTES = 96 << 20  # parsed step rows per spill bucket (memory per bucket ~3x)
 IN_MEMORY_INPUT_BYTES = 256 << 20  # step_per_line inputs up to this size are not spilled
 MERGE_WINDOW_ROWS = 1 << 16  # spilled runs are merged back this many rows at a time
@@ -102,6 +111,9 @@ class BuildOptions:
     merge_rows: int = MERGE_WINDOW_ROWS  # rows merged back from spilled runs at a time
     workers: int | None = None  # processes that parse chunks (None: the CPUs, at most 8,
     # for inputs of POOL_MIN_BYTES or more)
+    engine: str = "local"  # "local" (this process or a pool) or "ray" (Ray Data)
+    ray_address: str | None = None  # engine "ray": the cluster (None: start a local one)
+    parallelism: int | None = None  # engine "ray": tasks at once (None: Ray decides)
 
 
 def build(
@@ -116,16 +128,28 @@ def build(
     in_memory_bytes: int = IN_MEMORY_INPUT_BYTES,
     merge_rows: int = MERGE_WINDOW_ROWS,
     workers: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    parallelism: int | None = None,
 ) -> BuildResult:
     """Build (or find up to date) the transition store for ``spec_path`` under ``out_dir/NAME``.
 
     ``workers``: processes that parse and check the chunks (1: this process only; None:
     :func:`pipeline.engine.default_workers` for inputs of ``POOL_MIN_BYTES`` or more, whose
-    build outlasts starting the workers, on machines of ``POOL_MIN_CPUS`` or more; else 1). The store is the same for any number."""
+    build outlasts starting the workers, on machines of ``POOL_MIN_CPUS`` or more; else 1). The store is the same for any number.
+
+    ``engine="ray"`` runs the same per-chunk functions on Ray Data
+    (:mod:`pipeline.ray_engine`), on the cluster at ``ray_address`` (None: a local one),
+    ``parallelism`` tasks at once; the store is the same as the local engine's."""
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise BuildError(f"--workers {workers}: give 1 or more worker processes")
-    opts = BuildOptions(chunk_bytes, progress, bucket_bytes, in_memory_bytes, merge_rows, workers)
+    if engine not in ENGINES:
+        raise BuildError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    opts = BuildOptions(
+        chunk_bytes, progress, bucket_bytes, in_memory_bytes, merge_rows, workers,
+        engine, ray_address, parallelism,
+    )  # fmt: skip
     spec = load_spec(spec_path)
     sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
     out = Path(out_dir)
@@ -143,9 +167,20 @@ def build(
         )
         if manifest is not None:
             return BuildResult(target, "up to date", manifest, time.perf_counter() - t0)
-    with staged(out, spec.name) as staging:
-        manifest = _build_into(spec, spec_path, sources, staging, max_bad_fraction, opts, out)
-        publish(staging, target)
+    started = False
+    if opts.engine == "ray":  # before anything is written: an unreachable cluster leaves nothing
+        from pipeline.ray_engine import connect
+
+        started = connect(opts.ray_address)
+    try:
+        with staged(out, spec.name) as staging:
+            manifest = _build_into(spec, spec_path, sources, staging, max_bad_fraction, opts, out)
+            publish(staging, target)
+    finally:
+        if started:
+            from pipeline.ray_engine import import_ray
+
+            import_ray().shutdown()
     return BuildResult(target, "built", manifest, time.perf_counter() - t0)
 
 
@@ -182,7 +217,7 @@ def _build_into(
         spec = infer_shapes(spec, _first_records(sources))
     except ValueError as e:
         raise BuildError(str(e)) from None
-    work = staging / "_work"
+    work = (staging / "_work").resolve()  # absolute: a Ray worker runs elsewhere
     ctx, workers = _plan(spec, sources, work, opts)
     lay = ctx.parser.layout
     discrete = spec.fields.action.type == "discrete"
@@ -196,9 +231,10 @@ def _build_into(
     quarantine = Quarantine(staging / "quarantine.partial.jsonl", sources)
     tally = _Tally()
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
-    with LocalEngine(ctx, workers) as engine, _Progress(sources, show) as bar:
+    with _engine(ctx, workers, opts) as engine, _Progress(sources, show) as bar:
+        workers = engine.workers
         try:
-            tasks = _chunk_tasks(sources, opts.chunk_bytes, bar)
+            tasks = _chunk_tasks(sources, opts.chunk_bytes, bar, by_range=opts.engine == "ray")
             if lay.per_line:
                 _read_episodes(engine, tasks, sources, sink, quarantine, tally)
             else:
@@ -213,6 +249,7 @@ def _build_into(
     shutil.rmtree(work, ignore_errors=True)
     manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
     manifest["build_workers"] = workers
+    manifest["build_engine"] = opts.engine
     write_manifest(staging, manifest)
     return manifest
 
@@ -239,13 +276,23 @@ def _plan(
     return BuildContext(spec, [s.display for s in sources], n_buckets, spill_dir), workers
 
 
+def _engine(ctx: BuildContext, workers: int, opts: BuildOptions) -> Engine:
+    """Where the per-chunk functions run."""
+    if opts.engine == "ray":
+        from pipeline.ray_engine import RayEngine
+
+        return RayEngine(ctx, opts.ray_address, opts.parallelism)
+    return LocalEngine(ctx, workers)
+
+
 def _chunk_tasks(
-    sources: list[SourceFile], chunk_bytes: int, bar: _Progress
+    sources: list[SourceFile], chunk_bytes: int, bar: _Progress, by_range: bool = False
 ) -> Iterator[ChunkTask]:
-    """Every line-aligned chunk of the inputs, in order (reading hashes each file)."""
+    """Every line-aligned chunk of the inputs, in order (reading hashes each file);
+    ``by_range``: named by byte range, for a worker to read (:func:`iter_ranges`)."""
     index = 0
     for src in sources:
-        for chunk in iter_chunks(src, chunk_bytes):
+        for chunk in (iter_ranges if by_range else iter_chunks)(src, chunk_bytes):
             yield ChunkTask(index, src.index, chunk)
             index += 1
             bar.read(src, chunk)
@@ -256,7 +303,7 @@ def _chunk_tasks(
 
 
 def _read_episodes(
-    engine: LocalEngine[BuildContext],
+    engine: Engine[BuildContext],
     tasks: Iterator[ChunkTask],
     sources: list[SourceFile],
     sink: ColumnSink,
@@ -275,7 +322,8 @@ def _read_episodes(
         duplicates = _use_ids(res.transitions, kept_at, src.display)
         if duplicates:  # rare: build the chunk again here, less the duplicates
             res = engine.run(episode_chunk, dataclasses.replace(task, exclude=tuple(duplicates)))
-            res.rejected += [_duplicate(task.chunk, ln, *d) for ln, d in duplicates.items()]
+            chunk = as_chunk(task.chunk)
+            res.rejected += [_duplicate(chunk, ln, *d) for ln, d in duplicates.items()]
             res.rejected.sort(key=lambda r: r.line)
         tally.add(src, res)
         quarantine.record_all(src, res.rejected)
@@ -318,7 +366,7 @@ class _Steps:
 
 
 def _read_steps(
-    engine: LocalEngine[BuildContext],
+    engine: Engine[BuildContext],
     tasks: Iterator[ChunkTask],
     sources: list[SourceFile],
     sink: ColumnSink,
@@ -354,7 +402,7 @@ def _read_steps(
 
 
 def _append_bucket(
-    engine: LocalEngine[BuildContext],
+    engine: Engine[BuildContext],
     steps: _Steps,
     sink: ColumnSink,
     quarantine: Quarantine,
@@ -376,7 +424,7 @@ def _append_bucket(
 
 
 def _bucket_runs(
-    engine: LocalEngine[BuildContext],
+    engine: Engine[BuildContext],
     steps: _Steps,
     work: Path,
     quarantine: Quarantine,
@@ -607,10 +655,11 @@ class _Progress:
         )
         self._read: dict[int, int] = {}
 
-    def read(self, src: SourceFile, chunk: Chunk) -> None:
+    def read(self, src: SourceFile, chunk: Chunk | FileRange) -> None:
         if src.path.suffix not in (".gz", ".zst"):
-            self._bar.update(len(chunk.data))
-            self._read[src.index] = self._read.get(src.index, 0) + len(chunk.data)
+            n = chunk.length if isinstance(chunk, FileRange) else len(chunk.data)
+            self._bar.update(n)
+            self._read[src.index] = self._read.get(src.index, 0) + n
 
     def read_all(self, src: SourceFile) -> None:
         self._bar.update(max(0, src.size - self._read.get(src.index, 0)))

@@ -28,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 
 from data_specs.schema import TransitionSpec
-from pipeline.sources import Chunk
+from pipeline.sources import Chunk, FileRange, as_chunk
 from pipeline.transitions.episodes import Transitions, build_transitions
 from pipeline.transitions.parse import (
     EPISODE_REJECTED,
@@ -81,7 +81,7 @@ class BuildContext:
 class ChunkTask:
     index: int  # position of the chunk in the build (names its spill file)
     file_index: int
-    chunk: Chunk
+    chunk: Chunk | FileRange  # the lines, or (Ray engine) where to read them
     exclude: tuple[int, ...] = ()  # episode_per_line: lines left out (duplicate ids)
 
 
@@ -128,7 +128,7 @@ class EpisodeChunk(ChunkInfo):
 def episode_chunk(ctx: BuildContext, task: ChunkTask) -> EpisodeChunk:
     """episode_per_line: the chunk's lines are whole episodes; build them (except the lines
     in ``task.exclude``). Episodes rejected by the build join ``rejected``, in line order."""
-    chunk = task.chunk
+    chunk = as_chunk(task.chunk)
     steps, info = parse_chunk(ctx, chunk)
     if task.exclude:
         steps = steps.subset(~np.isin(steps.line, np.asarray(task.exclude, dtype=np.int64)))
@@ -164,7 +164,7 @@ def bucket_of(ids: pl.Series, n: int) -> np.ndarray:
 
 def step_chunk(ctx: BuildContext, task: ChunkTask) -> StepChunk:
     """step_per_line: the chunk's checked steps, returned or spilled by bucket."""
-    steps, info = parse_chunk(ctx, task.chunk)
+    steps, info = parse_chunk(ctx, as_chunk(task.chunk))
     out = StepChunk(**info.__dict__)
     if ctx.spill_dir is None:
         out.steps = steps

@@ -1,0 +1,209 @@
+"""The Ray Data engine of a build: the same per-chunk functions, run on a Ray cluster.
+
+:class:`RayEngine` offers what :class:`pipeline.engine.LocalEngine` offers (``map``,
+``run``, ``close``, a ``context``), so a build runs its pure functions
+``fn(context, task)`` (:mod:`pipeline.transitions.chunks`) unchanged: each task becomes a
+row of a Ray dataset, ``map_batches`` calls the function on a worker, and the results
+come back to the building process **in task order** (Ray Data's ``preserve_order``),
+where they are written exactly as the local engine's are. The store is therefore the same
+for either engine: same rows, same ``content_hash``, same quarantine.
+
+Inputs are not shipped through the object store: a task names a line-aligned byte range
+of its file (:class:`pipeline.sources.FileRange`), and the worker reads those bytes
+itself. The building process still reads every file once, to hash it for the manifest and
+to number its lines (quarantine records keep their ``file:line``). A compressed input
+cannot be split by byte range; its chunks are decoded here and sent as bytes.
+
+A worker that dies (killed, out of memory) has its task retried by Ray; the functions
+write only the files their task names, whole or not at all, so a retried task writes the
+same bytes. The spill files of ``step_per_line`` builds go under the store's staging
+directory, which the workers must see: on one machine it is the same disk; on a cluster,
+build into a directory every node mounts (``--out``).
+
+Ray is an extra: ``pip install -e ".[ray]"`` (``make setup`` installs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import signal
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from pipeline.format import BuildError
+
+C = TypeVar("C")
+T = TypeVar("T")
+R = TypeVar("R")
+
+INSTALL_HINT = 'the Ray engine needs Ray: pip install -e ".[ray]" (make setup installs it)'
+CONNECT_TIMEOUT_S = 5.0  # how long --ray-address gets to answer before the build gives up
+# Names a file: the first task to find it there deletes it and kills its own worker (one
+# kill per file made): how a test shows that Ray retries a killed worker's task and that
+# the store does not change. Set it in the cluster's environment.
+KILL_ONCE_VARIABLE = "PIPELINE_RAY_KILL_ONCE"
+
+_contexts: dict[str, Any] = {}  # a worker's unpickled build contexts, by digest
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a one-line BuildError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the Data library is a separate extra of ray
+    except ImportError:
+        raise BuildError(f"--engine ray: {INSTALL_HINT}") from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, in one line, when ``address`` (HOST:PORT or ray://HOST:PORT) does not
+    answer: ``ray.init`` would otherwise retry for a minute and print tracebacks."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise BuildError(f"--ray-address {address}: expected HOST:PORT (or ray://HOST:PORT)")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise BuildError(
+            f"--ray-address {address}: cannot reach a Ray cluster there ({e.strerror or e})"
+        ) from None
+
+
+def connect(address: str | None = None, *, quiet: bool = True) -> bool:
+    """Join the Ray cluster at ``address``, or start a local one when ``address`` is None
+    and this process is not already connected. True when this call started Ray (the
+    engine then shuts it down when it closes)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        _check_reachable(address)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=not quiet,
+            logging_level="ERROR" if quiet else "INFO",
+            configure_logging=True,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or "a new local cluster"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BuildError(f"--engine ray: cannot connect to {where}: {first}") from None
+    return True
+
+
+def _context(blob: bytes) -> Any:
+    key = hashlib.sha256(blob).hexdigest()
+    if key not in _contexts:  # once per worker process (the context builds its parser once)
+        _contexts.clear()
+        _contexts[key] = pickle.loads(blob)
+    return _contexts[key]
+
+
+def _kill_once() -> None:
+    armed = os.environ.get(KILL_ONCE_VARIABLE)
+    if not armed:
+        return
+    try:
+        os.remove(armed)  # only one task succeeds
+    except FileNotFoundError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _run_batch(batch: dict[str, Any], fn: Callable[[Any, Any], Any], context: bytes) -> dict:
+    """A ``map_batches`` function: ``fn(context, task)`` for each task of the batch (a
+    task's byte range is read by ``fn``, :func:`pipeline.sources.as_chunk`)."""
+    _kill_once()
+    ctx = _context(context)
+    results = [pickle.dumps(fn(ctx, pickle.loads(bytes(t))), protocol=5) for t in batch["task"]]
+    return {"index": batch["index"], "result": results}
+
+
+class RayEngine(Generic[C]):
+    """Runs ``fn(context, task)`` for a build on Ray Data, results in task order."""
+
+    def __init__(
+        self, context: C, address: str | None = None, parallelism: int | None = None
+    ) -> None:
+        if parallelism is not None and parallelism < 1:
+            raise BuildError(f"--parallelism {parallelism}: give 1 or more concurrent tasks")
+        self.context = context
+        self.parallelism = parallelism
+        self._started = connect(address)
+        self._blob = pickle.dumps(context)
+        ray = import_ray()
+        self.workers = int(ray.cluster_resources().get("CPU", 1))
+
+    def run(self, fn: Callable[[C, T], R], task: T) -> R:
+        """One call, in this process."""
+        return fn(self.context, task)
+
+    def map(self, fn: Callable[[C, T], R], tasks: Iterable[T]) -> Iterator[tuple[T, R]]:
+        """``(task, fn(context, task))`` for every task, in the order of ``tasks``.
+
+        The tasks (byte ranges, or bucket names: small) are listed first, then one Ray
+        dataset maps them, one task per batch."""
+        ray = import_ray()
+        listed = list(tasks)
+        if not listed:
+            return
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
+        dctx = ray.data.DataContext.get_current()
+        dctx.execution_options.preserve_order = True
+        dctx.enable_progress_bars = False
+        rows = [{"index": i, "task": pickle.dumps(t, protocol=5)} for i, t in enumerate(listed)]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(
+            _run_batch,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"fn": fn, "context": self._blob},
+            concurrency=self.parallelism,
+            num_cpus=1,
+        )
+        pending: dict[int, R] = {}
+        expected = 0
+        try:
+            for row in ds.iter_rows():
+                pending[int(row["index"])] = pickle.loads(row["result"])
+                while expected in pending:  # in order whatever the engine does
+                    yield listed[expected], pending.pop(expected)
+                    expected += 1
+        except ray.exceptions.RayError as e:
+            raise BuildError(f"--engine ray: a build task failed: {_first_line(e)}") from None
+        if expected != len(listed):
+            raise BuildError(
+                f"--engine ray: {len(listed) - expected} of {len(listed)} build tasks "
+                "returned nothing"
+            )
+
+    def close(self) -> None:
+        if self._started:
+            import_ray().shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayEngine[C]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File ", "ray::")):
+            return line
+    return type(e).__name__
