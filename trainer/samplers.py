@@ -16,6 +16,15 @@ by the range of episode returns), and the return-to-go column is transformed con
 
 Discrete actions are stored as float32 in the matrix (exact below 2**24 actions) and come
 out of a batch as int64.
+
+Shards (data-parallel runs, trainer.distributed): the training episodes can be cut into
+``K`` shards, contiguous runs of episodes of about equal numbers of transitions
+(:func:`shard_episodes`). A batch of ``B`` is then ``B / K`` transitions from each shard,
+shard ``r``'s drawn by its own generator seeded from ``(seed, step, r, K)``; the batch is a
+pure function of ``(seed, step, K)``, whoever draws it. A rank of an ``N``-rank run packs
+and draws only its own ``K / N`` shards (:class:`Shards`), and one process with ``K``
+shards draws exactly the union of the ranks' batches, in rank order. ``K = 1`` is the
+plain uniform draw above.
 """
 
 from __future__ import annotations
@@ -168,6 +177,77 @@ def split_episodes(
     n_val = min(n_val, max(n_episodes - 1, 0))
     perm = np.random.default_rng([seed, 0x5EED5]).permutation(n_episodes)
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_episodes(lengths: np.ndarray, shards: int) -> list[np.ndarray]:
+    """Cut episodes (their ``lengths``, in order) into ``shards`` contiguous runs of about
+    equal numbers of transitions, each of one episode at least: (positions into
+    ``lengths``) per shard. A ValueError when there are fewer episodes than shards."""
+    n_eps = len(lengths)
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if n_eps < shards:
+        raise ValueError(f"{n_eps} episode(s) cannot be cut into {shards} shards")
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # (E + 1,)
+    total = int(bounds[-1])
+    cuts = [0]
+    for i in range(1, shards):
+        target = total * i / shards
+        c = int(np.searchsorted(bounds, target))  # first boundary at or past the target
+        if c > 0 and target - bounds[c - 1] <= bounds[min(c, n_eps)] - target:
+            c -= 1  # the boundary before is as close or closer
+        cuts.append(min(max(c, cuts[-1] + 1), n_eps - (shards - i)))
+    cuts.append(n_eps)
+    return [np.arange(a, b, dtype=np.int64) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The shards of a run's training transitions, and the ones this process's data holds.
+
+    ``sizes[r]`` is shard ``r``'s number of transitions; the process's
+    :class:`DeviceTransitions` holds shards ``first .. first + count - 1``, end to end.
+    """
+
+    sizes: tuple[int, ...]
+    first: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"every shard needs a transition, got sizes {self.sizes}")
+        if self.first < 0 or self.count < 1 or self.first + self.count > len(self.sizes):
+            raise ValueError(
+                f"shards {self.first}..{self.first + self.count - 1} of {len(self.sizes)}"
+            )
+
+    @classmethod
+    def whole(cls, n_transitions: int) -> Shards:
+        """One shard: the plain uniform draw over all ``n_transitions``."""
+        return cls((n_transitions,))
+
+    @property
+    def total(self) -> int:
+        """Transitions of every shard together (the whole training split)."""
+        return sum(self.sizes)
+
+    @property
+    def local(self) -> range:
+        return range(self.first, self.first + self.count)
+
+    @property
+    def local_transitions(self) -> int:
+        return sum(self.sizes[r] for r in self.local)
+
+
+def shard_seed(seed: int, step: int, stream: int, shard: int, shards: int) -> int:
+    """The generator seed of ``shard`` (of ``shards``) at ``step``; with one shard, the
+    plain sampler's ``step_seed(seed, step, stream)``."""
+    base = step_seed(seed, step, stream)
+    return base if shards == 1 else step_seed(base, shard, stream=shards)
 
 
 # --------------------------------------------------------------------------- reward scaling
@@ -347,34 +427,62 @@ class DeviceTransitions:
 
 
 class TransitionSampler:
-    """Uniform batches of transitions; the batch at step ``k`` is a pure function of ``(seed, k)``.
+    """Uniform batches of transitions; the batch at step ``k`` is a pure function of
+    ``(seed, k)``, and of the number of shards when there are several (module docstring).
 
-    ``sample()`` returns the batch of the current step and advances the counter; the
-    counter and the seed are the whole state (``state_dict``).
+    ``batch_size`` is the batch of every shard together; this process draws
+    ``batch_size / K`` rows from each shard its ``data`` holds (``shards``; default: one
+    shard, all of ``data``). ``sample()`` returns the batch of the current step and
+    advances the counter; the counter and the seed are the whole state (``state_dict``).
     """
 
     def __init__(
-        self, data: DeviceTransitions, batch_size: int, seed: int, *, stream: int = 0
+        self,
+        data: DeviceTransitions,
+        batch_size: int,
+        seed: int,
+        *,
+        stream: int = 0,
+        shards: Shards | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        shards = shards or Shards.whole(data.n_transitions)
+        k = len(shards.sizes)
+        if batch_size % k:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {k} shards")
+        if shards.local_transitions != data.n_transitions:
+            raise ValueError(
+                f"the data holds {data.n_transitions} transitions, its shards "
+                f"{shards.local_transitions}"
+            )
         self.data = data
         self.batch_size = batch_size
+        self.shards = shards
         self.seed = seed
         self.stream = stream
         self.step = 0
         self._generator = torch.Generator(device=data.device)
+        # where each local shard starts in data's rows
+        offsets = np.cumsum([0, *(shards.sizes[r] for r in shards.local)])[:-1]
+        self._local = [(r, shards.sizes[r], int(o)) for r, o in zip(shards.local, offsets)]
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows this process draws per step: ``batch_size / K`` per shard it holds."""
+        return self.batch_size // len(self.shards.sizes) * self.shards.count
 
     def indices(self, step: int) -> torch.Tensor:
-        """(B,) int64 rows drawn for ``step``, on the data's device."""
-        self._generator.manual_seed(step_seed(self.seed, step, self.stream))
-        return torch.randint(
-            0,
-            self.data.n_transitions,
-            (self.batch_size,),
-            generator=self._generator,
-            device=self.data.device,
-        )
+        """(local B,) int64 rows of ``data`` drawn for ``step``, on the data's device."""
+        k = len(self.shards.sizes)
+        per = self.batch_size // k
+        dev = self.data.device
+        parts = []
+        for shard, size, offset in self._local:
+            self._generator.manual_seed(shard_seed(self.seed, step, self.stream, shard, k))
+            rows = torch.randint(0, size, (per,), generator=self._generator, device=dev)
+            parts.append(rows if offset == 0 else rows + offset)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def batch_at(self, step: int) -> TransitionBatch:
         """The batch of ``step``, without moving the counter."""
@@ -386,17 +494,25 @@ class TransitionSampler:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
+        """The same on every rank of a run: the counter, the seed, the shards' sizes."""
         return {
             "kind": "transition",
             "seed": self.seed,
             "stream": self.stream,
             "step": self.step,
             "batch_size": self.batch_size,
-            "n_transitions": self.data.n_transitions,
+            "n_transitions": self.shards.total,
+            "shards": len(self.shards.sizes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_same(state, "transition", self.batch_size, self.data.n_transitions)
+        _check_same(state, "transition", self.batch_size, self.shards.total)
+        k = int(state.get("shards", 1))
+        if k != len(self.shards.sizes):
+            raise ValueError(
+                f"sampler state was drawn from {k} shard(s), this sampler has "
+                f"{len(self.shards.sizes)}: set shards={k} to resume it"
+            )
         self.seed = int(state["seed"])
         self.stream = int(state["stream"])
         self.step = int(state["step"])

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from trainer.samplers import (
     DeviceTransitions,
     RewardScaling,
+    Shards,
     TrajectorySliceSampler,
     TransitionArrays,
     TransitionSampler,
     make_reward_scaling,
+    shard_episodes,
     split_episodes,
     step_seed,
     validation_batches,
@@ -183,6 +185,75 @@ def test_uniform_over_transitions(arrays: TransitionArrays) -> None:
     )
     expected = 20_000 / len(data)
     assert counts.min() > 0.6 * expected and counts.max() < 1.4 * expected
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 50), min_size=1, max_size=40),
+    shards=st.integers(1, 8),
+)
+def test_shards_are_contiguous_cover_every_episode_and_balance_transitions(
+    lengths: list[int], shards: int
+) -> None:
+    lens = np.asarray(lengths, dtype=np.int64)
+    if shards > len(lens):
+        with pytest.raises(ValueError, match="cannot be cut into"):
+            shard_episodes(lens, shards)
+        return
+    parts = shard_episodes(lens, shards)
+    assert len(parts) == shards and all(len(p) >= 1 for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), np.arange(len(lens)))
+    # each cut is within one episode of the ideal cut at i * N / K (unless a shard
+    # would be left without an episode)
+    bounds = np.concatenate([[0], np.cumsum(lens)])
+    for i, p in enumerate(parts[:-1], start=1):
+        ideal = bounds[-1] * i / shards
+        cut = bounds[p[-1] + 1]
+        forced = len(p) == 1 or len(lens) - (p[-1] + 1) == shards - i
+        assert forced or abs(cut - ideal) <= lens.max()
+
+
+def test_ranks_draw_the_union_of_one_process_with_as_many_shards(
+    arrays: TransitionArrays,
+) -> None:
+    """Rank r of 2, holding only its shard's rows, draws the r-th half of the batch that one
+    process drawing both shards draws: step by step, resumed or not."""
+    parts = shard_episodes(arrays.episode_length, 2)
+    sizes = tuple(int(arrays.episode_length[p].sum()) for p in parts)
+    one = TransitionSampler(
+        DeviceTransitions(arrays), 16, seed=5, stream=1, shards=Shards(sizes, 0, 2)
+    )
+    ranks = [
+        TransitionSampler(
+            DeviceTransitions(arrays, parts[r]), 16, seed=5, stream=1, shards=Shards(sizes, r, 1)
+        )
+        for r in range(2)
+    ]
+    assert [s.local_batch_size for s in (one, *ranks)] == [16, 8, 8]
+    for step in range(5):
+        union = torch.cat([s.batch_at(step).observations for s in ranks])
+        assert torch.equal(one.batch_at(step).observations, union)
+        # observation[:, 1] holds the episode: each rank's rows come from its own shard
+        for r, s in enumerate(ranks):
+            eps = s.batch_at(step).observations[:, 1].numpy().astype(int)
+            assert set(eps) <= set(parts[r].tolist())
+    # the state is the same on every rank, and resumes the union
+    state = ranks[1].state_dict()
+    assert state == ranks[0].state_dict() == one.state_dict()
+    assert state["shards"] == 2 and state["n_transitions"] == arrays.n_transitions
+    with pytest.raises(ValueError, match="drawn from 2 shard"):
+        TransitionSampler(DeviceTransitions(arrays), 16, seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="not divisible by the 2 shards"):
+        TransitionSampler(DeviceTransitions(arrays), 15, seed=5, shards=Shards(sizes, 0, 2))
+    # one shard: the plain draw
+    plain = TransitionSampler(DeviceTransitions(arrays), 16, seed=5, stream=1)
+    whole = Shards.whole(arrays.n_transitions)
+    same = TransitionSampler(DeviceTransitions(arrays), 16, seed=5, stream=1, shards=whole)
+    assert torch.equal(plain.indices(3), same.indices(3))
+    assert not torch.equal(plain.indices(3), one.indices(3))
 
 
 # --------------------------------------------------------------------------- split
