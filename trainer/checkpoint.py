@@ -10,6 +10,9 @@ A checkpoint is one ``torch.save`` of plain data (tensors, numbers, strings, lis
     rng                          python, numpy, torch (and cuda) generator states
     loop                         early-stopping / best tracking, finished stages, metrics offset
     meta                         store content hash, obs_dim, action space, config
+    ranks                        data-parallel runs (torchrun): per rank, its generators'
+                                 states and its metrics not yet logged (rank 0 writes the
+                                 file; each rank of a resumed run takes its own)
 
 Files in ``RUN/checkpoints/``: ``step-XXXXXXXXX.pt`` (the last ``keep_last`` are kept),
 ``best-<stage>.pt`` (the best evaluation of each stage) and ``final-<stage>.pt`` (each

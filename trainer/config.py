@@ -306,7 +306,8 @@ class StageConfig:
     name: str = ""
     # The name of an earlier stage whose final actor weights this stage's actor starts from.
     init: str | None = None
-    # Transitions per gradient step.
+    # Transitions per gradient step: the global batch of a data-parallel (torchrun) run,
+    # split evenly over its `shards` (one per rank by default), so a multiple of them.
     batch_size: int = 256
     # Learning-rate schedule (a string is shorthand for {kind: ...}).
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
@@ -580,6 +581,14 @@ class TrainConfig:
     agent: dict[str, Any] | None = None
     # The preset overlay applied (configs/presets/NAME.yaml), chosen with `preset=NAME`.
     preset: str | None = None
+    # Transition-store runs: the sampling shards of the training episodes (contiguous runs
+    # of about equal transitions); each step draws batch_size / shards transitions from
+    # every shard, so a stage's batch_size is the global batch and must be divisible by it.
+    # null: the number of processes (torchrun's ranks, 1 without torchrun); under torchrun
+    # a multiple of the ranks, each rank holding its own shards. A batch is a function of
+    # (seed, step, shards): one process with shards=N draws exactly the batches of an
+    # N-rank run (and resumes its checkpoints).
+    shards: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("store", "out"):
@@ -636,7 +645,25 @@ class TrainConfig:
             v = getattr(self, key)
             if v is not None and not isinstance(v, dict):
                 raise ConfigError(f"{key}: must be a mapping, got {v!r}")
+        if self.shards is not None:
+            need_int("shards", self.shards, 1, "sampling shards of the training episodes, or null")
+            if families[0] != "transitions":
+                raise ConfigError(
+                    f"shards: splits a transition store's training episodes; these stages "
+                    f"train on a {families[0]} store, on one process"
+                )
+            self.check_batch_sizes(self.shards, f"shards={self.shards}")
         self._name_stages()
+
+    def check_batch_sizes(self, shards: int, what: str) -> None:
+        """Every stage's batch_size (the global batch) divisible by ``shards`` (``what``
+        says where that number comes from)."""
+        for i, st in enumerate(self.stages):
+            if st.batch_size % shards:
+                raise ConfigError(
+                    f"stages.{i}.batch_size: {st.batch_size} is the global batch, split evenly "
+                    f"over {what}; make it a multiple of {shards}"
+                )
 
     @property
     def is_qa(self) -> bool:

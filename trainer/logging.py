@@ -71,6 +71,20 @@ class MetricsWriter:
             self._tb.close()
 
 
+class NullWriter:
+    """A :class:`MetricsWriter` that writes nothing: the other ranks' of a data-parallel run
+    (rank 0 writes the run's metrics)."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every row of a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
     rows = []

@@ -14,6 +14,13 @@ with the same batches and the same random numbers, so it ends with the same weig
 never interrupted. Each stage starts from generators reseeded from ``(seed, stage)`` and
 evaluation runs in a fork of the generators, so neither the stage boundaries nor the
 evaluation schedule move the training streams.
+
+Data-parallel (``torchrun``, trainer.distributed): every rank runs this loop on its own
+shards of the training episodes with the gradients averaged over the ranks; rank 0 alone
+evaluates (and broadcasts the results, so early stopping and reduce-on-plateau decide
+alike everywhere) and writes the run directory (config, metrics, TensorBoard, checkpoints,
+curves, summary). Metrics rows are means over the ranks; a checkpoint holds every rank's
+random generators, and every rank resumes from the same one.
 """
 
 from __future__ import annotations
@@ -53,18 +60,22 @@ from trainer.config import (
     dump_yaml,
     yaml_load,
 )
-from trainer.evaluation import Evaluator
-from trainer.logging import MetricsWriter, Progress, plot_curves, read_metrics
+from trainer.distributed import Distributed
+from trainer.evaluation import EvalError, Evaluator
+from trainer.logging import MetricsWriter, NullWriter, Progress, plot_curves, read_metrics
 from trainer.optim import PLATEAU, LRFactor, PlateauScheduler, make_schedulers
 from trainer.samplers import (
     DeviceTransitions,
+    Shards,
     TransitionArrays,
     TransitionSampler,
     make_reward_scaling,
+    shard_episodes,
     split_episodes,
     step_seed,
     validation_batches,
 )
+from trainer.stepping import gradient_sync
 
 __all__ = ["LRFactor", "RunError", "StagedTrainer", "Trainer", "make_schedulers"]
 
@@ -73,11 +84,40 @@ SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
 # Keys of the resolved config that must not change when a run is resumed (they change what
 # is trained).
-RESUME_FIXED = ("store", "seed", "stages", "reward", "val_fraction", "gamma", "store_hash")
+RESUME_FIXED = (
+    "store",
+    "seed",
+    "stages",
+    "reward",
+    "val_fraction",
+    "gamma",
+    "store_hash",
+    "shards",
+)
+# How to resume with the run's own value of a RESUME_FIXED key, where the generic advice
+# does not say it.
+RESUME_HINTS = {
+    "shards": "pass shards=N to resume an N-rank run on one process, or resume it on N ranks",
+}
+# Streams of the generators a stage starts from: rank 0 (and one process) the first, the
+# other ranks of a data-parallel run their own.
+STAGE_STREAM = 0x57A6E
+RANK_STREAM = 0x7A4C0
 
 
 class RunError(Exception):
     """A run that cannot start or go on; the message says why and how to fix it."""
+
+
+# Errors a run reports in one line (the ranks of a data-parallel run agree on them).
+RUN_ERRORS: tuple[type[BaseException], ...] = (
+    RunError,
+    ConfigError,
+    StoreError,
+    CheckpointError,
+    EvalError,
+    OSError,
+)
 
 
 # --------------------------------------------------------------------------- algorithms
@@ -127,7 +167,11 @@ def build_algorithm(stage: StageConfig, ctx: AlgoContext, data: RunData) -> Algo
 
 @dataclass
 class RunData:
-    """The store, its split and the device-resident transitions of a run."""
+    """The store, its split and the device-resident transitions of a run.
+
+    ``train`` holds this process's shards of the training episodes (all of them without
+    torchrun); ``val`` exists on rank 0 only (it evaluates).
+    """
 
     cfg: TrainConfig
     store: TransitionStore
@@ -137,6 +181,7 @@ class RunData:
     val_episodes: np.ndarray
     train: DeviceTransitions
     val: DeviceTransitions | None
+    shards: Shards  # the training transitions' shards and the ones ``train`` holds
     mdp: Any = None  # the d3rlpy dataset, once a stage asked for it
     # reward.relabel: {"reward/NAME": {mean, std[, weight]}} of the relabelled reward's
     # components over the store's rows (None: the store's reward is trained on)
@@ -153,7 +198,12 @@ class RunData:
         return self.mdp
 
 
-def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
+def load_run_data(
+    cfg: TrainConfig, device: torch.device, dist: Distributed | None = None
+) -> RunData:
+    """The run's store, split and training shards, as this rank of ``dist`` needs them:
+    only its shards' rows are read from the memory-mapped store and packed."""
+    dist = dist or Distributed.single()
     try:
         store = open_store(cfg.store)
     except StoreError as e:
@@ -182,13 +232,51 @@ def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
         )
     except ValueError as e:
         raise ConfigError(f"reward: {e}") from None
+    n_shards = resolved_shards(cfg, dist)
+    try:
+        parts = shard_episodes(arrays.episode_length[train_eps], n_shards)
+    except ValueError:
+        who = f"{dist.world_size} ranks" if cfg.shards is None else f"shards={n_shards}"
+        raise RunError(
+            f"{cfg.store}: {len(train_eps)} training episode(s) cannot be shared by {who}: "
+            "every shard needs an episode (start fewer ranks, or lower val_fraction)"
+        ) from None
+    per_rank = n_shards // dist.world_size
+    first = dist.rank * per_rank
+    mine = np.concatenate(parts[first : first + per_rank])
+    sizes = tuple(int(arrays.episode_length[train_eps[p]].sum()) for p in parts)
     kw = {"device": device, "rewards": scaling, "discount": store.discount}
-    whole = len(val_eps) == 0
-    train = DeviceTransitions(arrays, None if whole else train_eps, **kw)  # type: ignore[arg-type]
-    val = None if whole else DeviceTransitions(arrays, val_eps, **kw)  # type: ignore[arg-type]
+    every = len(mine) == arrays.n_episodes  # no validation split, one process: no gather
+    train = DeviceTransitions(arrays, None if every else train_eps[mine], **kw)  # type: ignore[arg-type]
+    val = None
+    if len(val_eps) and dist.is_main:
+        val = DeviceTransitions(arrays, val_eps, **kw)  # type: ignore[arg-type]
     return RunData(
-        cfg, store, device, arrays, train_eps, val_eps, train, val, relabelled=relabelled
+        cfg,
+        store,
+        device,
+        arrays,
+        train_eps,
+        val_eps,
+        train,
+        val,
+        Shards(sizes, first, per_rank),
+        relabelled=relabelled,
     )
+
+
+def resolved_shards(cfg: TrainConfig, dist: Distributed) -> int:
+    """The run's number of shards: ``cfg.shards``, else one per rank; a ConfigError when
+    the ranks cannot share them or a stage's batch cannot be split over them."""
+    if cfg.shards is None:
+        cfg.check_batch_sizes(dist.world_size, f"the {dist.world_size} ranks")
+        return dist.world_size
+    if cfg.shards % dist.world_size:
+        raise ConfigError(
+            f"shards: {cfg.shards} shards cannot be shared evenly by {dist.world_size} ranks; "
+            f"use a multiple of {dist.world_size}, or null (one per rank)"
+        )
+    return cfg.shards
 
 
 def make_evaluator(cfg: TrainConfig, data: RunData) -> Evaluator:
@@ -349,7 +437,7 @@ class StagedTrainer:
     metric: str | None
     mode: str
     state: LoopState
-    writer: MetricsWriter
+    writer: MetricsWriter | NullWriter
     progress: Progress
     _stop: _StopFlag
     _final_states: dict[str, dict[str, Any]]
@@ -357,14 +445,24 @@ class StagedTrainer:
     _resume_file: str  # the checkpoint a resumed run starts from
 
     def __init__(
-        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Any = None,
+        dist: Distributed | None = None,
     ) -> None:
         self.cfg = cfg
         self.resume = resume
         self.overwrite = overwrite
         self.run_dir = Path(cfg.out)
         self.ckpts = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        # the ranks of a torchrun run; only rank 0 writes the run directory and logs
+        self.dist = dist or Distributed.single()
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        if not self.dist.is_main:
+            self._log = lambda msg: None
 
     # ------------------------------------------------------------------ setup
     def _prepare_dir(self) -> dict[str, Any] | None:
@@ -385,7 +483,7 @@ class StagedTrainer:
                 f"out: {self.run_dir} already holds a run; pass --resume to continue it, "
                 "--overwrite to start it again, or choose another out=..."
             )
-        if self.overwrite:
+        if self.overwrite and self.dist.is_main:
             self.ckpts.clear()
         return None
 
@@ -405,9 +503,10 @@ class StagedTrainer:
             ) from None
         for key in self.resume_fixed:
             if key in saved and saved[key] != now.get(key):
+                how = RESUME_HINTS.get(key, "resume with the run's own config")
                 raise RunError(
                     f"--resume: `{key}` differs from {cfg_path} ({saved[key]!r} there, {now.get(key)!r} "
-                    "now); resume with the run's own config or start a new run (another out=)"
+                    f"now); {how} or start a new run (another out=)"
                 )
 
     def _open_run(self, ckpt: dict[str, Any] | None, store_hash: str, device: torch.device) -> None:
@@ -433,7 +532,10 @@ class StagedTrainer:
         return resolved
 
     def _write_config(self, store_hash: str, device: torch.device) -> None:
-        """``config.yaml``, the resolved config; a resumed run is checked against it first."""
+        """``config.yaml``, the resolved config; a resumed run is checked against it first
+        (by rank 0, which writes it)."""
+        if not self.dist.is_main:
+            return
         resolved = self._resolved_config(store_hash, device)
         path = self.run_dir / CONFIG_FILE
         if self.resume and path.exists():
@@ -453,13 +555,21 @@ class StagedTrainer:
             state.step = int(ckpt["step"])
             state.stage_index = int(ckpt["stage_index"])
             state.stages = [StageProgress.from_dict(d) for d in ckpt["loop"]["stages"]]
-        self.writer = MetricsWriter(
-            self.run_dir,
-            resume_offset=int(ckpt["loop"]["metrics_offset"]) if ckpt is not None else None,
-            tensorboard=cfg.tensorboard,
-            purge_step=state.step if ckpt is not None else None,
+        self.writer = (
+            MetricsWriter(
+                self.run_dir,
+                resume_offset=int(ckpt["loop"]["metrics_offset"]) if ckpt is not None else None,
+                tensorboard=cfg.tensorboard,
+                purge_step=state.step if ckpt is not None else None,
+            )
+            if self.dist.is_main
+            else NullWriter()
         )
-        self.progress = Progress(sum(s.steps for s in cfg.stages), state.step, cfg.progress)
+        self.progress = Progress(
+            sum(s.steps for s in cfg.stages),
+            state.step,
+            cfg.progress if self.dist.is_main else False,
+        )
         self.state = state
         self._final_states = {}
         try:
@@ -491,20 +601,29 @@ class StagedTrainer:
         except CheckpointError as e:
             raise RunError(f"init: stage {name!r} has no final checkpoint ({e})") from None
 
-    @staticmethod
     def _resume_stage(
+        self,
         ckpt: dict[str, Any],
         optimizers: dict[str, torch.optim.Optimizer],
         schedulers: dict[str, Any],
         sampler: Any,
     ) -> None:
-        """A stage's optimizers, LR schedulers, sampler and every RNG as ``ckpt`` left them."""
+        """A stage's optimizers, LR schedulers, sampler and every RNG as ``ckpt`` left them
+        (this rank's generators, for a checkpoint of as many ranks)."""
         for name, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
         for name, sch in schedulers.items():
             sch.load_state_dict(ckpt["schedulers"][name])
         sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(self._rank_part(ckpt, "rng", ckpt["rng"]))
+
+    def _rank_part(self, ckpt: dict[str, Any], key: str, default: Any) -> Any:
+        """This rank's ``key`` of a checkpoint of as many ranks (``ckpt["ranks"]``), else
+        ``default`` (rank 0's, or the one process's)."""
+        ranks = ckpt.get("ranks")
+        if ranks is not None and len(ranks) == self.dist.world_size:
+            return ranks[self.dist.rank][key]
+        return default
 
     def _write_stage_start(self, stage: StageConfig) -> None:
         self.writer.write(
@@ -516,14 +635,16 @@ class StagedTrainer:
             }
         )
 
-    @staticmethod
-    def _pending_metrics(ckpt: dict[str, Any] | None, device: torch.device) -> list[dict[str, Any]]:
-        """The metrics of the steps after the checkpoint's last row (0-dim tensors)."""
+    def _pending_metrics(
+        self, ckpt: dict[str, Any] | None, device: torch.device
+    ) -> list[dict[str, Any]]:
+        """The metrics of the steps after the checkpoint's last row (0-dim tensors; this
+        rank's own, for a checkpoint of as many ranks)."""
         if ckpt is None:
             return []
         return [
             {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in m.items()}
-            for m in ckpt["loop"]["pending_metrics"]
+            for m in self._rank_part(ckpt, "pending_metrics", ckpt["loop"]["pending_metrics"])
         ]
 
     def _train_steps(
@@ -565,6 +686,7 @@ class StagedTrainer:
         def elapsed() -> float:
             return wall0 + time.perf_counter() - t_stage
 
+        dist = self.dist
         while sp.steps_done < stage.steps:
             buf.append(step(sp.steps_done))
             for sch in schedulers.values():
@@ -574,8 +696,13 @@ class StagedTrainer:
             row_steps += 1
             s = sp.steps_done
             last = s == stage.steps
+            # one process stops after any step; the ranks of a run together, at a row
+            stop_signal = self._stop.signum is not None and not dist.enabled
             if s % log_every == 0 or last:
-                row_metrics = mean_metrics(buf)  # the only host sync of the hot loop
+                # the only host sync of the hot loop (and, across ranks, one all-reduce)
+                row_metrics, stop_signal = dist.mean_and_any(
+                    mean_metrics(buf), self._stop.signum is not None
+                )
                 buf.clear()
                 now = time.perf_counter()
                 dt = max(now - t_row - row_pause, 1e-9)
@@ -596,12 +723,13 @@ class StagedTrainer:
                 t0 = time.perf_counter()
                 stop_now = evaluate()
                 row_pause += time.perf_counter() - t0
-            if self._stop.signum is not None:
+            if stop_signal:
                 sp.train_time_s += max(time.perf_counter() - t_row - row_pause, 0.0)
                 sp.wall_time_s = elapsed()
                 save(buf)
+                by = f"signal {self._stop.signum}" if self._stop.signum else "a signal"
                 raise Interrupted(
-                    f"stopped by signal {self._stop.signum} at step {state.step}; "
+                    f"stopped by {by} at step {state.step}; "
                     f"continue with --resume (out={self.run_dir})"
                 )
             if stop_now or last:
@@ -674,14 +802,19 @@ class StagedTrainer:
             sp.best_value = float(value)
             sp.best_eval = record
             sp.evals_since_best = 0
-            save_atomic(checkpoint(), self.ckpts.best_path(stage.name))
+            ckpt = checkpoint()  # on every rank: it gathers what the ranks hold
+            if self.dist.is_main:
+                save_atomic(ckpt, self.ckpts.best_path(stage.name))
         else:
             sp.evals_since_best += 1
         patience = self.cfg.early_stopping.patience
         return patience is not None and sp.evals_since_best >= patience
 
     def _write_summary(self, summary: dict[str, Any], plot: Callable[..., Path]) -> dict[str, Any]:
-        """``summary.json`` and the curves PNG (drawn by ``plot``) of the finished run."""
+        """``summary.json`` and the curves PNG (drawn by ``plot``) of the finished run
+        (rank 0; every rank returns the summary)."""
+        if not self.dist.is_main:
+            return summary
         (self.run_dir / SUMMARY_FILE).write_text(
             json.dumps(summary, indent=2) + "\n", encoding="utf-8"
         )
@@ -703,8 +836,24 @@ class StagedTrainer:
         loop: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A checkpoint of stage ``index`` at the current step; ``loop`` adds the
-        trainer's own loop state, ``meta`` what its runs are checked against."""
+        trainer's own loop state, ``meta`` what its runs are checked against.
+
+        Data-parallel: every rank builds it at the same step (rank 0 writes it); ``ranks``
+        holds every rank's generators and pending metrics, for an exact resume on as many
+        ranks."""
         st = self.state
+        pending_metrics = [
+            {
+                k: (v.detach().cpu() if isinstance(v, torch.Tensor) else float(v))
+                for k, v in m.items()
+            }
+            for m in pending
+        ]
+        extra: dict[str, Any] = {}
+        if self.dist.enabled:
+            extra["ranks"] = self.dist.gather(
+                {"rng": rng_state(), "pending_metrics": pending_metrics}
+            )
         return {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
@@ -721,19 +870,16 @@ class StagedTrainer:
                 "stages": [s.to_dict() for s in st.stages],
                 **(loop or {}),
                 "metrics_offset": self.writer.offset(),
-                "pending_metrics": [
-                    {
-                        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else float(v))
-                        for k, v in m.items()
-                    }
-                    for m in pending
-                ],
+                "pending_metrics": pending_metrics,
             },
             "meta": meta,
+            **extra,
         }
 
     def _save_final(self, index: int, ckpt: dict[str, Any]) -> None:
         """A stage's final checkpoint, and the same as the step checkpoint of its last step."""
+        if not self.dist.is_main:
+            return
         save_atomic(ckpt, self.ckpts.final_path(self.cfg.stages[index].name))
         self.ckpts.save_step(ckpt, self.state.step)
 
@@ -741,26 +887,47 @@ class StagedTrainer:
 class Trainer(StagedTrainer):
     """Runs one training config in its run directory (``cfg.out``)."""
 
+    evaluator: Evaluator | None = None  # rank 0's (the others do not evaluate)
+
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        device = torch.device(cfg.resolved_device())
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = self._prepare_dir()
-        data = load_run_data(cfg, device)
-        self.data = data
-        self._open_run(ckpt, data.store.content_hash, data.device)
-        self.evaluator = make_evaluator(cfg, data)
-        self.evaluator.check()
-        self.metric, self.mode = resolve_metric(cfg, data.store)
+        # Every rank checks and loads what it needs; all go on, or all stop with one report.
+        with dist.agreed(RUN_ERRORS):
+            device = torch.device(cfg.resolved_device())
+            if dist.enabled and device.type == "cuda":
+                device = dist.device  # cuda:LOCAL_RANK
+            if dist.world_size > 1:
+                self._check_data_parallel()
+            ckpt = self._prepare_dir()
+            data = load_run_data(cfg, device, dist)
+            self.data = data
+            if dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._open_run(ckpt, data.store.content_hash, data.device)
+            if dist.is_main:
+                self.evaluator = make_evaluator(cfg, data)
+                self.evaluator.check()
+            self.metric, self.mode = resolve_metric(cfg, data.store)
 
-        # Build every stage's algorithm once: a bad hyper-parameter fails now, not hours in.
-        for i, st in enumerate(cfg.stages):
-            build_algorithm(st, self._context(i), data)
-        init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
+            # Build every stage's algorithm once: a bad hyper-parameter fails now, not hours in.
+            for i, st in enumerate(cfg.stages):
+                build_algorithm(st, self._context(i), data)
+            init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
+        self._rank_digests: dict[str, list[str]] = {}
         self._run_stages(ckpt, init_state)
         return self._finish()
+
+    def _check_data_parallel(self) -> None:
+        """What several ranks cannot train (yet): d3rlpy's algorithms step their own
+        optimizers, out of reach of the gradient average."""
+        for i, st in enumerate(self.cfg.stages):
+            if st.is_d3rlpy:
+                raise RunError(
+                    f"stages.{i}.algo: {st.algo} trains on one process for now; run it with "
+                    "python -m trainer.train, or use the native bc / iql / cql under torchrun"
+                )
 
     def _context(self, index: int) -> AlgoContext:
         """Stage ``index``'s algorithm context: the store, the device and the stage's gamma."""
@@ -768,10 +935,12 @@ class Trainer(StagedTrainer):
         return algo_context(store, self.data.device, self.cfg.stage_gamma(index, store.discount))
 
     def _resolved_config(self, store_hash: str, device: torch.device) -> dict[str, Any]:
-        """Also the run's gamma: the store's discount unless the config sets it."""
+        """Also the run's gamma (the store's discount unless the config sets it) and its
+        number of shards (one per rank unless the config sets it)."""
         resolved = super()._resolved_config(store_hash, device)
         if resolved.get("gamma") is None:
             resolved["gamma"] = float(self.data.store.discount)
+        resolved["shards"] = len(self.data.shards.sizes)
         return resolved
 
     def _init_from_state(self, path: str) -> dict[str, Any]:
@@ -798,11 +967,14 @@ class Trainer(StagedTrainer):
         stage = cfg.stages[index]
         sp = state.stages[index]
         state.stage_index = index
+        dist = self.dist
         if ckpt is None:
-            seed_everything(step_seed(cfg.seed, index, stream=0x57A6E))
+            seed_everything(step_seed(cfg.seed, index, stream=STAGE_STREAM))
         algo = build_algorithm(stage, self._context(index), data)
         schedulers = make_schedulers(algo.optimizers, stage.lr_schedule, stage.steps)
-        sampler = TransitionSampler(data.train, stage.batch_size, cfg.seed, stream=index)
+        sampler = TransitionSampler(
+            data.train, stage.batch_size, cfg.seed, stream=index, shards=data.shards
+        )
         if ckpt is not None:
             algo.load_state_dict(ckpt["algo_state"])
             self._resume_stage(ckpt, algo.optimizers, schedulers, sampler)
@@ -820,6 +992,12 @@ class Trainer(StagedTrainer):
                     where = f"stages.{index}.init" if stage.init is not None else "--init-from"
                     raise RunError(f"{where}: {e}") from None
             self._write_stage_start(stage)
+            if dist.rank > 0:  # the weights are built alike; each rank draws its own noise
+                seed_everything(step_seed(cfg.seed, index, stream=RANK_STREAM + dist.rank))
+        if dist.enabled:  # as DDP does: every rank starts from rank 0's weights
+            dist.broadcast_tensors(
+                [t for m in algo_modules(algo) for t in (*m.parameters(), *m.buffers())]
+            )
 
         lr_opt = next(iter(algo.optimizers.values()), None)
 
@@ -830,24 +1008,40 @@ class Trainer(StagedTrainer):
             rates["steps_per_s"] = round(steps / seconds, 2)
             return rates
 
-        elapsed = self._train_steps(
-            index,
-            self._pending_metrics(ckpt, data.device),
-            step=lambda s0: algo.update(sampler.sample()),
-            schedulers=schedulers,
-            row_rates=row_rates,
-            evaluate=lambda: self._evaluate(algo, index),
-            save=lambda buf: self._save_step(algo, schedulers, sampler, index, buf),
-            every_eval=cfg.eval.every,
-        )
+        with gradient_sync(dist.average_gradients if dist.enabled else None):
+            elapsed = self._train_steps(
+                index,
+                self._pending_metrics(ckpt, data.device),
+                step=lambda s0: algo.update(sampler.sample()),
+                schedulers=schedulers,
+                row_rates=row_rates,
+                evaluate=lambda: self._evaluate(algo, index),
+                save=lambda buf: self._save_step(algo, schedulers, sampler, index, buf),
+                every_eval=cfg.eval.every,
+            )
         sp.done = True
         sp.wall_time_s = elapsed()
         self._final_states[stage.name] = algo.state_dict()
+        if dist.enabled:  # weights, targets and optimizer states: the same on every rank
+            self._rank_digests[stage.name] = dist.same_state(
+                self._final_states[stage.name], f"stage {stage.name}"
+            )
         self._save_final(index, self._checkpoint(algo, schedulers, sampler, index, []))
 
     def _evaluate(self, algo: Algorithm, index: int) -> bool:
-        """Evaluate, log, track the best checkpoint; True when early stopping says stop."""
-        metrics = self.evaluator(algo)
+        """Evaluate (rank 0, its results broadcast), log, track the best checkpoint; True
+        when early stopping says stop (on every rank alike)."""
+        metrics = self.dist.on_main(lambda: self._evaluator()(algo), RUN_ERRORS)
+        stop = False
+        with self.dist.agreed(RUN_ERRORS):
+            stop = self._after_eval(algo, index, metrics)
+        return stop
+
+    def _evaluator(self) -> Evaluator:
+        assert self.evaluator is not None, "only rank 0 evaluates"
+        return self.evaluator
+
+    def _after_eval(self, algo: Algorithm, index: int, metrics: dict[str, Any]) -> bool:
         if not metrics:
             return False
         record = self._write_eval(index, metrics)
@@ -898,9 +1092,9 @@ class Trainer(StagedTrainer):
         index: int,
         pending: list[dict[str, Any]],
     ) -> None:
-        self.ckpts.save_step(
-            self._checkpoint(algo, schedulers, sampler, index, pending), self.state.step
-        )
+        ckpt = self._checkpoint(algo, schedulers, sampler, index, pending)
+        if self.dist.is_main:
+            self.ckpts.save_step(ckpt, self.state.step)
 
     # ------------------------------------------------------------------ end
     def _finish(self) -> dict[str, Any]:
@@ -927,13 +1121,29 @@ class Trainer(StagedTrainer):
             "split": {
                 "train_episodes": int(len(self.data.train_episodes)),
                 "val_episodes": int(len(self.data.val_episodes)),
-                "train_transitions": self.data.train.n_transitions,
+                "train_transitions": self.data.shards.total,
             },
             "stages": [s.summary(self.metric) for s in st.stages],
         }
+        shards = self.data.shards
+        if self.dist.enabled or len(shards.sizes) > 1:
+            summary["data_parallel"] = {
+                "ranks": self.dist.world_size,
+                "shards": len(shards.sizes),
+                "shard_transitions": list(shards.sizes),
+                # per stage trained by this process: each rank's sha256 of the final
+                # weights and optimizer states (checked equal)
+                "state_sha256": self._rank_digests,
+            }
         if self.data.relabelled is not None:  # reward.relabel: what the stages trained on
             summary["reward_relabel"] = self.data.relabelled
         return self._write_summary(summary, plot_curves)
+
+
+def algo_modules(algo: Algorithm) -> list[torch.nn.Module]:
+    """The networks of a native algorithm (``modules``), for broadcasting their weights."""
+    modules = getattr(algo, "modules", None)
+    return list(modules.values()) if isinstance(modules, torch.nn.ModuleDict) else []
 
 
 def _space_dict(space: ActionSpace) -> dict[str, Any]:

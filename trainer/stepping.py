@@ -6,12 +6,17 @@ Nothing here changes what a step computes. An algorithm hands its loss computati
 gradients, runs one backward pass, clips per network if asked, and steps every Adam with
 one fused kernel call per set of hyper-parameters instead of one ``optimizer.step()``
 each (whose Python bookkeeping costs more than the kernel on small networks).
+
+Under torchrun, :func:`gradient_sync` installs the data-parallel gradient average
+(trainer.distributed) that :func:`backward_and_step` runs between the backward pass and the
+clipping, so every algorithm's update is data-parallel as written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +24,23 @@ from torch import nn
 
 Metrics = dict[str, torch.Tensor]
 Losses = Callable[..., tuple[torch.Tensor, Metrics]]
+GradientSync = Callable[[Sequence[torch.Tensor]], None]
+
+# The gradient average of a data-parallel run, while :func:`gradient_sync` holds it.
+_gradient_sync: GradientSync | None = None
+
+
+@contextlib.contextmanager
+def gradient_sync(sync: GradientSync | None) -> Iterator[None]:
+    """Within the block, :func:`backward_and_step` hands each update's parameters to
+    ``sync`` (which averages their gradients over the ranks) right after the backward pass;
+    ``None``: nothing to do (one process)."""
+    global _gradient_sync
+    before, _gradient_sync = _gradient_sync, sync
+    try:
+        yield
+    finally:
+        _gradient_sync = before
 
 
 # ----------------------------------------------------------------------------- compile
@@ -160,7 +182,8 @@ def backward_and_step(
     networks: Sequence[tuple[torch.optim.Optimizer, list[nn.Parameter]]],
     grad_clip: float | None,
 ) -> None:
-    """Zero the gradients, ``loss.backward()``, clip each network's gradient norm to
+    """Zero the gradients, ``loss.backward()``, average the gradients over the ranks of a
+    data-parallel run (:func:`gradient_sync`), clip each network's gradient norm to
     ``grad_clip`` (if set), and step every optimizer (:func:`adam_step`).
 
     ``networks`` pairs each optimizer with its network's parameters. ``loss`` may be a sum
@@ -171,6 +194,8 @@ def backward_and_step(
         for p in params:
             p.grad = None
     loss.backward()
+    if _gradient_sync is not None:
+        _gradient_sync([p for _, params in networks for p in params])
     if grad_clip is not None:
         for _, params in networks:
             nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)

@@ -16,8 +16,18 @@ Examples::
     python -m trainer.train configs/pendulum-bc-iql.yaml --resume          # after a crash / kill
     python -m trainer.train configs/x.yaml --init-from runs/bc/checkpoints/final-bc.pt
 
+Data-parallel on N processes (BC, IQL and CQL; trainer/distributed.py)::
+
+    torchrun --standalone --nproc-per-node 2 -m trainer.train configs/pendulum-bc-iql.yaml
+    torchrun --standalone --nproc-per-node 2 -m trainer.train configs/pendulum-bc-iql.yaml --resume
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m trainer.train CONFIG
+
+Each rank trains on its own shards of the training episodes, a stage's ``batch_size``
+being the global batch; rank 0 writes the run directory. After a torchrun restart
+(``--max-restarts``) the workers resume from the run's last checkpoint by themselves.
+
 A user error (missing store, unknown key, bad override, unusable checkpoint) exits with
-code 2 and one line on stderr.
+code 2 and one line on stderr (from rank 0 under torchrun).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any
 from trainer.config import ConfigError, load_config
 
 EXIT_USER_ERROR = 2
+EXIT_LOST_RANK = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -70,16 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    from trainer.distributed import launch_env
+
+    launch = launch_env()
+    # Under torchrun, rank 0 speaks for the job (every rank meets the same user errors).
+    say = (lambda msg: None) if launch is not None and launch.rank != 0 else _stderr
     try:
-        return _run(args)
+        return _run(args, launch, say)
     except KeyboardInterrupt:
-        print("trainer.train: interrupted", file=sys.stderr)
+        say("trainer.train: interrupted")
         return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace) -> int:
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, launch: Any, say: Any) -> int:
     from pipeline.format import StoreError
     from trainer.checkpoint import CheckpointError
+    from trainer.distributed import Distributed, LostRank, PeerFailed, RankError
     from trainer.evaluation import EvalError
 
     user_errors: tuple[type[BaseException], ...] = (
@@ -87,7 +108,9 @@ def _run(args: argparse.Namespace) -> int:
         StoreError,
         CheckpointError,
         EvalError,
+        RankError,
     )
+    dist: Distributed | None = None
     try:
         overrides = list(args.overrides)
         if args.init_from:
@@ -95,6 +118,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         if args.resume and args.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
+        resume, overwrite = args.resume, args.overwrite
+        if launch is not None and launch.restart_count > 0:
+            # torchrun restarted the workers after a failure: go on from the last checkpoint
+            say(f"trainer.train: torchrun restart {launch.restart_count}: resuming {cfg.out}")
+            resume, overwrite = True, False
 
         from trainer.agent import wants_agent_runner
         from trainer.loop import Interrupted, RunError, Trainer
@@ -109,22 +137,53 @@ def _run(args: argparse.Namespace) -> int:
             from trainer.agent.runner import AgentTrainer
 
             runner = AgentTrainer
+        extra: dict[str, Any] = {}
+        if launch is not None and runner is not Trainer and launch.world_size > 1:
+            kind = "QA" if runner.__name__ == "QATrainer" else "language-agent"
+            raise ConfigError(
+                f"{kind} stages ({', '.join(s.algo for s in cfg.stages)}) run on one process "
+                f"for now, not {launch.world_size} torchrun ranks; start them with "
+                "python -m trainer.train"
+            )
+        if launch is not None and runner is Trainer:
+            dist = extra["dist"] = Distributed.start(launch, cfg.resolved_device())
         try:
-            summary = runner(cfg, resume=args.resume, overwrite=args.overwrite).run()
+            summary = runner(cfg, resume=resume, overwrite=overwrite, **extra).run()
         except Interrupted as e:
-            print(f"trainer.train: {e}", file=sys.stderr)
+            say(f"trainer.train: {e}")
             return EXIT_INTERRUPTED
         except RunError as e:
             raise ConfigError(str(e)) from None
+    except PeerFailed:  # another rank failed; rank 0 reports it
+        return EXIT_USER_ERROR
     except user_errors as e:
-        print(f"trainer.train: error: {e}", file=sys.stderr)
+        _error(e, launch, dist, say)
         return EXIT_USER_ERROR
     except OSError as e:  # the run directory cannot be written: disk full, permissions, ...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"trainer.train: error: {where}{e.strerror or e}", file=sys.stderr)
+        _error(f"{where}{e.strerror or e}", launch, dist, say)
         return EXIT_USER_ERROR
-    _print_summary(summary)
+    except LostRank as e:  # another rank died (killed, out of memory, ...)
+        _stderr(
+            f"trainer.train: error: rank {launch.rank if launch else 0} lost the other ranks "
+            f"({e}); `torchrun --max-restarts N` resumes from the last checkpoint"
+        )
+        return EXIT_LOST_RANK
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is None or dist.is_main:
+        _print_summary(summary)
     return 0
+
+
+def _error(e: BaseException | str, launch: Any, dist: Any, say: Any) -> None:
+    """One line on stderr: from rank 0 for what every rank meets (any error before the
+    ranks connect, or agreed on after); other ranks name themselves."""
+    if dist is not None and dist.enabled and launch.rank != 0:
+        _stderr(f"trainer.train: error: rank {launch.rank}: {e}")
+    else:
+        say(f"trainer.train: error: {e}")
 
 
 def _fmt(ev: dict[str, Any] | None, key: str | None) -> str:
