@@ -89,6 +89,7 @@ bench: data
 	$(PYTHON) scripts/bench_sampler.py
 	$(PYTHON) scripts/bench_parts.py
 	$(PYTHON) scripts/bench_train.py
+	$(PYTHON) scripts/bench_ddp.py
 	$(PYTHON) scripts/bench_qa.py
 	$(PYTHON) scripts/bench_sft.py
 	$(PYTHON) scripts/bench_rl.py

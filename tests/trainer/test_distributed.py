@@ -337,3 +337,28 @@ def test_qa_and_agent_stages_refuse_several_ranks(
             {"store": "s", "out": "o", "shards": 2, "stages": [{"algo": "sft", "steps": 1}]}
         )
 
+
+def test_bench_ddp_quick_prints_the_table(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_ddp
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert bench_ddp.main(["--store", str(setup["store"]), "--quick", "--batches", "32"]) == 0
+    out = capsys.readouterr().out
+    table = [x for x in out.splitlines() if x.startswith("|")]
+    assert table[0] == (
+        "| algo | global batch | per rank | 1 process steps/s | 2 ranks steps/s "
+        "| 2 ranks / 1 process |"
+    )
+    for row, algo in zip(table[2:], ("bc", "iql"), strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:3] == [algo, "32", "16"]
+        one, two = (float(c.replace(",", "")) for c in cells[3:5])
+        assert one > 0 and two > 0
+        assert cells[5].endswith("x")
+        assert float(cells[5][:-1]) == pytest.approx(two / one, rel=0.05, abs=0.01)
+    assert bench_ddp.main(["--store", str(setup["tmp"] / "nostore"), "--quick"]) == 2
+    assert bench_ddp.main(["--store", str(setup["store"]), "--batches", "33"]) == 2
