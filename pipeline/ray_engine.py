@@ -158,7 +158,7 @@ class RayEngine(Generic[C]):
         listed = list(tasks)
         if not listed:
             return
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset notices
         dctx = ray.data.DataContext.get_current()
         dctx.execution_options.preserve_order = True
         dctx.enable_progress_bars = False
