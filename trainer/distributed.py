@@ -188,6 +188,16 @@ class Distributed:
             for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(avg.view_as(g))
 
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (on its own device); one all-reduce."""
+        if not self.enabled or self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        with _collective():
+            dist.all_reduce(tensor)
+        return tensor
+
     def broadcast_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Overwrite ``tensors`` (weights, buffers) in place with rank 0's."""
         if not self.enabled or self.world_size == 1 or not tensors:

@@ -20,6 +20,12 @@ those the curriculum admits at that step, sorted by length, and one of its ``buc
 consecutive slices picked at random. Every admitted episode has the same chance to be in a
 step's batch, and a batch holds episodes of similar lengths, so little of it is padding.
 Its only state is the step counter, so a resumed run draws the same batches.
+
+Data-parallel (``shards``, :class:`ShardedBucketSampler`): the training episodes are cut
+into ``shards`` contiguous runs of about equal tokens, each drawn by its own
+:class:`BucketSampler` of ``batch_size / shards`` episodes (its seed a function of the
+shard too) under the run's common curriculum; a rank draws the shards it holds, and one
+process holding every shard draws exactly the union of the ranks' batches.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainer.samplers import step_seed
+from trainer.samplers import shard_episodes, step_seed
 
 if TYPE_CHECKING:
     from pipeline.sequences.store import SequenceStore
@@ -244,7 +250,12 @@ class BucketSampler:
         total_steps: int = 1,
         start_tokens: int | None = None,
         full_at: float = 0.5,
+        shard: tuple[int, int] = (0, 1),
+        longest: int | None = None,
     ) -> None:
+        """``shard``: (this shard, of how many); its draws are seeded apart (one shard: the
+        plain draw). ``longest``: the longest training episode of the run, from which the
+        curriculum ramps (default: this pool's)."""
         if len(pool) == 0:
             raise ValueError("the training split has no episodes")
         order = np.argsort(lengths[pool], kind="stable")
@@ -257,18 +268,24 @@ class BucketSampler:
         self.total_steps = total_steps
         self.start_tokens = start_tokens
         self.full_at = full_at
+        self.shard = shard
+        self.longest = int(self.lengths[-1]) if longest is None else int(longest)
         self.step = 0
 
     def limit(self, step: int) -> int:
         """Longest episode admitted at ``step`` (never fewer than the shortest's length)."""
-        longest = int(self.lengths[-1])
+        longest = self.longest
         lim = curriculum_limit(step, self.total_steps, self.start_tokens, self.full_at, longest)
         return max(lim, int(self.lengths[0]))
 
     def indices(self, step: int) -> np.ndarray:
         """(batch_size,) store rows for ``step``, sorted by length."""
         admitted = int(np.searchsorted(self.lengths, self.limit(step), side="right"))
-        rng = np.random.default_rng(step_seed(self.seed, step, stream=0x5F7 + self.stream))
+        seed = step_seed(self.seed, step, stream=0x5F7 + self.stream)
+        shard, shards = self.shard
+        if shards > 1:
+            seed = step_seed(seed, shard, stream=shards)
+        rng = np.random.default_rng(seed)
         want = self.batch_size * self.buckets
         if admitted >= want:
             pick = np.sort(rng.choice(admitted, size=want, replace=False))
@@ -281,6 +298,75 @@ class BucketSampler:
         out = self.indices(self.step)
         self.step += 1
         return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+class ShardedBucketSampler:
+    """The episodes of each step drawn from ``shards`` shards of the training episodes,
+    ``batch_size / shards`` from each; this process draws the shards of ``local``.
+
+    :meth:`sample` returns this process's episodes (its shards' draws, in shard order) and
+    keeps every shard's in :attr:`last_all`, so each rank knows the step's global batch
+    (for its token counts) without a collective. Its state is the step counter.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        pool: np.ndarray,
+        batch_size: int,
+        seed: int,
+        *,
+        shards: int,
+        local: range,
+        stream: int = 0,
+        buckets: int = 8,
+        total_steps: int = 1,
+        start_tokens: int | None = None,
+        full_at: float = 0.5,
+    ) -> None:
+        if batch_size % shards:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} shards")
+        pool = np.asarray(pool, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        parts = shard_episodes(lengths[pool], shards)  # ValueError: fewer episodes than shards
+        longest = int(lengths[pool].max())
+        self.shortest = int(lengths[pool].min())
+        self.samplers = [
+            BucketSampler(
+                lengths, pool[part], batch_size // shards, seed, stream=stream,
+                buckets=buckets, total_steps=total_steps, start_tokens=start_tokens,
+                full_at=full_at, shard=(i, shards), longest=longest,
+            )
+            for i, part in enumerate(parts)
+        ]  # fmt: skip
+        self.sizes = tuple(int(lengths[pool[part]].sum()) for part in parts)  # tokens per shard
+        self.local = local
+        self.batch_size = batch_size
+        self.step = 0
+        self.last_all = np.zeros(0, dtype=np.int64)
+
+    def limit(self, step: int) -> int:
+        """The curriculum's longest admitted episode at ``step`` (the same in every shard,
+        which admits its shortest at least)."""
+        s = self.samplers[0]
+        lim = curriculum_limit(step, s.total_steps, s.start_tokens, s.full_at, s.longest)
+        return max(lim, self.shortest)
+
+    def indices(self, step: int) -> list[np.ndarray]:
+        """Every shard's episodes of ``step``."""
+        return [s.indices(step) for s in self.samplers]
+
+    def sample(self) -> np.ndarray:
+        per_shard = self.indices(self.step)
+        self.step += 1
+        self.last_all = np.concatenate(per_shard)
+        return np.concatenate([per_shard[i] for i in self.local])
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step}

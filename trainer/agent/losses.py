@@ -15,6 +15,12 @@ its softmax are most of a small model's cost, and context is most of an agent ep
 With the teacher's top-k log-probabilities in the store, ``distill_weight * KL`` is added:
 the KL from the teacher's distribution, renormalised over its top k tokens, to the
 student's, at every target position that has teacher ids (mean over those positions).
+
+Data-parallel, a rank's loss is not the mean over its own targets: the ranks' means,
+averaged, are not the mean over the global batch when their target weights differ.
+:func:`loss_norms` gives a batch's denominators (its target weight and its teacher
+positions) before any forward pass; summed over the ranks and handed to :func:`sad_loss`
+as ``norms``, each rank's loss is its share of the global batch's weighted mean.
 """
 
 from __future__ import annotations
@@ -77,6 +83,19 @@ def topk_kl(
     return terms.sum(-1)
 
 
+def loss_norms(batch: TokenBatch, weights: torch.Tensor) -> torch.Tensor:
+    """(2,) float32 the denominators of :func:`sad_loss` on ``batch``: the summed weight of
+    its targets, and the number of its target positions with teacher ids (0 without)."""
+    rows, cols = target_positions(batch)
+    lab = batch.labels[rows, cols + 1]
+    w_sum = weights.to(lab.device)[lab].sum()
+    if batch.teacher_ids is None:
+        has = torch.zeros((), device=lab.device)
+    else:
+        has = (batch.teacher_ids[rows, cols + 1] >= 0).any(-1).sum().float()
+    return torch.stack([w_sum.float(), has])
+
+
 def sad_loss(
     hidden: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
@@ -84,8 +103,12 @@ def sad_loss(
     weights: torch.Tensor,
     *,
     distill_weight: float = 0.0,
+    norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted loss of a batch and its metrics (0-dim tensors, no host sync).
+
+    ``norms``: the (2,) denominators of the loss (:func:`loss_norms` of a global batch
+    this one is a part of) instead of this batch's own; the metrics stay this batch's.
 
     ``hidden``: (B, L, H) the model's last hidden states; ``lm_head`` maps (K, H) to (K, V).
     Metrics: ``loss`` (the weighted CE), ``loss/LABEL`` and ``accuracy/LABEL`` per trained
@@ -117,5 +140,12 @@ def sad_loss(
         kl_mean = kl.sum() / has.sum().clamp_min(1)
         loss = loss + distill_weight * kl_mean
         metrics["distill_kl"] = kl_mean.detach()
+        if norms is not None:
+            part = (w * ce).sum() / norms[0].clamp_min(1e-8)
+            part = part + distill_weight * kl.sum() / norms[1].clamp_min(1)
+            metrics["loss"] = loss.detach()
+            return part, metrics
     metrics["loss"] = loss.detach()
+    if norms is not None:
+        return (w * ce).sum() / norms[0].clamp_min(1e-8), metrics
     return loss, metrics
