@@ -587,7 +587,8 @@ class TrainConfig:
     # null: the number of processes (torchrun's ranks, 1 without torchrun); under torchrun
     # a multiple of the ranks, each rank holding its own shards. A batch is a function of
     # (seed, step, shards): one process with shards=N draws exactly the batches of an
-    # N-rank run (and resumes its checkpoints).
+    # N-rank run (and resumes its checkpoints). sft stages shard a sequence store's
+    # training episodes alike (about equal tokens per shard, batch_size episodes).
     shards: int | None = None
 
     def __post_init__(self) -> None:
@@ -647,7 +648,13 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be a mapping, got {v!r}")
         if self.shards is not None:
             need_int("shards", self.shards, 1, "sampling shards of the training episodes, or null")
-            if families[0] != "transitions":
+            rl = [st.algo for st in self.stages if st.algo in ("ppo", "reinforce")]
+            if families[0] == "sequences" and rl:
+                raise ConfigError(
+                    f"shards: splits the training episodes of sft stages; {rl[0]} stages run "
+                    "on one process for now"
+                )
+            if families[0] not in ("transitions", "sequences"):
                 raise ConfigError(
                     f"shards: splits a transition store's training episodes; these stages "
                     f"train on a {families[0]} store, on one process"

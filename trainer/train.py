@@ -16,7 +16,7 @@ Examples::
     python -m trainer.train configs/pendulum-bc-iql.yaml --resume          # after a crash / kill
     python -m trainer.train configs/x.yaml --init-from runs/bc/checkpoints/final-bc.pt
 
-Data-parallel on N processes (BC, IQL and CQL; trainer/distributed.py)::
+Data-parallel on N processes (BC, IQL, CQL and sft; trainer/distributed.py)::
 
     torchrun --standalone --nproc-per-node 2 -m trainer.train configs/pendulum-bc-iql.yaml
     torchrun --standalone --nproc-per-node 2 -m trainer.train configs/pendulum-bc-iql.yaml --resume
@@ -138,14 +138,18 @@ def _run(args: argparse.Namespace, launch: Any, say: Any) -> int:
 
             runner = AgentTrainer
         extra: dict[str, Any] = {}
-        if launch is not None and runner is not Trainer and launch.world_size > 1:
+        # the runners that train data-parallel under torchrun (language agents: sft only)
+        parallel: set[Any] = {Trainer}
+        if runner.__name__ == "AgentTrainer" and all(s.algo == "sft" for s in cfg.stages):
+            parallel.add(runner)
+        if launch is not None and runner not in parallel and launch.world_size > 1:
             kind = "QA" if runner.__name__ == "QATrainer" else "language-agent"
             raise ConfigError(
                 f"{kind} stages ({', '.join(s.algo for s in cfg.stages)}) run on one process "
                 f"for now, not {launch.world_size} torchrun ranks; start them with "
                 "python -m trainer.train"
             )
-        if launch is not None and runner is Trainer:
+        if launch is not None and runner in parallel:
             dist = extra["dist"] = Distributed.start(launch, cfg.resolved_device())
         try:
             summary = runner(cfg, resume=resume, overwrite=overwrite, **extra).run()

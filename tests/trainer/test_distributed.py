@@ -311,10 +311,11 @@ def test_the_launch_is_read_from_torchruns_variables() -> None:
     assert launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == LaunchEnv(0, 1, 0, 0)
 
 
-def test_qa_and_agent_stages_refuse_several_ranks(
+def test_qa_and_agent_rl_stages_refuse_several_ranks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for algo, kind in (("qa_supervised", "QA"), ("sft", "language-agent")):
+    # sft: test_agent_distributed.py
+    for algo, kind in (("qa_supervised", "QA"), ("ppo", "language-agent")):
         cfg = write_config(
             tmp_path / f"{algo}.yaml",
             {"store": str(tmp_path / "nostore"), "out": str(tmp_path / algo),
@@ -332,9 +333,9 @@ def test_qa_and_agent_stages_refuse_several_ranks(
         monkeypatch.setenv("RANK", "1")  # the other ranks stop without a word
         assert main([str(cfg)]) == 2
         assert capsys.readouterr().err == ""
-    with pytest.raises(ConfigError, match="shards: splits a transition store's training"):
+    with pytest.raises(ConfigError, match="shards: .* ppo stages run on one process for now"):
         config_from_dict(
-            {"store": "s", "out": "o", "shards": 2, "stages": [{"algo": "sft", "steps": 1}]}
+            {"store": "s", "out": "o", "shards": 2, "stages": [{"algo": "ppo", "steps": 1}]}
         )
 
 

@@ -27,6 +27,16 @@ environment, else by ``eval/action_accuracy``, unless ``early_stopping.metric``
 says otherwise. At the end, the student is written as a plain model directory
 (``RUN/model/``: merged weights with LoRA, the store's tokenizer beside them) that
 ``AutoModelForCausalLM.from_pretrained`` opens.
+
+Data-parallel (``torchrun``, :mod:`trainer.distributed`; ``sft`` stages only): the
+training episodes are cut into ``shards`` (one per rank unless the config says more), each
+rank draws ``batch_size / ranks`` episodes per micro-batch from its own shards
+(:class:`trainer.agent.data.ShardedBucketSampler`), and one process with ``shards=N``
+draws the union of N ranks' batches. The loss is normalised by the global batch's target
+weight (summed over the ranks before the forward passes), so the averaged gradient is the
+one of the union batch; it is averaged before clipping and the step. Rank 0 alone
+evaluates (its results broadcast) and writes the run directory; a checkpoint holds every
+rank's generators.
 """
 
 from __future__ import annotations
@@ -44,9 +54,15 @@ import numpy as np
 import torch
 
 from pipeline.format import StoreError
-from trainer.agent.data import BucketSampler, SequenceArrays, collate, packed_attention_mask
+from trainer.agent.data import (
+    BucketSampler,
+    SequenceArrays,
+    ShardedBucketSampler,
+    collate,
+    packed_attention_mask,
+)
 from trainer.agent.evaluation import offline_metrics, play_online
-from trainer.agent.losses import label_weights, sad_loss
+from trainer.agent.losses import label_weights, loss_norms, sad_loss
 from trainer.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from trainer.config import (
     ConfigError,
@@ -56,14 +72,15 @@ from trainer.config import (
     need_in_range,
     need_int,
 )
+from trainer.distributed import Distributed
 from trainer.logging import mark_panel, save_panels, stage_starts
-from trainer.loop import RunError, StagedTrainer
+from trainer.loop import RANK_STREAM, RUN_ERRORS, RunError, StagedTrainer, resolved_shards
 from trainer.optim import OptimizerSpec, build_optimizer, make_schedulers
 from trainer.samplers import step_seed
 
 AGENT_METRIC = "eval/action_accuracy"  # early_stopping.metric auto, offline
 ONLINE_METRIC = "eval/success_rate"  # ... and when the store's environment is played
-_RESUME_FIXED = ("store", "seed", "stages", "model", "precision", "agent", "store_hash")
+_RESUME_FIXED = ("store", "seed", "stages", "model", "precision", "agent", "store_hash", "shards")
 
 
 # --------------------------------------------------------------------------- settings
@@ -237,7 +254,10 @@ class SFTStage:
         grad_clip: float | None,
         has_teacher: bool,
         optimizer: OptimizerSpec | None = None,
+        dist: Distributed | None = None,
     ) -> None:
+        """``dist``: the ranks of a data-parallel run, over which each update normalises
+        the loss and averages the gradients (None: one process)."""
         from trainer.agent.model import hidden_and_head, make_scaler, precision_context
 
         self.loaded = loaded
@@ -245,6 +265,7 @@ class SFTStage:
         self.weights = weights.to(device)
         self.device = device
         self.grad_clip = grad_clip
+        self.dist = dist if dist is not None and dist.enabled else None
         self.forward_hidden, self.lm_head = hidden_and_head(loaded)
         self.autocast = lambda: precision_context(precision, device)
         self.scaler = make_scaler(precision, device)
@@ -291,20 +312,39 @@ class SFTStage:
         # total target weight, the sum is the weighted mean over the whole step (as one
         # batch of every micro-batch's episodes would give), with no host sync
         shares = [self.weights[b.labels].sum() for b in batches]
+        norms: list[torch.Tensor | None] = [None] * len(batches)
+        ranks = 1
+        if self.dist is not None:
+            # data-parallel: every micro-batch's shares and denominators over the global
+            # batch (one all-reduce), each rank's loss its part of the global weighted mean,
+            # times the ranks as the gradient average divides by them
+            local = torch.stack(
+                [torch.cat([s.reshape(1).float(), loss_norms(b, self.weights)])
+                 for s, b in zip(shares, batches)]
+            )  # fmt: skip
+            glob = self.dist.all_sum(local)
+            shares = list(glob[:, 0].unbind())
+            norms = list(glob[:, 1:].unbind())
+            ranks = self.dist.world_size
         total_w = torch.stack(shares).sum().clamp_min(1e-8)
         metrics: list[dict[str, torch.Tensor]] = []
-        for b, share in zip(batches, shares):
+        for b, share, norm in zip(batches, shares, norms):
             with self.autocast():
                 hidden = self.hidden(b)
                 loss, m = sad_loss(
-                    hidden, self.lm_head, b, self.weights, distill_weight=self.distill
-                )
+                    hidden, self.lm_head, b, self.weights, distill_weight=self.distill,
+                    norms=norm,
+                )  # fmt: skip
             scaled = loss * (share / total_w)
+            if ranks > 1:
+                scaled = scaled * ranks
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
             metrics.append(m)
+        if self.dist is not None:  # before unscaling: an inf on any rank is seen by all
+            self.dist.average_gradients(self.trainable)
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(
@@ -344,11 +384,17 @@ class AgentTrainer(StagedTrainer):
     metric: str
 
     def __init__(
-        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Any = None,
+        dist: Distributed | None = None,
     ) -> None:
         from trainer.agent.model import parse_model_settings
 
-        super().__init__(cfg, resume=resume, overwrite=overwrite, log=log)
+        super().__init__(cfg, resume=resume, overwrite=overwrite, log=log, dist=dist)
         self.settings = parse_settings(cfg.agent)
         self.model_settings = parse_model_settings(cfg.model, where="model")
         self.params = [stage_params(cfg, i) for i in range(len(cfg.stages))]
@@ -416,26 +462,36 @@ class AgentTrainer(StagedTrainer):
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        device = torch.device(cfg.resolved_device())
-        self.device = device
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = self._prepare_dir()
-        self.store = self._open_store()
-        self.text = self.store.text()
-        self.arrays = SequenceArrays.from_store(self.store)
-        self.label_names = list(self.store.label_names)
-        self.train_pool, self.eval_pool = self._split()
-        self._resolve_steps()
-        self.policy_role, self.env_role = self._roles()
-        if self.cfg.early_stopping.metric == "auto" and self._plays_online():
-            # held-out action accuracy saturates long before the student can act on its
-            # own: with an environment, the best checkpoint is the one that succeeds most
-            self.metric = ONLINE_METRIC
-        self._open_run(ckpt, self.store.content_hash, device)
-        init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
+        # Every rank checks and loads what it needs; all go on, or all stop with one report.
+        with dist.agreed(RUN_ERRORS):
+            device = torch.device(cfg.resolved_device())
+            if dist.enabled and device.type == "cuda":
+                device = dist.device  # cuda:LOCAL_RANK
+            self.device = device
+            if dist.world_size > 1:
+                self._check_data_parallel()
+            self.n_shards = resolved_shards(cfg, dist) if dist.enabled else cfg.shards or 1
+            if dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt = self._prepare_dir()
+            self.store = self._open_store()
+            self.text = self.store.text()
+            self.arrays = SequenceArrays.from_store(self.store)
+            self.label_names = list(self.store.label_names)
+            self.train_pool, self.eval_pool = self._split()
+            self._check_shards()
+            self._resolve_steps()
+            self.policy_role, self.env_role = self._roles()
+            if self.cfg.early_stopping.metric == "auto" and self._plays_online():
+                # held-out action accuracy saturates long before the student can act on its
+                # own: with an environment, the best checkpoint is the one that succeeds most
+                self.metric = ONLINE_METRIC
+            self._open_run(ckpt, self.store.content_hash, device)
+            init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
+        self._rank_digests: dict[str, list[str]] = {}
         if ckpt is None:
             self.extra = [_StageExtra() for _ in cfg.stages]
         else:
@@ -445,6 +501,44 @@ class AgentTrainer(StagedTrainer):
         self._model_info: dict[str, Any] = {}
         self._run_stages(ckpt, init_state)
         return self._finish()
+
+    def _check_data_parallel(self) -> None:
+        """What several ranks cannot train (yet): the RL stages' rollouts and reward state."""
+        for i, st in enumerate(self.cfg.stages):
+            if st.algo != "sft":
+                raise RunError(
+                    f"stages.{i}.algo: {st.algo} stages run on one process for now, not "
+                    f"{self.dist.world_size} torchrun ranks; start them with python -m "
+                    "trainer.train"
+                )
+
+    def _check_shards(self) -> None:
+        """Every shard needs a training episode; the per-episode trained-token counts for
+        the global batch's token counts."""
+        self._trained_per_episode: np.ndarray | None = None
+        if self.n_shards == 1:
+            return
+        if len(self.train_pool) < self.n_shards:
+            who = (
+                f"{self.dist.world_size} ranks" if self.cfg.shards is None
+                else f"shards={self.n_shards}"
+            )  # fmt: skip
+            raise RunError(
+                f"{self.cfg.store}: {len(self.train_pool)} training episode(s) cannot be shared "
+                f"by {who}: every shard needs an episode (start fewer ranks, or lower "
+                "agent.eval_fraction)"
+            )
+        trained = np.concatenate([[0], np.cumsum(self.arrays.labels > 0, dtype=np.int64)])
+        offsets = self.arrays.offsets
+        self._trained_per_episode = trained[offsets[1:]] - trained[offsets[:-1]]
+
+    def _resolved_config(self, store_hash: str, device: torch.device) -> dict[str, Any]:
+        """Also the number of shards of a data-parallel run (one per rank unless the config
+        sets it)."""
+        resolved = super()._resolved_config(store_hash, device)
+        if self.n_shards > 1:
+            resolved["shards"] = self.n_shards
+        return resolved
 
     def _init_from_state(self, path: str) -> dict[str, Any]:
         try:
@@ -518,21 +612,37 @@ class AgentTrainer(StagedTrainer):
                 f"stages.{index}.distill_weight: {p.distill_weight} but the store carries no "
                 "teacher log-probabilities (fields.teacher of its spec)"
             )
+        dist = self.dist
         algo = SFTStage(
             loaded, p, weights, precision=cfg.precision, device=self.device,
             grad_clip=stage.grad_clip, has_teacher=has_teacher, optimizer=stage.optimizer,
+            dist=dist,
         )  # fmt: skip
-        sampler = BucketSampler(
-            self.arrays.lengths, self.train_pool, stage.batch_size, cfg.seed,
-            stream=index, buckets=p.buckets, total_steps=stage.steps,
-            start_tokens=p.curriculum.start_tokens, full_at=p.curriculum.full_at,
-        )  # fmt: skip
+        sampler: BucketSampler | ShardedBucketSampler
+        if self.n_shards == 1:
+            sampler = BucketSampler(
+                self.arrays.lengths, self.train_pool, stage.batch_size, cfg.seed,
+                stream=index, buckets=p.buckets, total_steps=stage.steps,
+                start_tokens=p.curriculum.start_tokens, full_at=p.curriculum.full_at,
+            )  # fmt: skip
+        else:
+            per_rank = self.n_shards // dist.world_size
+            sampler = ShardedBucketSampler(
+                self.arrays.lengths, self.train_pool, stage.batch_size, cfg.seed,
+                shards=self.n_shards, local=range(dist.rank * per_rank, (dist.rank + 1) * per_rank),
+                stream=index, buckets=p.buckets, total_steps=stage.steps,
+                start_tokens=p.curriculum.start_tokens, full_at=p.curriculum.full_at,
+            )  # fmt: skip
         schedulers = self._schedulers(algo, stage)
         if ckpt is not None:
             self._resume_stage(ckpt, algo.optimizers, schedulers, sampler)
         else:
             self.state.stages[index].start_step = self.state.step
             self._write_stage_start(stage)
+            if dist.rank > 0:  # the weights are built alike; each rank draws its own noise
+                seed_everything(step_seed(cfg.seed, index, stream=RANK_STREAM + dist.rank))
+        if dist.enabled:  # as DDP does: every rank starts from rank 0's weights
+            dist.broadcast_tensors([t for t in loaded.model.parameters() if t.requires_grad])
         self._train_stage(
             index, ckpt, algo, self._stepper(index, algo, sampler), schedulers, sampler
         )
@@ -544,7 +654,7 @@ class AgentTrainer(StagedTrainer):
         algo: Any,
         step: Callable[[int], dict[str, Any]],
         schedulers: dict[str, Any],
-        sampler: BucketSampler,
+        sampler: BucketSampler | ShardedBucketSampler,
     ) -> None:
         """Stage ``index``'s steps to its end (or an early stop), its final checkpoint, and
         the exported model after the last stage."""
@@ -565,8 +675,16 @@ class AgentTrainer(StagedTrainer):
         sp.done = True
         sp.wall_time_s = elapsed()
         self._final_states[stage.name] = self._state(algo.loaded)
+        if self.dist.enabled:  # weights and optimizer states: the same on every rank
+            self._rank_digests[stage.name] = self.dist.same_state(
+                {
+                    "model": self._final_states[stage.name],
+                    "optimizers": {k: o.state_dict() for k, o in algo.optimizers.items()},
+                },
+                f"stage {stage.name}",
+            )
         self._save_final(index, self._checkpoint(algo, schedulers, sampler, index, []))
-        if index == len(cfg.stages) - 1 and self.settings.export_merged:
+        if index == len(cfg.stages) - 1 and self.settings.export_merged and self.dist.is_main:
             self._export(algo.loaded)
 
     def _run_rl_stage(
@@ -679,20 +797,28 @@ class AgentTrainer(StagedTrainer):
         return make_schedulers(algo.optimizers, stage.lr_schedule, stage.steps)
 
     def _stepper(
-        self, index: int, algo: SFTStage, sampler: BucketSampler
+        self, index: int, algo: SFTStage, sampler: BucketSampler | ShardedBucketSampler
     ) -> Callable[[int], dict[str, Any]]:
         p, extra = self.params[index], self.extra[index]
         names = self.label_names
         pad = int(self.text.pad_id)
+
+        lengths, trained = self.arrays.lengths, self._trained_per_episode
 
         def step(s0: int) -> dict[str, Any]:
             batches = []
             for _ in range(p.grad_accumulation):
                 episodes = sampler.sample()
                 b = collate(self.arrays, episodes, pad, pack=p.pack, max_len=p.pack_max_tokens)
-                extra.tokens += b.n_tokens
-                extra.trained_tokens += b.n_trained
-                extra.episodes += len(episodes)
+                if isinstance(sampler, ShardedBucketSampler):  # the global batch's counts
+                    every = sampler.last_all
+                    extra.tokens += int(lengths[every].sum())
+                    extra.trained_tokens += int(trained[every].sum())  # type: ignore[index]
+                    extra.episodes += len(every)
+                else:
+                    extra.tokens += b.n_tokens
+                    extra.trained_tokens += b.n_trained
+                    extra.episodes += len(episodes)
                 batches.append(b.to(self.device))
             m = algo.update(batches)
             out: dict[str, Any] = {}
@@ -729,6 +855,14 @@ class AgentTrainer(StagedTrainer):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, algo: Any, index: int) -> bool:
+        """Evaluate (rank 0, its results broadcast), log, track the best checkpoint; True
+        when early stopping says stop (on every rank alike)."""
+        metrics = self.dist.on_main(lambda: self._eval_metrics(algo), RUN_ERRORS)
+        with self.dist.agreed(RUN_ERRORS):
+            stop = self._after_eval(algo, index, metrics)
+        return stop
+
+    def _eval_metrics(self, algo: Any) -> dict[str, Any]:
         model = algo.loaded.model
         model.eval()
         try:
@@ -751,6 +885,9 @@ class AgentTrainer(StagedTrainer):
         if self.device.type == "cuda":
             metrics["eval/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         metrics["eval/peak_rss_mb"] = peak_rss_mb()
+        return metrics
+
+    def _after_eval(self, algo: Any, index: int, metrics: dict[str, Any]) -> bool:
         record = self._write_eval(index, metrics)
         value = metrics.get(self.metric)
         if value is None:
@@ -856,7 +993,7 @@ class AgentTrainer(StagedTrainer):
         self,
         algo: Any,
         schedulers: dict[str, Any] | None,
-        sampler: BucketSampler | None,
+        sampler: BucketSampler | ShardedBucketSampler | None,
         index: int,
         pending: list[dict[str, Any]],
     ) -> dict[str, Any]:
@@ -883,13 +1020,13 @@ class AgentTrainer(StagedTrainer):
         self,
         algo: Any,
         schedulers: dict[str, Any],
-        sampler: BucketSampler,
+        sampler: BucketSampler | ShardedBucketSampler,
         index: int,
         pending: list[dict[str, Any]],
     ) -> None:
-        self.ckpts.save_step(
-            self._checkpoint(algo, schedulers, sampler, index, pending), self.state.step
-        )
+        ckpt = self._checkpoint(algo, schedulers, sampler, index, pending)
+        if self.dist.is_main:
+            self.ckpts.save_step(ckpt, self.state.step)
 
     def _export(self, loaded: Any) -> None:
         """RUN/model/: the student as a plain model directory with the store's tokenizer."""
@@ -947,6 +1084,14 @@ class AgentTrainer(StagedTrainer):
             "exported_model": str(self.run_dir / "model") if self.settings.export_merged else None,
             "stages": stages,
         }
+        if self.dist.enabled or self.n_shards > 1:
+            summary["data_parallel"] = {
+                "ranks": self.dist.world_size,
+                "shards": self.n_shards,
+                # per stage trained by this process: each rank's sha256 of the final
+                # weights and optimizer states (checked equal)
+                "state_sha256": self._rank_digests,
+            }
         return self._write_summary(summary, plot_agent_curves)
 
 
