@@ -589,6 +589,8 @@ class TrainConfig:
     # (seed, step, shards): one process with shards=N draws exactly the batches of an
     # N-rank run (and resumes its checkpoints). sft stages shard a sequence store's
     # training episodes alike (about equal tokens per shard, batch_size episodes).
+    # QA stages deal a segment store's training questions into shards (by length, round
+    # robin), batch_size questions.
     shards: int | None = None
 
     def __post_init__(self) -> None:
@@ -654,7 +656,7 @@ class TrainConfig:
                     f"shards: splits the training episodes of sft stages; {rl[0]} stages run "
                     "on one process for now"
                 )
-            if families[0] not in ("transitions", "sequences"):
+            if families[0] not in ("transitions", "sequences", "segments"):
                 raise ConfigError(
                     f"shards: splits a transition store's training episodes; these stages "
                     f"train on a {families[0]} store, on one process"

@@ -16,7 +16,8 @@ Examples::
     python -m trainer.train configs/pendulum-bc-iql.yaml --resume          # after a crash / kill
     python -m trainer.train configs/x.yaml --init-from runs/bc/checkpoints/final-bc.pt
 
-Data-parallel on N processes (BC, IQL, CQL and sft; trainer/distributed.py)::
+Data-parallel on N processes (BC, IQL, CQL, qa_supervised, qa_hybrid and sft;
+trainer/distributed.py)::
 
     torchrun --standalone --nproc-per-node 2 -m trainer.train configs/pendulum-bc-iql.yaml
     torchrun --standalone --nproc-per-node 2 -m trainer.train configs/pendulum-bc-iql.yaml --resume
@@ -140,6 +141,8 @@ def _run(args: argparse.Namespace, launch: Any, say: Any) -> int:
         extra: dict[str, Any] = {}
         # the runners that train data-parallel under torchrun (language agents: sft only)
         parallel: set[Any] = {Trainer}
+        if runner.__name__ == "QATrainer":  # qa_supervised and qa_hybrid
+            parallel.add(runner)
         if runner.__name__ == "AgentTrainer" and all(s.algo == "sft" for s in cfg.stages):
             parallel.add(runner)
         if launch is not None and runner not in parallel and launch.world_size > 1:

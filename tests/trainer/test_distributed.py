@@ -311,11 +311,11 @@ def test_the_launch_is_read_from_torchruns_variables() -> None:
     assert launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == LaunchEnv(0, 1, 0, 0)
 
 
-def test_qa_and_agent_rl_stages_refuse_several_ranks(
+def test_agent_stages_refuse_several_ranks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # sft: test_agent_distributed.py
-    for algo, kind in (("qa_supervised", "QA"), ("ppo", "language-agent")):
+    # QA stages: test_qa_distributed.py; sft: test_agent_distributed.py
+    for algo, kind in (("ppo", "language-agent"),):
         cfg = write_config(
             tmp_path / f"{algo}.yaml",
             {"store": str(tmp_path / "nostore"), "out": str(tmp_path / algo),

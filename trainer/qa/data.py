@@ -18,6 +18,13 @@ the answer targets 0. Padded segments hold ``IGNORE`` targets.
 one fancy-index gather per field, no per-example Python loop. :class:`CurriculumSampler`
 draws the examples of step ``k`` as a pure function of ``(seed, stream, k)`` among the
 examples that the curriculum admits at that step, so a resumed run sees the same batches.
+
+Shards (data-parallel runs, trainer.distributed): the training questions, sorted by their
+number of segments, are dealt round-robin into ``K`` shards (every shard spans the lengths
+the curriculum admits over time); a step draws ``batch_size / K`` questions from each
+shard, shard ``r``'s with its own generator seeded from ``(seed, step, r, K)``. A rank of
+an ``N``-rank run draws its own ``K / N`` shards, and one process with ``K`` shards draws
+exactly the union of the ranks' draws. ``K = 1`` is the plain draw above.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainer.samplers import step_seed
+from trainer.samplers import shard_seed
 
 if TYPE_CHECKING:
     from pipeline.segments.store import SegmentStore
@@ -183,8 +190,11 @@ def curriculum_limit(
 class CurriculumSampler:
     """Examples for each step, uniformly among those the curriculum admits at that step.
 
-    The batch at step ``k`` is a pure function of ``(seed, stream, k)``: the sampler's only
-    state is the step counter (:meth:`state_dict`), so a resumed run draws the same batches.
+    The batch at step ``k`` is a pure function of ``(seed, stream, k)`` (and of ``shards``
+    when there are several, see the module docstring): the sampler's only state is the step
+    counter (:meth:`state_dict`), so a resumed run draws the same batches. ``batch_size`` is
+    the batch of every shard together; this process draws ``batch_size / shards`` examples
+    from each shard in ``local`` (default: all of them).
     """
 
     def __init__(
@@ -198,9 +208,18 @@ class CurriculumSampler:
         total_steps: int,
         start_segments: int | None = None,
         full_at: float = 0.5,
+        shards: int = 1,
+        local: range | None = None,
     ) -> None:
         if len(pool) == 0:
             raise ValueError("the training split has no examples")
+        if shards < 1 or batch_size % shards:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} shards")
+        if len(pool) < shards:
+            raise ValueError(f"{len(pool)} training question(s) cannot fill {shards} shards")
+        local = range(shards) if local is None else local
+        if len(local) == 0 or local.start < 0 or local.stop > shards:
+            raise ValueError(f"shards {local} of {shards}")
         order = np.argsort(n_segments[pool], kind="stable")
         self.pool = np.asarray(pool, dtype=np.int64)[order]  # sorted by length
         self.lengths = n_segments[self.pool].astype(np.int64)
@@ -210,6 +229,8 @@ class CurriculumSampler:
         self.total_steps = total_steps
         self.start_segments = start_segments
         self.full_at = full_at
+        self.shards = shards
+        self.local = local
         self.step = 0
 
     def limit(self, step: int) -> int:
@@ -218,11 +239,29 @@ class CurriculumSampler:
         lim = curriculum_limit(step, self.total_steps, self.start_segments, self.full_at, longest)
         return max(lim, int(self.lengths[0]))
 
+    def shard_indices(self, step: int) -> list[np.ndarray]:
+        """(batch_size / shards,) example rows of each local shard for ``step``, in shard
+        order: one draw each, with replacement."""
+        k, per, lim = self.shards, self.batch_size // self.shards, self.limit(step)
+        out = []
+        for r in self.local:
+            pool, lengths = self.pool[r::k], self.lengths[r::k]
+            # a shard's shortest document is admitted even when the others' shortest is shorter
+            admitted = int(np.searchsorted(lengths, max(lim, int(lengths[0])), side="right"))
+            rng = np.random.default_rng(shard_seed(self.seed, step, 0x5A0 + self.stream, r, k))
+            out.append(pool[rng.integers(0, admitted, size=per)])
+        return out
+
     def indices(self, step: int) -> np.ndarray:
-        """(batch_size,) example rows for ``step``: one draw, with replacement."""
-        admitted = int(np.searchsorted(self.lengths, self.limit(step), side="right"))
-        rng = np.random.default_rng(step_seed(self.seed, step, stream=0x5A0 + self.stream))
-        return self.pool[rng.integers(0, admitted, size=self.batch_size)]
+        """(local batch,) example rows for ``step``: the local shards' draws end to end."""
+        parts = self.shard_indices(step)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def sample_shards(self) -> list[np.ndarray]:
+        """The local shards' examples of the current step; the counter moves on."""
+        out = self.shard_indices(self.step)
+        self.step += 1
+        return out
 
     def sample(self) -> np.ndarray:
         out = self.indices(self.step)

@@ -71,10 +71,14 @@ from trainer.config import (
     need_in_range,
     need_int,
 )
+from trainer.distributed import Distributed
 from trainer.logging import mark_panel, save_panels, stage_starts
 from trainer.loop import (
+    RANK_STREAM,
+    RUN_ERRORS,
     RunError,
     StagedTrainer,
+    resolved_shards,
 )
 from trainer.optim import OptimizerSpec, build_optimizer, make_schedulers
 from trainer.precision import make_scaler, precision_context
@@ -96,7 +100,7 @@ from trainer.qa.model import MemoryReader, ReaderConfig, ReadOutput, prefix_answ
 from trainer.samplers import step_seed
 
 QA_METRIC = "eval/combined"
-_RESUME_FIXED = ("store", "seed", "stages", "qa", "store_hash")
+_RESUME_FIXED = ("store", "seed", "stages", "qa", "store_hash", "shards")
 
 
 # --------------------------------------------------------------------------- settings
@@ -405,6 +409,18 @@ def _batch_span_loss(out: ReadOutput, batch: QABatch) -> torch.Tensor:
     )
 
 
+def _segment_total(segments: list[torch.Tensor], dist: Distributed) -> torch.Tensor:
+    """What a micro-batch's segment count is divided by to get its span loss's weight: the
+    step's segments on one process; under torchrun the segments of every rank's micro-batches
+    divided by the ranks (the gradient average divides by them again, so the average is the
+    gradient of the union batch's span loss, each segment weighing alike)."""
+    total = torch.stack(segments).sum()
+    if not dist.enabled:
+        return total
+    means, _ = dist.mean_and_any({"segments": float(total)}, False)  # exact in float64
+    return torch.tensor(means["segments"], dtype=torch.float32, device=total.device)
+
+
 class SupervisedStage:
     """``qa_supervised``: one optimizer over the reader, span loss on every segment."""
 
@@ -416,8 +432,10 @@ class SupervisedStage:
         *,
         precision: str = "fp32",
         device: torch.device | str = "cpu",
+        dist: Distributed | None = None,
     ) -> None:
         self.model, self.p = model, p
+        self.dist = dist or Distributed.single()  # the ranks whose gradients are averaged
         precision_context(precision, device)  # fp16 off CUDA: one line now, not mid-run
         self.autocast = lambda: precision_context(precision, device)
         self.scaler = make_scaler(precision, device)
@@ -435,14 +453,18 @@ class SupervisedStage:
         loss = _batch_span_loss(out, batch)
         return loss, {"loss/span": loss.detach()}
 
-    def update(self, batches: QABatch | list[QABatch], step: int) -> dict[str, Any]:
+    def update(
+        self, batches: QABatch | list[QABatch], step: int, micro_ids: list[int] | None = None
+    ) -> dict[str, Any]:
         """One gradient step over one batch or the micro-batches of one step (the span loss
-        of all their segments together); metrics are 0-dim tensors (no host sync)."""
+        of all their segments together, and under torchrun of every rank's: the gradients are
+        averaged before clipping and the step); metrics are 0-dim tensors (no host sync on
+        one process)."""
         batches = batches if isinstance(batches, list) else [batches]
         opt = self.optimizers["qa"]
         opt.zero_grad(set_to_none=True)
         segments = [b.segment_mask.sum() for b in batches]
-        total_segments = torch.stack(segments).sum()
+        total_segments = _segment_total(segments, self.dist)
         total = torch.zeros((), device=segments[0].device)
         for b, n in zip(batches, segments):
             loss, _ = self.loss(b)
@@ -450,6 +472,7 @@ class SupervisedStage:
             _backward(part, self.scaler)
             total = total + part.detach()
         m: dict[str, Any] = {"loss/span": total}
+        self.dist.average_gradients(self.qa_params)
         norm = _step([opt], self.qa_params, self.p.grad_clip, self.scaler)
         if norm is not None:
             m["grad_norm/qa"] = norm.detach()
@@ -470,8 +493,10 @@ class HybridStage:
         optimizer: OptimizerSpec | None = None,
         precision: str = "fp32",
         device: torch.device | str = "cpu",
+        dist: Distributed | None = None,
     ) -> None:
         self.model, self.p = model, p
+        self.dist = dist or Distributed.single()  # the ranks whose gradients are averaged
         precision_context(precision, device)  # fp16 off CUDA: one line now, not mid-run
         self.autocast = lambda: precision_context(precision, device)
         self.scaler = make_scaler(precision, device)
@@ -495,7 +520,12 @@ class HybridStage:
             }
 
     def loss(
-        self, batch: QABatch, step: int, micro: int = 0, span_share: torch.Tensor | None = None
+        self,
+        batch: QABatch,
+        step: int,
+        micro: int = 0,
+        span_share: torch.Tensor | None = None,
+        micro_batches: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The hybrid loss at stage step ``step`` and its metrics, in the update's order:
         read every segment; span loss; decisions sampled from the policy (a generator seeded
@@ -503,8 +533,10 @@ class HybridStage:
         rewards from the F1 at the halt and the segments read; advantages (GAE or return -
         value), normalised; policy, entropy and value losses. ``span_share``: this
         micro-batch's share of the step's segments (its span loss's weight; 1 alone), the
-        other losses weigh 1 / grad_accumulation."""
+        other losses weigh 1 / ``micro_batches`` (this process's micro-batches of the step;
+        default grad_accumulation)."""
         p = self.p
+        n_micro = p.grad_accumulation if micro_batches is None else micro_batches
         with self.autocast():
             out = self.model.read(batch)
         sl = _batch_span_loss(out, batch)
@@ -538,9 +570,9 @@ class HybridStage:
             max(policy_step, 0), p.entropy_coef, p.entropy_decay, p.entropy_floor
         )
         share = 1.0 if span_share is None else span_share
-        loss = p.sl_weight * sl * share + p.value_coef * vl / p.grad_accumulation
+        loss = p.sl_weight * sl * share + p.value_coef * vl / n_micro
         if policy_step >= 0:
-            loss = loss + (pg - beta * ent) / p.grad_accumulation
+            loss = loss + (pg - beta * ent) / n_micro
         n_read = ep.n_read.to(prefix_f1.dtype)
         m: dict[str, Any] = {
             "loss/span": sl.detach(),
@@ -556,23 +588,34 @@ class HybridStage:
         }
         return loss, m
 
-    def update(self, batches: QABatch | list[QABatch], step: int) -> dict[str, Any]:
+    def update(
+        self, batches: QABatch | list[QABatch], step: int, micro_ids: list[int] | None = None
+    ) -> dict[str, Any]:
         """One gradient step: the hybrid loss of each micro-batch, one backward each (the
-        two parts have disjoint parameters), each part clipped and stepped by its own
-        optimizer."""
+        two parts have disjoint parameters), the gradients averaged over the ranks under
+        torchrun, each part clipped and stepped by its own optimizer. ``micro_ids``: each
+        micro-batch's index among the step's micro-batches of every shard (its decisions'
+        generator; default 0, 1, ...).
+
+        Every micro-batch (of a shard) normalises its own advantages, and its policy and
+        value losses weigh 1 / (micro-batches of the step, all ranks together): the ranks'
+        average is then the gradient one process computes over the same micro-batches."""
         batches = batches if isinstance(batches, list) else [batches]
+        ids = list(range(len(batches))) if micro_ids is None else micro_ids
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         segments = [b.segment_mask.sum() for b in batches]
-        total_segments = torch.stack(segments).sum()
+        total_segments = _segment_total(segments, self.dist)
+        weighted = len(batches) > 1 or self.dist.enabled
         sums: dict[str, Any] = {}
-        for i, (b, n) in enumerate(zip(batches, segments)):
-            share = n / total_segments if len(batches) > 1 else None
-            loss, mi = self.loss(b, step, micro=i, span_share=share)
+        for i, b, n in zip(ids, batches, segments):
+            share = n / total_segments if weighted else None
+            loss, mi = self.loss(b, step, micro=i, span_share=share, micro_batches=len(batches))
             _backward(loss, self.scaler)
             for key, v in mi.items():
                 sums[key] = sums.get(key, 0.0) + v
         m = {key: v / len(batches) for key, v in sums.items()}
+        self.dist.average_gradients([*self.qa_params, *self.policy_params])
         qa_norm = _clip_unscaled(
             self.optimizers["qa"], self.qa_params, self.p.grad_clip, self.scaler
         )
@@ -862,9 +905,15 @@ class QATrainer(StagedTrainer):
     metric: str
 
     def __init__(
-        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = None
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Any = None,
+        dist: Distributed | None = None,
     ) -> None:
-        super().__init__(cfg, resume=resume, overwrite=overwrite, log=log)
+        super().__init__(cfg, resume=resume, overwrite=overwrite, log=log, dist=dist)
         refuse_unused_keys(cfg)
         self.settings = parse_settings(cfg.qa)
         self.params = [stage_params(cfg, i) for i in range(len(cfg.stages))]
@@ -915,7 +964,7 @@ class QATrainer(StagedTrainer):
         pool = self._split(store, self.settings.train_split, "train_split")
         frac = self.settings.policy_holdout
         if frac == 0.0:
-            return {"qa_supervised": pool, "qa_hybrid": pool}
+            return self._check_shards({"qa_supervised": pool, "qa_hybrid": pool})
         held = holdout_mask([store.examples.doc_id[int(e)] for e in pool], frac)
         fit, out = pool[~held], pool[held]
         if len(fit) == 0 or len(out) == 0:
@@ -924,35 +973,63 @@ class QATrainer(StagedTrainer):
                 f"questions to the supervised stages and {len(out)} to the hybrid ones; "
                 "pick a fraction that leaves some to both"
             )
-        return {"qa_supervised": fit, "qa_hybrid": out}
+        return self._check_shards({"qa_supervised": fit, "qa_hybrid": out})
+
+    def _check_shards(self, pools: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every stage's training questions fill the run's shards (a question each at least)."""
+        k = self.n_shards
+        for i, st in enumerate(self.cfg.stages):
+            n = len(pools[st.algo])
+            if n < k:
+                who = f"{self.dist.world_size} ranks" if self.cfg.shards is None else f"shards={k}"
+                raise RunError(
+                    f"stages.{i}: {n} training question(s) cannot be shared by {who}: every "
+                    "shard needs a question (start fewer ranks)"
+                )
+        return pools
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        device = torch.device(cfg.resolved_device())
-        self.device = device
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = self._prepare_dir()
-        store = self._open_store()
-        self.store = store
-        self.reader_cfg = self._reader_config(store)
-        self._n_params = sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
-        self.arrays = QAArrays.from_store(store)
-        self.pools = self._pools(store)
-        eval_pool = self._split(store, self.settings.eval_split, "eval_split")
-        if self.settings.eval_max_examples is not None:
-            eval_pool = eval_pool[: self.settings.eval_max_examples]
-        self.evaluator = QAEvaluator(store, self.arrays, eval_pool, self.settings, device)
-        self._open_run(ckpt, store.content_hash, device)
-        init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
-        if ckpt is None:
-            self.extra = [_StageExtra() for _ in cfg.stages]
-        else:
-            self.extra = [_StageExtra.from_dict(d) for d in ckpt["loop"]["qa"]]
+        # Every rank checks and opens what it needs; all go on, or all stop with one report.
+        with dist.agreed(RUN_ERRORS):
+            device = torch.device(cfg.resolved_device())
+            if dist.enabled and device.type == "cuda":
+                device = dist.device  # cuda:LOCAL_RANK
+            self.device = device
+            self.n_shards = resolved_shards(cfg, dist)
+            if dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt = self._prepare_dir()
+            store = self._open_store()
+            self.store = store
+            self.reader_cfg = self._reader_config(store)
+            self._n_params = sum(p.numel() for p in MemoryReader(self.reader_cfg).parameters())
+            self.arrays = QAArrays.from_store(store)
+            self.pools = self._pools(store)
+            eval_pool = self._split(store, self.settings.eval_split, "eval_split")
+            if self.settings.eval_max_examples is not None:
+                eval_pool = eval_pool[: self.settings.eval_max_examples]
+            self.evaluator = QAEvaluator(store, self.arrays, eval_pool, self.settings, device)
+            self._open_run(ckpt, store.content_hash, device)
+            init_state = self._init_from_state(cfg.init_from) if cfg.init_from else None
+            if ckpt is None:
+                self.extra = [_StageExtra() for _ in cfg.stages]
+            else:
+                self.extra = [_StageExtra.from_dict(d) for d in ckpt["loop"]["qa"]]
+        self._rank_digests: dict[str, list[str]] = {}
         self._run_stages(ckpt, init_state)
         return self._finish()
+
+    def _resolved_config(self, store_hash: str, device: torch.device) -> dict[str, Any]:
+        """Also the run's number of shards when there are several (one per rank unless the
+        config sets it): a one-process run's config stays as it was."""
+        resolved = super()._resolved_config(store_hash, device)
+        if self.n_shards > 1:
+            resolved["shards"] = self.n_shards
+        return resolved
 
     def _init_from_state(self, path: str) -> dict[str, Any]:
         try:
@@ -973,7 +1050,7 @@ class QATrainer(StagedTrainer):
         p, optimizer = self.params[index], self.cfg.stages[index].optimizer
         prec, dev = self.cfg.precision, self.device
         if isinstance(p, SupervisedParams):
-            return SupervisedStage(model, p, optimizer, precision=prec, device=dev)
+            return SupervisedStage(model, p, optimizer, precision=prec, device=dev, dist=self.dist)
         return HybridStage(
             model,
             p,
@@ -983,6 +1060,7 @@ class QATrainer(StagedTrainer):
             optimizer=optimizer,
             precision=prec,
             device=dev,
+            dist=self.dist,
         )
 
     # ------------------------------------------------------------------ one stage
@@ -991,7 +1069,7 @@ class QATrainer(StagedTrainer):
     ) -> None:
         """Stage ``index``: resumed from ``ckpt`` or started (from ``init`` / ``init_state``),
         trained to its end or an early stop, then its weights handed on."""
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         stage, p = cfg.stages[index], self.params[index]
         self.state.stage_index = index
         if ckpt is None:
@@ -1012,6 +1090,10 @@ class QATrainer(StagedTrainer):
             self._write_stage_start(stage)
             if isinstance(p, HybridParams):
                 self._write_baseline(index, model)
+            if dist.rank > 0:  # the weights are built alike; each rank draws its own noise
+                seed_everything(step_seed(cfg.seed, index, stream=RANK_STREAM + dist.rank))
+        if dist.enabled:  # as DDP does: every rank starts from rank 0's weights
+            dist.broadcast_tensors([*model.parameters(), *model.buffers()])
 
         elapsed = self._train_steps(
             index,
@@ -1023,8 +1105,15 @@ class QATrainer(StagedTrainer):
             save=lambda buf: self._save_step(model, algo, schedulers, sampler, index, buf),
             every_eval=cfg.eval.every if p.eval_every is None else p.eval_every,
         )
+        if dist.enabled:  # the trained weights and optimizer states: the same on every rank
+            self._rank_digests[stage.name] = dist.same_state(
+                {"model": model.state_dict(), "optimizers": {
+                    k: o.state_dict() for k, o in algo.optimizers.items()
+                }},
+                f"stage {stage.name}",
+            )  # fmt: skip
         self._restore_best(model, index)
-        if isinstance(p, HybridParams):  # the learned policy beside the rules, same reader
+        if isinstance(p, HybridParams) and dist.is_main:  # the learned policy beside the rules
             self.extra[index].halting_rules = self.evaluator.halting_rules(model)
         sp = self.state.stages[index]
         sp.done = True
@@ -1035,6 +1124,8 @@ class QATrainer(StagedTrainer):
     def _sampler(self, index: int) -> CurriculumSampler:
         """The curriculum sampler of stage ``index`` over its kind's training questions."""
         stage, p = self.cfg.stages[index], self.params[index]
+        per_rank = self.n_shards // self.dist.world_size
+        first = self.dist.rank * per_rank
         return CurriculumSampler(
             self.arrays.n_segments,
             self.pools[stage.algo],
@@ -1044,6 +1135,8 @@ class QATrainer(StagedTrainer):
             total_steps=stage.steps,
             start_segments=p.curriculum.start_segments,
             full_at=p.curriculum.full_at,
+            shards=self.n_shards,
+            local=range(first, first + per_rank),
         )
 
     def _start_model(
@@ -1064,9 +1157,10 @@ class QATrainer(StagedTrainer):
             model.reset_policy(p.halt_bias_init)
 
     def _write_baseline(self, index: int, model: MemoryReader) -> None:
-        """The hybrid stage's initial model read everything: the baseline row and record."""
+        """The hybrid stage's initial model read everything: the baseline row and record
+        (rank 0 evaluates, every rank keeps the record)."""
         stage = self.cfg.stages[index]
-        base = self.evaluator(model, halting=False)
+        base = self.dist.on_main(lambda: self.evaluator(model, halting=False), RUN_ERRORS)
         self.extra[index].baseline_eval = {"step": self.state.step, **base}
         self.writer.write(
             {
@@ -1081,8 +1175,14 @@ class QATrainer(StagedTrainer):
     def _stepper(
         self, index: int, algo: SupervisedStage | HybridStage, sampler: CurriculumSampler
     ) -> Callable[[int], dict[str, Any]]:
-        """One training step of stage ``index`` at stage step ``s0``: a batch, one update."""
+        """One training step of stage ``index`` at stage step ``s0``: a batch, one update.
+
+        Each micro-batch is this process's draw from each of its shards, one collated batch
+        per shard: micro-batch ``i`` of shard ``r`` is the step's micro-batch ``i * K + r``
+        of the K shards (its token dropout's and its halting decisions' generator), so one
+        process with K shards computes what K ranks compute together."""
         extra = self.extra[index]
+        k = self.n_shards
 
         p = self.params[index]
         micro, dropout = p.grad_accumulation, p.token_dropout
@@ -1094,17 +1194,21 @@ class QATrainer(StagedTrainer):
         gen = torch.Generator(device=self.device)
 
         def step(s0: int) -> dict[str, Any]:
-            batches = []
+            batches, ids = [], []
             for i in range(micro):
-                examples = sampler.sample()
-                extra.examples += len(examples)
-                extra.segments += int(self.arrays.n_segments[examples].sum())
-                batch = collate(self.arrays, examples).to(self.device)
-                if dropout > 0:  # a pure function of (seed, stage, step, micro-batch)
-                    gen.manual_seed(step_seed(self.cfg.seed, s0, stream=0x70D0 + 64 * index + i))
-                    batch = drop_tokens(batch, dropout, int(unk or 0), gen)
-                batches.append(batch)
-            metrics = algo.update(batches, s0)
+                for r, examples in zip(sampler.local, sampler.sample_shards()):
+                    m = i * k + r
+                    extra.examples += len(examples)
+                    extra.segments += int(self.arrays.n_segments[examples].sum())
+                    batch = collate(self.arrays, examples).to(self.device)
+                    if dropout > 0:  # a pure function of (seed, stage, step, micro-batch)
+                        seed = step_seed(self.cfg.seed, s0, stream=0x70D0 + 64 * index + m)
+                        gen.manual_seed(seed)
+                        batch = drop_tokens(batch, dropout, int(unk or 0), gen)
+                    batches.append(batch)
+                    ids.append(m)
+            # one shard: the micro-batches' own order (update's default ids)
+            metrics = algo.update(batches, s0) if k == 1 else algo.update(batches, s0, ids)
             metrics["curriculum/max_segments"] = float(sampler.limit(s0))
             return metrics
 
@@ -1141,10 +1245,15 @@ class QATrainer(StagedTrainer):
             extra.handed_on = "final"
             return
         path = self.ckpts.best_path(sp.name)
-        try:
-            model.load_state_dict(load_checkpoint(path)["algo_state"])
-        except CheckpointError as e:
-            raise RunError(f"restore_best: {e}") from None
+
+        def load() -> None:
+            try:
+                model.load_state_dict(load_checkpoint(path)["algo_state"])
+            except CheckpointError as e:
+                raise RunError(f"restore_best: {e}") from None
+
+        self.dist.on_main(load, RUN_ERRORS)  # rank 0 wrote it; the others get its weights
+        self.dist.broadcast_tensors([*model.parameters(), *model.buffers()])
         extra.handed_on = "best"
         self._log(
             f"{sp.name}: restored the best weights (step {best['step']}, "
@@ -1152,9 +1261,17 @@ class QATrainer(StagedTrainer):
         )
 
     def _evaluate(self, model: MemoryReader, index: int) -> bool:
-        """Evaluate, log, keep the best checkpoint; True when early stopping says stop."""
+        """Evaluate (rank 0, its results broadcast), log, keep the best checkpoint; True when
+        early stopping says stop (on every rank alike)."""
         stage = self.cfg.stages[index]
-        metrics = self.evaluator(model, halting=stage.algo == "qa_hybrid")
+        halting = stage.algo == "qa_hybrid"
+        metrics = self.dist.on_main(lambda: self.evaluator(model, halting=halting), RUN_ERRORS)
+        stop = False
+        with self.dist.agreed(RUN_ERRORS):
+            stop = self._after_eval(model, index, metrics)
+        return stop
+
+    def _after_eval(self, model: MemoryReader, index: int, metrics: dict[str, Any]) -> bool:
         record = self._write_eval(index, metrics)
         value = metrics.get(self.metric)
         if value is None:
@@ -1203,9 +1320,9 @@ class QATrainer(StagedTrainer):
         index: int,
         pending: list[dict[str, Any]],
     ) -> None:
-        self.ckpts.save_step(
-            self._checkpoint(model, algo, schedulers, sampler, index, pending), self.state.step
-        )
+        ckpt = self._checkpoint(model, algo, schedulers, sampler, index, pending)  # every rank
+        if self.dist.is_main:
+            self.ckpts.save_step(ckpt, self.state.step)
 
     # ------------------------------------------------------------------ end
     def _handed_on_eval(self, index: int) -> dict[str, Any] | None:
@@ -1262,6 +1379,14 @@ class QATrainer(StagedTrainer):
             "stages": stages,
             **self._comparison(stages),
         }
+        if self.dist.enabled or self.n_shards > 1:
+            summary["data_parallel"] = {
+                "ranks": self.dist.world_size,
+                "shards": self.n_shards,
+                # per stage trained by this process: each rank's sha256 of the trained
+                # weights and optimizer states (checked equal)
+                "state_sha256": self._rank_digests,
+            }
         return self._write_summary(summary, plot_qa_curves)
 
     def _comparison(self, stages: list[dict[str, Any]]) -> dict[str, Any]:
