@@ -170,3 +170,31 @@ def test_shards_config_for_sequence_stores(tmp_path: Path) -> None:
     ppo = {**sft, "algo": "ppo"}
     with pytest.raises(ConfigError, match=r"shards: .*ppo stages run on one process for now"):
         config_from_dict({**base, "shards": 2, "stages": [sft, ppo]})
+
+
+def test_lora_bf16_on_two_ranks_ends_with_equal_adapters(ddp: dict[str, Path]) -> None:
+    """Under LoRA and bf16 autocast the ranks broadcast, average and step the adapters
+    alike: the stage's end finds their digests equal, and only the adapters are saved."""
+    out = ddp["tmp"] / "lora-bf16"
+    extra = [*EXTRA, "stages.0.steps=2", "eval.episodes=0", "precision=bf16",
+             "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"]  # fmt: skip
+    proc = torchrun(ddp["tmp"], [str(CONFIG), *overrides(ddp["store"], out, *extra)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dp = json.loads((out / "summary.json").read_text())["data_parallel"]
+    (d0, d1) = dp["state_sha256"]["sft"]
+    assert d0 == d1
+    state = _final(out)
+    assert state and all("lora_" in k for k in state)
+
+
+def test_a_batch_the_ranks_cannot_split_is_one_line_from_rank_0(ddp: dict[str, Path]) -> None:
+    out = ddp["tmp"] / "odd-batch"
+    args = [str(CONFIG), *overrides(ddp["store"], out, *EXTRA, "stages.0.batch_size=5")]
+    proc = torchrun(ddp["tmp"], args)
+    assert proc.returncode != 0  # the ranks exit with 2, torchrun with 1
+    ours = [x for x in proc.stderr.splitlines() if x.startswith("trainer.train:")]
+    assert ours == [
+        "trainer.train: error: stages.0.batch_size: 5 is the global batch, split evenly over "
+        "the 2 ranks; make it a multiple of 2"
+    ], proc.stderr[-3000:]
+    assert not out.exists()  # nothing written
