@@ -209,13 +209,16 @@ class BuildRun:
     mem_mib: float  # peak of the summed memory (PSS) of the build and its workers
 
 
-def run_build(spec: Path, out: Path, workers: int) -> BuildRun:
-    """A fresh ``python -m pipeline.build`` process, with its memory sampled."""
+def run_build_process(
+    spec: Path, out: Path, *options: str
+) -> tuple[float, Any, float]:
+    """A fresh ``python -m pipeline.build SPEC --out OUT OPTIONS`` process: its wall
+    seconds, resource usage, and peak MiB of its process tree (sampled every 50 ms)."""
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "pipeline.build", str(spec), "--out", str(out), "--quiet"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--workers", str(workers)], cwd=ROOT)
+    proc = subprocess.Popen([*cmd, *options], cwd=ROOT)
     peak = [0]
     done = threading.Event()
 
@@ -230,8 +233,14 @@ def run_build(spec: Path, out: Path, workers: int) -> BuildRun:
     done.set()
     sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"build of {spec} failed")
-    return BuildRun(wall, usage.ru_utime + usage.ru_stime, peak[0] / 2**20)
+        raise SystemExit(f"build of {spec} ({' '.join(options)}) failed")
+    return wall, usage, peak[0] / 2**20
+
+
+def run_build(spec: Path, out: Path, workers: int) -> BuildRun:
+    """A fresh ``python -m pipeline.build`` process, with its memory sampled."""
+    wall, usage, peak = run_build_process(spec, out, "--workers", str(workers))
+    return BuildRun(wall, usage.ru_utime + usage.ru_stime, peak)
 
 
 # --------------------------------------------------------------------------- parse paths

@@ -19,43 +19,21 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_build import LAYOUTS, ROOT, _tree_memory, dataset, write_spec  # noqa: E402
+from bench_build import LAYOUTS, dataset, run_build_process, write_spec  # noqa: E402
 
 
 def run(spec: Path, out: Path, engine: str) -> tuple[float, float, str]:
     """Wall seconds, peak MiB (the build's process tree), content hash of one build."""
-    if out.exists():
-        shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "pipeline.build", str(spec), "--out", str(out), "--quiet"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--engine", engine], cwd=ROOT)
-    peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], _tree_memory(proc.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    code = proc.wait()
-    wall = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    if code != 0:
-        raise SystemExit(f"--engine {engine} build of {spec} failed")
+    wall, _, peak = run_build_process(spec, out, "--engine", engine)
     (store,) = [p for p in out.iterdir() if p.is_dir()]
     manifest = json.loads((store / "manifest.json").read_text())
-    return wall, peak[0] / 2**20, str(manifest["content_hash"])
+    return wall, peak, str(manifest["content_hash"])
 
 
 def main(argv: list[str] | None = None) -> int:
