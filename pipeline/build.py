@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "local" and (args.ray_address or args.parallelism is not None):
         print("error: --ray-address and --parallelism go with --engine ray", file=sys.stderr)
         return 2
+    if args.engine == "ray" and args.workers is not None:
+        print("error: --workers is the local engine's; with --engine ray give --parallelism",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.parallelism is not None and args.parallelism < 1:
         print("error: --parallelism must be 1 or more", file=sys.stderr)
         return 2

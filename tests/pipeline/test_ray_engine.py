@@ -114,6 +114,8 @@ def test_an_unreachable_cluster_is_one_line_and_leaves_nothing(tmp_path: Path) -
     assert not out.exists() or not any(out.iterdir())
     proc = run_cli("pipeline.build", spec, "--out", out, "--ray-address", "127.0.0.1:9")
     assert proc.returncode == 2 and "go with --engine ray" in proc.stderr
+    proc = run_cli("pipeline.build", spec, "--out", out, "--engine", "ray", "--workers", "2")
+    assert proc.returncode == 2 and "--parallelism" in proc.stderr
 
 
 def test_other_store_kinds_are_refused_by_the_ray_engine(tmp_path: Path) -> None:
