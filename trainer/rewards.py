@@ -165,6 +165,18 @@ class _Batch:
     n: int
     samples: Sequence[RewardInput] | None = None
     columns: Mapping[str, np.ndarray] | None = None
+    # Deferred errors (data-parallel: the ranks' EMA statistics are summed inside the
+    # evaluation, so a rank must not leave it half-way): recorded, the values NaN, raised at
+    # the end. None: raised at once.
+    errors: list[RewardError] | None = None
+
+    def check(self, values: np.ndarray, component: str, path: str) -> None:
+        try:
+            _check_finite(values, component, path)
+        except RewardError as e:
+            if self.errors is None:
+                raise
+            self.errors.append(e)
 
 
 def _check_finite(values: np.ndarray, component: str, path: str) -> None:
@@ -226,11 +238,25 @@ class EmaNormalize(PostOp):
     def __init__(self, decay: float, eps: float, path: str) -> None:
         self.decay, self.eps, self.path = decay, eps, path
         self.mean, self.var, self.count = 0.0, 1.0, 0
+        # data-parallel: sums a float64 vector over the ranks, so that the batch statistics
+        # are the global batch's and the state stays the same on every rank (None: local)
+        self.reduce: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def _moments(self, x: np.ndarray) -> tuple[int, float, float]:
+        """(N, mean, population variance) of the batch, over every rank with ``reduce``."""
+        if self.reduce is None:
+            return (x.size, float(x.mean()), float(x.var())) if x.size else (0, 0.0, 1.0)
+        n, total = self.reduce(np.array([x.size, x.sum()], dtype=np.float64)).tolist()
+        if n == 0:
+            return 0, 0.0, 1.0
+        b = total / n
+        s = float(self.reduce(np.array([((x - b) ** 2).sum()], dtype=np.float64))[0]) / n
+        return int(n), b, s
 
     def apply(self, x: np.ndarray, update: bool) -> np.ndarray:
-        if x.size == 0:
+        n, b, s = self._moments(x)  # on every rank alike: collectives inside
+        if n == 0 or x.size == 0:
             return x.copy()
-        b, s = float(x.mean()), float(x.var())
         if self.count == 0:
             mean, var = b, s
         else:
@@ -283,7 +309,15 @@ class RewardNode:
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(total (N,), {"reward/NAME": (N,), "reward_weight/NAME": (N,), ...})``."""
         logs: dict[str, np.ndarray] = {}
-        total = self._evaluate(_Batch(len(samples), samples=samples), logs, update)
+        shared = any(
+            isinstance(op, EmaNormalize) and op.reduce is not None
+            for node in self.nodes()
+            for op in node.post
+        )
+        batch = _Batch(len(samples), samples=samples, errors=[] if shared else None)
+        total = self._evaluate(batch, logs, update)
+        if batch.errors:
+            raise batch.errors[0]
         return total, logs
 
     def evaluate_columns(
@@ -310,6 +344,14 @@ class RewardNode:
                     out[op.path] = state
         return out
 
+    def share_statistics(self, reduce: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """Data-parallel: every ``ema_normalize`` below updates from the global batch's
+        statistics, ``reduce`` summing a float64 vector over the ranks (None: this batch's)."""
+        for node in self.nodes():
+            for op in node.post:
+                if isinstance(op, EmaNormalize):
+                    op.reduce = reduce
+
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore :meth:`state_dict`'s output; the tree must come from the same spec."""
         ops = {op.path: op for node in self.nodes() for op in node.post if op.state_dict()}
@@ -324,13 +366,20 @@ class RewardNode:
 
     # -- internals ---------------------------------------------------------------------------
     def _evaluate(self, batch: _Batch, logs: dict[str, np.ndarray], update: bool) -> np.ndarray:
-        values = np.asarray(self._raw(batch, logs, update), dtype=np.float64)
-        _check_finite(values, self.name, self.path)
+        try:
+            raw = self._raw(batch, logs, update)
+        except RewardError as e:
+            if batch.errors is None:
+                raise
+            batch.errors.append(e)
+            raw = np.full(batch.n, np.nan)
+        values = np.asarray(raw, dtype=np.float64)
+        batch.check(values, self.name, self.path)
         if self.post:
             logs[f"reward_raw/{self.name}"] = values
             for op in self.post:
                 values = op.apply(values, update)
-                _check_finite(values, self.name, op.path)
+                batch.check(values, self.name, op.path)
         logs[f"reward/{self.name}"] = values
         return values
 
