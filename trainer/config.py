@@ -650,12 +650,6 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be a mapping, got {v!r}")
         if self.shards is not None:
             need_int("shards", self.shards, 1, "sampling shards of the training episodes, or null")
-            rl = [st.algo for st in self.stages if st.algo in ("ppo", "reinforce")]
-            if families[0] == "sequences" and rl:
-                raise ConfigError(
-                    f"shards: splits the training episodes of sft stages; {rl[0]} stages run "
-                    "on one process for now"
-                )
             if families[0] not in ("transitions", "sequences", "segments"):
                 raise ConfigError(
                     f"shards: splits a transition store's training episodes; these stages "

@@ -139,20 +139,7 @@ def _run(args: argparse.Namespace, launch: Any, say: Any) -> int:
 
             runner = AgentTrainer
         extra: dict[str, Any] = {}
-        # the runners that train data-parallel under torchrun (language agents: sft only)
-        parallel: set[Any] = {Trainer}
-        if runner.__name__ == "QATrainer":  # qa_supervised and qa_hybrid
-            parallel.add(runner)
-        if runner.__name__ == "AgentTrainer" and all(s.algo == "sft" for s in cfg.stages):
-            parallel.add(runner)
-        if launch is not None and runner not in parallel and launch.world_size > 1:
-            kind = "QA" if runner.__name__ == "QATrainer" else "language-agent"
-            raise ConfigError(
-                f"{kind} stages ({', '.join(s.algo for s in cfg.stages)}) run on one process "
-                f"for now, not {launch.world_size} torchrun ranks; start them with "
-                "python -m trainer.train"
-            )
-        if launch is not None and runner in parallel:
+        if launch is not None:  # every runner trains data-parallel under torchrun
             dist = extra["dist"] = Distributed.start(launch, cfg.resolved_device())
         try:
             summary = runner(cfg, resume=resume, overwrite=overwrite, **extra).run()

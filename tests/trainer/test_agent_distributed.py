@@ -167,9 +167,8 @@ def test_shards_config_for_sequence_stores(tmp_path: Path) -> None:
     assert config_from_dict({**base, "shards": 2, "stages": [sft]}).shards == 2
     with pytest.raises(ConfigError, match=r"stages.0.batch_size: 5 is the global batch"):
         config_from_dict({**base, "shards": 2, "stages": [{**sft, "batch_size": 5}]})
-    ppo = {**sft, "algo": "ppo"}
-    with pytest.raises(ConfigError, match=r"shards: .*ppo stages run on one process for now"):
-        config_from_dict({**base, "shards": 2, "stages": [sft, ppo]})
+    ppo = {**sft, "algo": "ppo"}  # the RL stages split their prompts over the shards too
+    assert config_from_dict({**base, "shards": 2, "stages": [sft, ppo]}).shards == 2
 
 
 def test_lora_bf16_on_two_ranks_ends_with_equal_adapters(ddp: dict[str, Path]) -> None:

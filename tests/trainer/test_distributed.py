@@ -311,34 +311,6 @@ def test_the_launch_is_read_from_torchruns_variables() -> None:
     assert launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == LaunchEnv(0, 1, 0, 0)
 
 
-def test_agent_stages_refuse_several_ranks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # QA stages: test_qa_distributed.py; sft: test_agent_distributed.py
-    for algo, kind in (("ppo", "language-agent"),):
-        cfg = write_config(
-            tmp_path / f"{algo}.yaml",
-            {"store": str(tmp_path / "nostore"), "out": str(tmp_path / algo),
-             "stages": [{"algo": algo, "steps": 1}]},
-        )  # fmt: skip
-        monkeypatch.setenv("RANK", "0")
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("LOCAL_RANK", "0")
-        assert main([str(cfg)]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err == [
-            f"trainer.train: error: {kind} stages ({algo}) run on one process for now, not 2 "
-            "torchrun ranks; start them with python -m trainer.train"
-        ]
-        monkeypatch.setenv("RANK", "1")  # the other ranks stop without a word
-        assert main([str(cfg)]) == 2
-        assert capsys.readouterr().err == ""
-    with pytest.raises(ConfigError, match="shards: .* ppo stages run on one process for now"):
-        config_from_dict(
-            {"store": "s", "out": "o", "shards": 2, "stages": [{"algo": "ppo", "steps": 1}]}
-        )
-
-
 def test_bench_ddp_quick_prints_the_table(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,6 +29,17 @@ hidden states, trained on them detached, so only the policy loss moves the body)
 6. the KL coefficient is fixed or adapts towards ``kl_target``
    (:class:`trainer.rl_losses.AdaptiveKLController`).
 
+Data-parallel (``torchrun``, or one process with ``shards=N``): a step's ``batch_size``
+prompts are cut into the run's shards, each rank playing its shards' groups, each group
+sampled under a torch generator seeded by (seed_base, the run's seed, step, global group
+index) so that one process with ``shards=N`` plays the ranks' very episodes. Token-mean
+losses are normalised by the global minibatch's token count, the SFT anchor by the global
+anchor batch's target weight, the advantages whitened with global statistics, and the
+gradients averaged before clipping and the step; PPO's minibatches take
+``minibatch_episodes / shards`` episodes (whole groups) of each shard. The reward's
+``ema_normalize`` state, the adaptive KL coefficient and the episode-reward EMA update
+from the global batch (all-reduced sums), so they stay alike on every rank.
+
 Metrics: ``reward/*``, ``reward/episode`` and its moving average ``reward/episode_ema``,
 ``kl``, ``kl_coef``, ``clip_fraction``, ``approx_kl``, ``entropy``, ``value_loss``,
 ``explained_variance``, ``policy_loss``, ``sft_loss``, ``sft_weight``, the rollouts'
@@ -48,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.agent.losses import sad_loss
+from trainer.agent.losses import loss_norms, sad_loss
 from trainer.agent.prompts import StorePrompts, collect_prompts
 from trainer.agent.rollouts import (
     Episode,
@@ -59,6 +70,7 @@ from trainer.agent.rollouts import (
     token_logprobs,
 )
 from trainer.config import ConfigError, need_in_range, need_int
+from trainer.distributed import Distributed
 from trainer.rewards import RewardError, RewardInput, build_reward
 from trainer.rl_losses import (
     AdaptiveKLController,
@@ -245,7 +257,13 @@ class RLStage:
         batch_size: int,
         total_steps: int,
         reference: Any | None,
+        dist: Distributed | None = None,
+        shards: int = 1,
+        local_shards: range | None = None,
     ) -> None:
+        """``dist``: the ranks of a data-parallel run (None: one process); ``shards``: the
+        prompts of a step are cut into that many shards (``batch_size / shards`` groups
+        each), this process plays those of ``local_shards`` (every shard by default)."""
         if algo not in RL_ALGOS:
             raise ConfigError(f"algo: {algo!r} is not an RL stage ({', '.join(RL_ALGOS)})")
         self.algo = algo
@@ -273,6 +291,24 @@ class RLStage:
             else AdaptiveKLController(params.kl_coef, params.kl_target, params.kl_horizon)
         )
         self.reward_ema: float | None = None
+        self.dist = dist if dist is not None and dist.enabled else None
+        self.ranks = self.dist.world_size if self.dist is not None else 1
+        self.n_shards = shards
+        self.local_shards = range(shards) if local_shards is None else local_shards
+        if batch_size % shards:
+            raise ConfigError(
+                f"batch_size: {batch_size} prompts per step cannot be split evenly over "
+                f"{shards} shards; make it a multiple of {shards}"
+            )
+        self.per_shard = batch_size // shards  # groups of each shard per step
+        if self.dist is not None:  # the reward's EMA statistics: the global batch's
+            dist_ = self.dist
+
+            def reduce(v: np.ndarray) -> np.ndarray:
+                t = torch.from_numpy(v).to(dist_.device)
+                return dist_.all_sum(t).cpu().numpy()
+
+            self.reward.share_statistics(reduce)
         # the evaluation reads these as from an SFTStage
         self.hidden = sft.hidden
         self.lm_head = sft.lm_head
@@ -325,6 +361,28 @@ class RLStage:
         base = self.p.seed_base + step * self.batch_size
         return [base + i for i in range(self.batch_size) for _ in range(self.p.group_size)]
 
+    def local_groups(self) -> list[int]:
+        """The global indices of the groups (prompts) this process plays each step."""
+        k = self.per_shard
+        return [s * k + j for s in self.local_shards for j in range(k)]
+
+    def _seed(self, *key: int) -> int:
+        """A seed drawn from (seed_base, the run's seed, *key): alike on every rank."""
+        seq = np.random.SeedSequence([self.p.seed_base, self.setup.seed, *key])
+        return int(seq.generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+    def shard_prompt_rows(self, step: int) -> list[int]:
+        """Store mode, several shards: each shard's ``batch_size / shards`` turns of step
+        ``step``, drawn among the shard's prompts by a generator of (seed_base, the run's
+        seed, step, shard); the groups of this process's shards, in global order."""
+        assert self.setup.prompts is not None
+        parts = np.array_split(self.setup.prompts.rows, self.n_shards)
+        out = []
+        for s in self.local_shards:
+            rng = np.random.default_rng([self.p.seed_base, self.setup.seed, step, s])
+            out += [int(r) for r in parts[s][rng.integers(0, len(parts[s]), size=self.per_shard)]]
+        return out
+
     def prompt_rows(self, step: int) -> list[int]:
         """Store mode: the turns of step ``step``, each ``group_size`` times in a row."""
         assert self.setup.prompts is not None
@@ -333,6 +391,8 @@ class RLStage:
         return [r for r in rows for _ in range(self.p.group_size)]
 
     def rollout(self, step: int) -> tuple[list[Episode], float]:
+        if self.n_shards > 1:
+            return self._sharded_rollout(step)
         s, p = self.setup, self.p
         model = self.loaded.model
         model.eval()
@@ -360,6 +420,73 @@ class RLStage:
             model.train()
         return eps, time.perf_counter() - t0
 
+    def _sharded_rollout(self, step: int) -> tuple[list[Episode], float]:
+        """This process's groups, one ``generate`` per group, each sampled with the torch
+        generator seeded by (seed_base, the run's seed, step, global group index): one
+        process with ``shards=N`` samples what N ranks sample, whichever rank plays it."""
+        s, p = self.setup, self.p
+        model = self.loaded.model
+        model.eval()
+        t0 = time.perf_counter()
+        groups = self.local_groups()
+        rows = self.shard_prompt_rows(step) if s.mode == "store" else []
+        devices = [self.device] if self.device.type == "cuda" else []
+        eps: list[Episode] = []
+        try:
+            for i, gi in enumerate(groups):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self._seed(step, gi))
+                    if s.mode == "store":
+                        assert s.prompts is not None
+                        eps += collect_prompts(
+                            model, s.text, s.prompts, [rows[i]] * p.group_size,
+                            max_new_tokens=p.max_new_tokens or s.max_new_tokens,
+                            device=self.device, temperature=p.temperature, top_k=p.top_k,
+                            top_p=p.top_p, max_context=s.max_positions, autocast=self.autocast,
+                        )  # fmt: skip
+                        continue
+                    assert s.make_env is not None
+                    seed = p.seed_base + step * self.batch_size + gi
+                    eps += collect(
+                        model, s.text, s.make_env, [seed] * p.group_size,
+                        policy_role=s.policy_role, env_role=s.env_role,
+                        action_pattern=s.action_pattern,
+                        max_new_tokens=p.max_new_tokens or s.max_new_tokens,
+                        max_turns=p.max_turns or s.max_turns, device=self.device,
+                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                        max_context=s.max_positions, autocast=self.autocast,
+                    )  # fmt: skip
+        finally:
+            model.train()
+        return eps, time.perf_counter() - t0
+
+    def _sum(self, values: list[float | torch.Tensor]) -> list[float]:
+        """``values`` summed over the ranks (one all-reduce, float64); as they are alone."""
+        vec = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu()
+                           for v in values])  # fmt: skip
+        if self.dist is not None:
+            vec = self.dist.all_sum(vec.to(self.dist.device)).cpu()
+        return [float(v) for v in vec.tolist()]
+
+    def _any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (every rank must ask alike)."""
+        return self._sum([float(flag)])[0] > 0 if self.dist is not None else flag
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """:func:`whiten` over the global batch: mean and unbiased variance of every rank's
+        masked entries."""
+        if self.dist is None:
+            return whiten(x, mask, eps)
+        zero = torch.zeros_like(x)
+        m = mask.to(x.dtype)
+        n_sum = self.dist.all_sum(torch.stack([m.sum(), torch.where(mask, x, zero).sum()]))
+        n = n_sum[0].clamp(min=1)
+        mean = n_sum[1] / n
+        ss = self.dist.all_sum(torch.where(mask, (x - mean) ** 2, zero).sum().reshape(1))[0]
+        var = ss / (n - 1).clamp(min=1)
+        out = (x - mean) / (var.sqrt() + eps)
+        return torch.where(mask, out, zero)
+
     def turn_rewards(self, eps: list[Episode]) -> tuple[list[list[float]], dict[str, float]]:
         """Each policy turn's reward, and the mean of every logged component."""
         samples, owner = [], []
@@ -379,10 +506,17 @@ class RLStage:
                         success=float(e.success and last), n_tokens=self._turn_tokens(e, j),
                     ))  # fmt: skip
                 owner.append(i)
+        error: RewardError | None = None
         try:
             total, logs = self.reward.evaluate(samples)
         except RewardError as e:  # a NaN or inf from a component: stop, naming it
-            raise NonFinite(f"the reward: {e}") from None
+            error = e
+        if self.dist is not None:  # every rank stops, with the first failing rank's words
+            reports = [m for m in self.dist.gather(None if error is None else str(error)) if m]
+            if reports:
+                raise NonFinite(f"the reward: {reports[0]}")
+        elif error is not None:
+            raise NonFinite(f"the reward: {error}") from None
         out: list[list[float]] = [[] for _ in eps]
         for i, v in zip(owner, total.tolist()):
             out[i].append(float(v))
@@ -435,24 +569,36 @@ class RLStage:
             returns = token_returns(rewards, mask, batch.turn_end, p.gamma, p.per_turn)
             adv = self._reinforce_advantages(batch, rewards, returns, values_old)
         if p.whiten_advantages:
-            adv = whiten(adv, mask)
+            adv = self._whiten(adv, mask)
         ent_coef = entropy_coefficient(step, p.entropy_coef, p.entropy_decay, p.entropy_floor)
         w_sft = self.sft_weight(step)
         stats = self._optimise(
-            batch, logp_old, values_old, adv, returns, ent_coef, w_sft, sft_batches
+            batch, logp_old, values_old, adv, returns, ent_coef, w_sft, sft_batches, step
         )
         if self.sft_step_due(step):
             stats["sft_step_loss"] = self._sft_step(next(sft_batches))
-        kl_mean = float(kl_to_reference(logp_old, logp_ref, mask, p.kl_estimator)[1])  # type: ignore[arg-type]
-        self.kl.update(kl_mean, len(eps))
-        episode_reward = float(np.mean([sum(r) for r in per_turn])) if per_turn else 0.0
+        kl_tok_est, kl_local = kl_to_reference(logp_old, logp_ref, mask, p.kl_estimator)  # type: ignore[arg-type]
+        generated = sum(e.n_generated for e in eps)
+        if self.dist is None:
+            kl_mean = float(kl_local)
+            n_eps = len(eps)
+            episode_reward = float(np.mean([sum(r) for r in per_turn])) if per_turn else 0.0
+        else:  # the global batch's: the KL coefficient and the EMA stay alike on every rank
+            kl_sum, n_tok, r_sum, n_eps_f, generated_f = self._sum([
+                kl_tok_est.sum(), mask.sum(), float(sum(sum(r) for r in per_turn)),
+                float(len(eps)), float(generated),
+            ])  # fmt: skip
+            kl_mean = kl_sum / max(n_tok, 1.0)
+            n_eps = int(n_eps_f)
+            episode_reward = r_sum / n_eps if n_eps else 0.0
+            generated = int(generated_f)
+        self.kl.update(kl_mean, n_eps)
         d = p.reward_ema_decay
         self.reward_ema = (
             episode_reward
             if self.reward_ema is None
             else d * self.reward_ema + (1 - d) * episode_reward
         )
-        generated = sum(e.n_generated for e in eps)
         return {
             **reward_metrics,
             **stats,
@@ -476,19 +622,68 @@ class RLStage:
 
     def _sft_step(self, sb: Any) -> float:
         """One plain SFT step (the SAD loss) on the policy's optimizer."""
-        with self.autocast():
-            loss, _ = sad_loss(self.sft.hidden(sb), self.lm_head, sb, self.weights)
-        if not bool(torch.isfinite(loss)):
+        loss, scaled = self._anchor_loss(sb)
+        if self._any(not bool(torch.isfinite(loss))):
             raise NonFinite("the loss is not finite (sft_step_loss)")
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
+        if self.dist is not None:
+            self.dist.average_gradients(self.sft.trainable)
         clip = self.sft.grad_clip
         torch.nn.utils.clip_grad_norm_(
             self.sft.trainable, clip if clip is not None else float("inf")
         )
         opt.step()
         return float(loss.detach())
+
+    def _anchor_loss(self, sb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SAD loss of an anchor batch (this rank's part of the global one) to log, and
+        the term to differentiate: normalised by the global batch's target weight, times
+        the ranks (as the gradient average divides by them)."""
+        if self.dist is None:
+            with self.autocast():
+                loss, _ = sad_loss(self.sft.hidden(sb), self.lm_head, sb, self.weights)
+            return loss, loss
+        norms = self.dist.all_sum(loss_norms(sb, self.weights))
+        with self.autocast():
+            part, _ = sad_loss(self.sft.hidden(sb), self.lm_head, sb, self.weights, norms=norms)
+        # averaged over the ranks (as the metrics are), the logged loss is the global one
+        return part * self.ranks, part * self.ranks
+
+    def _whole_groups(self, n: int) -> bool:
+        size = self.p.minibatch_episodes if self.algo == "ppo" else n
+        return n % self.p.group_size == 0 and size % self.p.group_size == 0
+
+    def _minibatches(self, n: int, step: int) -> Iterator[torch.Tensor]:
+        """The rows of every minibatch of every epoch. With several shards each shard's
+        groups are shuffled by a generator of (seed_base, the run's seed, step, epoch,
+        shard) and a minibatch takes ``minibatch_episodes / shards`` of each shard's
+        episodes: one process with ``shards=N`` steps on the union of N ranks' minibatches."""
+        p, g = self.p, self.p.group_size
+        epochs = p.ppo_epochs if self.algo == "ppo" else 1
+        size = p.minibatch_episodes if self.algo == "ppo" else n
+        if self.n_shards > 1:
+            k = self.per_shard
+            per_mb = max(size // g // self.n_shards, 1) if self.algo == "ppo" else k
+            for epoch in range(epochs):
+                perms = []
+                for s in self.local_shards:
+                    gen = torch.Generator().manual_seed(self._seed(step, epoch, s, 1))
+                    perms.append(torch.randperm(k, generator=gen))
+                for lo in range(0, k, per_mb):
+                    groups = torch.cat([i * k + perm[lo : lo + per_mb]
+                                        for i, perm in enumerate(perms)])  # fmt: skip
+                    yield (groups[:, None] * g + torch.arange(g)).reshape(-1)
+            return
+        whole_groups = self._whole_groups(n)  # minibatches of whole groups
+        for _ in range(epochs):
+            if whole_groups:  # shuffle the groups, keep each group's rows together
+                order = (torch.randperm(n // g)[:, None] * g + torch.arange(g)).reshape(-1)
+            else:
+                order = torch.randperm(n)
+            for start in range(0, n, size):
+                yield order[start : start + size]
 
     def _reinforce_advantages(
         self, batch: RolloutBatch, rewards: torch.Tensor, returns: torch.Tensor,
@@ -507,84 +702,85 @@ class RLStage:
         self, batch: RolloutBatch, logp_old: torch.Tensor, values_old: torch.Tensor,
         adv: torch.Tensor, returns: torch.Tensor, ent_coef: float, w_sft: float,
         sft_batches: Iterator[Any],
+        step: int = 0,
     ) -> dict[str, float]:  # fmt: skip
         p = self.p
-        n = batch.input_ids.shape[0]
-        epochs = p.ppo_epochs if self.algo == "ppo" else 1
-        size = p.minibatch_episodes if self.algo == "ppo" else n
         params = self.sft.trainable + list(self.value_head.parameters())
         sums: dict[str, float] = {}
         count = 0
         g = p.group_size
-        whole_groups = n % g == 0 and size % g == 0  # minibatches of whole groups
-        for _ in range(epochs):
-            if whole_groups:  # shuffle the groups, keep each group's rows together
-                order = (torch.randperm(n // g)[:, None] * g + torch.arange(g)).reshape(-1)
+        whole_groups = self._whole_groups(batch.input_ids.shape[0])
+        for rows in self._minibatches(batch.input_ids.shape[0], step):
+            rows = rows.to(self.device)
+            mb = batch.rows(rows)
+            packed = shared_prefix(mb, g) if whole_groups else None
+            with self.autocast():
+                logp, hidden, ent = token_logprobs(
+                    self.sft.forward_hidden,
+                    self.lm_head,
+                    mb,
+                    with_entropy=ent_coef > 0,
+                    packed=packed,
+                )
+                # the value head reads the policy's features but does not train them:
+                # a value loss that spikes (returns of a freshly normalised reward)
+                # would otherwise pull the policy's body along with it
+                values = self.value_head(hidden.detach().float()).squeeze(-1)
+            mask = mb.written
+            # a mean over the minibatch's tokens is one over the global minibatch's
+            # (times the ranks, as the gradient average divides by them)
+            scale: torch.Tensor | float = 1.0
+            if self.dist is not None:
+                n_local = mask.sum().to(torch.float32)
+                n_all = self.dist.all_sum(n_local.clone().reshape(1))[0]
+                scale = n_local * self.ranks / n_all.clamp(min=1.0)
+            if self.algo == "ppo":
+                pl = ppo_policy_loss(logp, logp_old[rows], adv[rows], mask, p.clip)
+                vl = ppo_value_loss(values, values_old[rows], returns[rows], mask, p.value_clip)
+                policy_loss, value_loss = pl.loss, vl.loss
+                extra = {
+                    "clip_fraction": float(pl.clip_fraction),
+                    "approx_kl": float(pl.approx_kl),
+                }
             else:
-                order = torch.randperm(n)
-            for start in range(0, n, size):
-                rows = order[start : start + size].to(self.device)
-                mb = batch.rows(rows)
-                packed = shared_prefix(mb, g) if whole_groups else None
-                with self.autocast():
-                    logp, hidden, ent = token_logprobs(
-                        self.sft.forward_hidden,
-                        self.lm_head,
-                        mb,
-                        with_entropy=ent_coef > 0,
-                        packed=packed,
-                    )
-                    # the value head reads the policy's features but does not train them:
-                    # a value loss that spikes (returns of a freshly normalised reward)
-                    # would otherwise pull the policy's body along with it
-                    values = self.value_head(hidden.detach().float()).squeeze(-1)
-                mask = mb.written
-                if self.algo == "ppo":
-                    pl = ppo_policy_loss(logp, logp_old[rows], adv[rows], mask, p.clip)
-                    vl = ppo_value_loss(values, values_old[rows], returns[rows], mask, p.value_clip)
-                    policy_loss, value_loss = pl.loss, vl.loss
-                    extra = {
-                        "clip_fraction": float(pl.clip_fraction),
-                        "approx_kl": float(pl.approx_kl),
-                    }
-                else:
-                    policy_loss = reinforce_loss(logp, adv[rows], mask)
-                    value_loss = (
-                        ppo_value_loss(values, values_old[rows], returns[rows], mask, None).loss
-                        if p.baseline == "value"
-                        else torch.zeros((), device=self.device)
-                    )
-                    extra = {}
-                loss = policy_loss + p.vf_coef * value_loss
-                entropy = masked_mean(ent, mask) if ent is not None else torch.zeros(())
-                if ent is not None:
-                    loss = loss - ent_coef * entropy
-                sft_loss = torch.zeros((), device=self.device)
-                if w_sft > 0:
-                    sb = next(sft_batches)
-                    with self.autocast():
-                        sft_loss, _ = sad_loss(self.sft.hidden(sb), self.lm_head, sb, self.weights)
-                    loss = loss + w_sft * sft_loss
-                if not bool(torch.isfinite(loss)):
-                    parts = {"policy_loss": policy_loss, "value_loss": value_loss,
-                             "entropy": entropy, "sft_loss": sft_loss}  # fmt: skip
-                    bad = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
-                    raise NonFinite(f"the loss is not finite ({', '.join(bad) or 'loss'})")
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                clip = self.sft.grad_clip
-                torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
-                for opt in self.optimizers.values():
-                    opt.step()
-                for k, v in {
-                    "policy_loss": float(policy_loss.detach()),
-                    "value_loss": float(value_loss.detach()),
-                    "entropy": float(entropy.detach()), "sft_loss": float(sft_loss.detach()),
-                    **extra,
-                }.items():  # fmt: skip
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+                policy_loss = reinforce_loss(logp, adv[rows], mask)
+                value_loss = (
+                    ppo_value_loss(values, values_old[rows], returns[rows], mask, None).loss
+                    if p.baseline == "value"
+                    else torch.zeros((), device=self.device)
+                )
+                extra = {}
+            loss = policy_loss + p.vf_coef * value_loss
+            entropy = masked_mean(ent, mask) if ent is not None else torch.zeros(())
+            if ent is not None:
+                loss = loss - ent_coef * entropy
+            loss = loss * scale
+            sft_loss = torch.zeros((), device=self.device)
+            if w_sft > 0:
+                sft_loss, scaled = self._anchor_loss(next(sft_batches))
+                loss = loss + w_sft * scaled
+            if self._any(not bool(torch.isfinite(loss))):
+                parts = {"policy_loss": policy_loss, "value_loss": value_loss,
+                         "entropy": entropy, "sft_loss": sft_loss}  # fmt: skip
+                bad = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
+                raise NonFinite(f"the loss is not finite ({', '.join(bad) or 'loss'})")
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.dist is not None:
+                self.dist.average_gradients(params)
+            clip = self.sft.grad_clip
+            torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+            for opt in self.optimizers.values():
+                opt.step()
+            for k, v in {
+                "policy_loss": float(policy_loss.detach()),
+                "value_loss": float(value_loss.detach()),
+                "entropy": float(entropy.detach()), "sft_loss": float(sft_loss.detach()),
+                **extra,
+            }.items():  # fmt: skip
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 
 

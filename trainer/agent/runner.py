@@ -28,8 +28,8 @@ says otherwise. At the end, the student is written as a plain model directory
 (``RUN/model/``: merged weights with LoRA, the store's tokenizer beside them) that
 ``AutoModelForCausalLM.from_pretrained`` opens.
 
-Data-parallel (``torchrun``, :mod:`trainer.distributed`; ``sft`` stages only): the
-training episodes are cut into ``shards`` (one per rank unless the config says more), each
+Data-parallel (``torchrun``, :mod:`trainer.distributed`; ``ppo`` and ``reinforce``: see
+:mod:`trainer.agent.rl`): the training episodes are cut into ``shards`` (one per rank unless the config says more), each
 rank draws ``batch_size / ranks`` episodes per micro-batch from its own shards
 (:class:`trainer.agent.data.ShardedBucketSampler`), and one process with ``shards=N``
 draws the union of N ranks' batches. The loss is normalised by the global batch's target
@@ -483,6 +483,7 @@ class AgentTrainer(StagedTrainer):
             self.label_names = list(self.store.label_names)
             self.train_pool, self.eval_pool = self._split()
             self._check_shards()
+            self._check_rl_shards()
             self._resolve_steps()
             self.policy_role, self.env_role = self._roles()
             if self.cfg.early_stopping.metric == "auto" and self._plays_online():
@@ -503,13 +504,33 @@ class AgentTrainer(StagedTrainer):
         return self._finish()
 
     def _check_data_parallel(self) -> None:
-        """What several ranks cannot train (yet): the RL stages' rollouts and reward state."""
-        for i, st in enumerate(self.cfg.stages):
-            if st.algo != "sft":
+        """Nothing to refuse before the shards are known (see :meth:`_check_rl_shards`)."""
+
+    def _check_rl_shards(self) -> None:
+        """The RL stages' global sizes the shards split evenly: the prompts of a step (the
+        batch_size, checked with the config), the anchor batch and PPO's minibatches."""
+        n = self.n_shards
+        if n == 1:
+            return
+        who = f"{self.dist.world_size} ranks" if self.cfg.shards is None else f"shards={n}"
+        for i, (st, p) in enumerate(zip(self.cfg.stages, self.params)):
+            if isinstance(p, SFTParams):
+                continue
+            if st.batch_size % n:
                 raise RunError(
-                    f"stages.{i}.algo: {st.algo} stages run on one process for now, not "
-                    f"{self.dist.world_size} torchrun ranks; start them with python -m "
-                    "trainer.train"
+                    f"stages.{i}.batch_size: {st.batch_size} prompts per step are split "
+                    f"evenly over {who}; make it a multiple of {n}"
+                )
+            if (p.sft_weight > 0 or p.sft_every is not None) and p.sft_batch_size % n:
+                raise RunError(
+                    f"stages.{i}.sft_batch_size: {p.sft_batch_size} anchor episodes are split "
+                    f"evenly over {who}; make it a multiple of {n}"
+                )
+            if st.algo == "ppo" and p.minibatch_episodes % (p.group_size * n):
+                raise RunError(
+                    f"stages.{i}.minibatch_episodes: {p.minibatch_episodes} episodes per "
+                    f"minibatch are whole groups of {p.group_size} split evenly over {who}; "
+                    f"make it a multiple of {p.group_size * n}"
                 )
 
     def _check_shards(self) -> None:
@@ -680,6 +701,8 @@ class AgentTrainer(StagedTrainer):
                 {
                     "model": self._final_states[stage.name],
                     "optimizers": {k: o.state_dict() for k, o in algo.optimizers.items()},
+                    # an RL stage's value head, KL coefficient and reward EMA state
+                    **({"rl": algo.state_dict()} if hasattr(algo, "value_head") else {}),
                 },
                 f"stage {stage.name}",
             )
@@ -718,6 +741,11 @@ class AgentTrainer(StagedTrainer):
                     f"stages.{index}.rollouts: store: the training split has no turn of the "
                     f"policy role {self.policy_role!r}"
                 )
+            if len(prompts) < self.n_shards:
+                raise RunError(
+                    f"stages.{index}.rollouts: store: {len(prompts)} turn(s) of the policy "
+                    f"role cannot be shared by {self.n_shards} shards: every shard needs one"
+                )
         make_env, max_turns = made if made is not None else (None, 0)
         sft_params = SFTParams(
             lr=p.lr, weight_decay=p.weight_decay, betas=p.betas, span_weights=p.span_weights
@@ -740,14 +768,24 @@ class AgentTrainer(StagedTrainer):
             self.text, make_env, self.policy_role, str(self.env_role), pattern or "",
             self.settings.max_new_tokens, max_turns, max_positions, mode, prompts, cfg.seed,
         )  # fmt: skip
+        dist = self.dist
+        per_rank = self.n_shards // dist.world_size
+        local = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         algo = RLStage(
             stage.algo, sft, p, setup, batch_size=stage.batch_size, total_steps=stage.steps,
-            reference=reference,
+            reference=reference, dist=dist, shards=self.n_shards, local_shards=local,
         )  # fmt: skip
-        sampler = BucketSampler(
-            self.arrays.lengths, self.train_pool, p.sft_batch_size, cfg.seed, stream=index,
-            total_steps=stage.steps,
-        )  # fmt: skip
+        sampler: BucketSampler | ShardedBucketSampler
+        if self.n_shards == 1:
+            sampler = BucketSampler(
+                self.arrays.lengths, self.train_pool, p.sft_batch_size, cfg.seed, stream=index,
+                total_steps=stage.steps,
+            )  # fmt: skip
+        else:  # each rank's share of the global anchor batch, from its own shards
+            sampler = ShardedBucketSampler(
+                self.arrays.lengths, self.train_pool, p.sft_batch_size, cfg.seed,
+                shards=self.n_shards, local=local, stream=index, total_steps=stage.steps,
+            )  # fmt: skip
         schedulers = make_schedulers(
             {"model": algo.optimizers["model"]}, stage.lr_schedule, stage.steps
         )
@@ -757,8 +795,15 @@ class AgentTrainer(StagedTrainer):
         else:
             self.state.stages[index].start_step = self.state.step
             self._write_stage_start(stage)
-            if p.eval_at_start:
-                self._evaluate(algo, index)
+            if dist.rank > 0:  # the weights are built alike; each rank draws its own noise
+                seed_everything(step_seed(cfg.seed, index, stream=RANK_STREAM + dist.rank))
+        if dist.enabled:  # as DDP does: every rank starts from rank 0's weights
+            dist.broadcast_tensors(
+                [t for t in loaded.model.parameters() if t.requires_grad]
+                + list(algo.value_head.parameters())
+            )
+        if ckpt is None and p.eval_at_start:
+            self._evaluate(algo, index)
         extra = self.extra[index]
         pad = int(self.text.pad_id)
 
