@@ -209,9 +209,7 @@ class BuildRun:
     mem_mib: float  # peak of the summed memory (PSS) of the build and its workers
 
 
-def run_build_process(
-    spec: Path, out: Path, *options: str
-) -> tuple[float, Any, float]:
+def run_build_process(spec: Path, out: Path, *options: str) -> tuple[float, Any, float]:
     """A fresh ``python -m pipeline.build SPEC --out OUT OPTIONS`` process: its wall
     seconds, resource usage, and peak MiB of its process tree (sampled every 50 ms)."""
     if out.exists():
