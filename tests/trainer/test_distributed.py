@@ -29,7 +29,8 @@ from trainer.train import main
 ROOT = Path(__file__).resolve().parents[2]
 
 # trainer.train under torchrun, with two things only a test needs: every rank notes what
-# it evaluates and what it writes under the run directory (DDP_EVENTS/rank<R>.log), and
+# it evaluates (a transition or a QA evaluation, the QA halting rules) and what it writes
+# under the run directory (DDP_EVENTS/rank<R>.log), and
 # DDP_KILL=STAGE:STEP:RANK SIGKILLs that rank as it draws that step's batch (on torchrun's
 # first attempt only: a restarted worker trains on).
 DRIVER = """
@@ -60,6 +61,16 @@ def evaluate_and_note(self, algo):
     note("evaluate")
     return evaluate(self, algo)
 evaluation.Evaluator.__call__ = evaluate_and_note
+
+from trainer.qa.runner import QAEvaluator
+call, rules = QAEvaluator.__call__, QAEvaluator.halting_rules
+def call_and_note(self, model, *, halting):
+    note("evaluate")
+    return call(self, model, halting=halting)
+def rules_and_note(self, model, n_taus=19):
+    note("halting_rules")
+    return rules(self, model, n_taus)
+QAEvaluator.__call__, QAEvaluator.halting_rules = call_and_note, rules_and_note
 
 kill = os.environ.get("DDP_KILL")
 if kill and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":

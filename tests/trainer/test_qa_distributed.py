@@ -9,10 +9,8 @@ leave evaluating and writing to rank 0, and resume on 2 ranks to the same end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,50 +31,12 @@ from trainer.qa.runner import (
 )
 from trainer.train import main
 
+from .test_distributed import torchrun as ddp_torchrun
 from .test_qa_accumulation import grads
 from .test_qa_data import arrays, build_tiny_store, store, tiny_reader  # noqa: F401
 from .test_qa_train import CONFIG, overrides
 
-ROOT = Path(__file__).resolve().parents[2]
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-# trainer.train under torchrun; every rank notes its evaluations and what it writes under
-# the run directory (QA_EVENTS/rank<R>.log).
-DRIVER = """
-import os, sys
-events, out = os.environ["QA_EVENTS"], os.environ["QA_OUT"]
-rank = os.environ["RANK"]
-
-def note(what):
-    with open(os.path.join(events, f"rank{rank}.log"), "a") as f:
-        f.write(what + "\\n")
-
-WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-def audit(event, args):
-    if event == "open" and str(args[0]).startswith(out):
-        mode, flags = args[1], args[2] or 0
-        if (mode and any(c in mode for c in "wax+")) or (flags & WRITE):
-            note(f"write {os.path.relpath(str(args[0]), out)}")
-    elif event in ("os.mkdir", "os.remove", "os.rename") and str(args[0]).startswith(out):
-        note(f"{event} {os.path.relpath(str(args[0]), out)}")
-
-sys.addaudithook(audit)
-
-from trainer.qa.runner import QAEvaluator
-call, rules = QAEvaluator.__call__, QAEvaluator.halting_rules
-def call_and_note(self, model, *, halting):
-    note("evaluate")
-    return call(self, model, halting=halting)
-def rules_and_note(self, model, n_taus=19):
-    note("halting_rules")
-    return rules(self, model, n_taus)
-QAEvaluator.__call__, QAEvaluator.halting_rules = call_and_note, rules_and_note
-
-from trainer.train import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 # 4 questions a step (2 a rank), the hybrid stage in 2 micro-batches a step; the trained
 # weights handed on (not the best), so both runs end on what they trained.
@@ -91,21 +51,9 @@ SETTINGS = [
 def torchrun(
     tmp: Path, args: list[str], run: Path, events: Path
 ) -> subprocess.CompletedProcess[str]:
-    driver = tmp / "qa_driver.py"
-    driver.write_text(DRIVER)
+    """2 ranks of trainer.train under the shared test driver, noting into ``events``."""
     events.mkdir(exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        str(driver), *args,
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "QA_EVENTS": str(events),
-        "QA_OUT": str(run),
-    }
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return ddp_torchrun(tmp, args, env={"DDP_EVENTS": str(events), "DDP_OUT": str(run)})
 
 
 @pytest.fixture(scope="module")
