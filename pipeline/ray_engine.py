@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -158,7 +159,7 @@ class RayEngine(Generic[C]):
         listed = list(tasks)
         if not listed:
             return
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset notices
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures: BuildError, below
         dctx = ray.data.DataContext.get_current()
         dctx.execution_options.preserve_order = True
         dctx.enable_progress_bars = False
@@ -200,8 +201,22 @@ class RayEngine(Generic[C]):
         self.close()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+_RAISED = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    """What a failed task raised, in one line: the last exception line of Ray's report (a
+    BuildError's message names the file and the fix), else its first line."""
+    text = _ANSI.sub("", "\n".join(str(x) for x in (e, getattr(e, "cause", None)) if x))
+    raised = [m for m in map(_RAISED.match, text.splitlines()) if m]
+    for m in reversed(raised):
+        if m.group(1) == "BuildError":
+            return m.group(2).strip()
+    if raised:
+        return f"{raised[-1].group(1)}: {raised[-1].group(2).strip()}"
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("Traceback", "File ", "ray::")):

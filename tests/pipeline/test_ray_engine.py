@@ -149,3 +149,20 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
         'error: --engine ray: the Ray engine needs Ray: pip install -e ".[ray]" '
         "(make setup installs it)"
     )
+
+
+def test_a_task_that_fails_is_one_line_naming_the_file(cluster: Path, tmp_path: Path) -> None:
+    """A worker's BuildError (here: the file shrank after it was cut into ranges) reaches
+    the build as that error's own line, not as Ray's report."""
+    from pipeline.ray_engine import RayEngine
+    from pipeline.transitions.chunks import ChunkTask, episode_chunk
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"x": 1}\n')
+    task = ChunkTask(0, 0, FileRange(str(path), 0, 1000, 1, 5, True))
+    with RayEngine(None) as engine, pytest.raises(BuildError) as err:
+        list(engine.map(episode_chunk, [task]))
+    assert str(err.value) == (
+        f"--engine ray: a build task failed: {path}: 1000 bytes expected at offset 0, "
+        "9 read; the file changed during the build"
+    )
