@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from pipeline.format import BuildError
+from pipeline.sources import prefetch
 
 C = TypeVar("C")
 T = TypeVar("T")
@@ -47,6 +48,13 @@ CONNECT_TIMEOUT_S = 5.0  # how long --ray-address gets to answer before the buil
 # kill per file made): how a test shows that Ray retries a killed worker's task and that
 # the store does not change. Set it in the cluster's environment.
 KILL_ONCE_VARIABLE = "PIPELINE_RAY_KILL_ONCE"
+
+# Tasks mapped by one Ray dataset: at most this many, or this many bytes of pickled tasks
+# (a 16 MiB chunk a task: a window is ~4 GB of input). The tasks after it are listed on a
+# thread meanwhile, PREFETCH_TASKS ahead (the input scan overlaps the workers' parse).
+WINDOW_TASKS = 256
+WINDOW_BYTES = 512 << 20
+PREFETCH_TASKS = 64
 
 _contexts: dict[str, Any] = {}  # a worker's unpickled build contexts, by digest
 
@@ -153,17 +161,35 @@ class RayEngine(Generic[C]):
     def map(self, fn: Callable[[C, T], R], tasks: Iterable[T]) -> Iterator[tuple[T, R]]:
         """``(task, fn(context, task))`` for every task, in the order of ``tasks``.
 
-        The tasks (byte ranges, or bucket names: small) are listed first, then one Ray
-        dataset maps them, one task per batch."""
+        Tasks are taken a window at a time (``WINDOW_TASKS`` tasks, or ``WINDOW_BYTES`` of
+        pickled tasks: a compressed input's chunks carry their bytes), and one Ray dataset
+        maps each window, one task per batch; so the building process never holds more
+        than a window of tasks (and ``PREFETCH_TASKS`` listed ahead), whatever the input's
+        size."""
+        it = prefetch(iter(tasks), PREFETCH_TASKS)
+        while True:
+            listed: list[T] = []
+            blobs: list[bytes] = []
+            size = 0
+            for task in it:
+                listed.append(task)
+                blobs.append(pickle.dumps(task, protocol=5))
+                size += len(blobs[-1])
+                if len(listed) >= WINDOW_TASKS or size >= WINDOW_BYTES:
+                    break
+            if not listed:
+                return
+            yield from self._map_window(fn, listed, blobs)
+
+    def _map_window(
+        self, fn: Callable[[C, T], R], listed: list[T], blobs: list[bytes]
+    ) -> Iterator[tuple[T, R]]:
         ray = import_ray()
-        listed = list(tasks)
-        if not listed:
-            return
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures: BuildError, below
         dctx = ray.data.DataContext.get_current()
         dctx.execution_options.preserve_order = True
         dctx.enable_progress_bars = False
-        rows = [{"index": i, "task": pickle.dumps(t, protocol=5)} for i, t in enumerate(listed)]
+        rows = [{"index": i, "task": blob} for i, blob in enumerate(blobs)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds = ds.map_batches(
             _run_batch,

@@ -72,6 +72,22 @@ def test_the_ray_engine_builds_the_local_engines_store(
     assert local.manifest["counts"]["episodes"] >= 20
 
 
+def test_tasks_mapped_a_window_at_a_time_build_the_same_store(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The building process hands Ray a few tasks at a time (here 3, or about 2 chunks of
+    a compressed file's bytes): the store does not change."""
+    import pipeline.ray_engine as engine
+
+    monkeypatch.setattr(engine, "WINDOW_TASKS", 3)
+    monkeypatch.setattr(engine, "WINDOW_BYTES", 1000)
+    layout, options = CASES["step_per_line-spilled"]
+    spec = _corpus(tmp_path, layout)
+    local = build_store(spec, tmp_path / "local", chunk_bytes=600, **options)
+    on_ray = build_store(spec, tmp_path / "ray", chunk_bytes=600, engine="ray", **options)
+    _same_store(local, on_ray)
+
+
 def test_a_killed_worker_is_retried_and_the_store_is_the_same(
     cluster: Path, tmp_path: Path
 ) -> None:
