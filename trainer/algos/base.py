@@ -199,20 +199,6 @@ def make_optimizer(
     return build_optimizer(list(params), spec, "optimizer", defaults={"lr": lr})
 
 
-def step_optimizer(
-    optimizer: torch.optim.Optimizer,
-    loss: torch.Tensor,
-    params: list[nn.Parameter],
-    grad_clip: float | None,
-) -> None:
-    """``zero_grad(set_to_none) -> backward -> clip (if configured) -> step``."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-    optimizer.step()
-
-
 # ----------------------------------------------------------------------------- base
 class AlgorithmBase:
     """State-dict and ``act`` plumbing shared by the algorithms (no update logic here).
