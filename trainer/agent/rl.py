@@ -393,32 +393,36 @@ class RLStage:
     def rollout(self, step: int) -> tuple[list[Episode], float]:
         if self.n_shards > 1:
             return self._sharded_rollout(step)
-        s, p = self.setup, self.p
         model = self.loaded.model
         model.eval()
         t0 = time.perf_counter()
         try:
-            if s.mode == "store":
-                assert s.prompts is not None
-                eps = collect_prompts(
-                    model, s.text, s.prompts, self.prompt_rows(step),
-                    max_new_tokens=p.max_new_tokens or s.max_new_tokens, device=self.device,
-                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                    max_context=s.max_positions, autocast=self.autocast,
-                )  # fmt: skip
-                return eps, time.perf_counter() - t0
-            assert s.make_env is not None
-            eps = collect(
-                model, s.text, s.make_env, self.seeds(step), policy_role=s.policy_role,
-                env_role=s.env_role, action_pattern=s.action_pattern,
-                max_new_tokens=p.max_new_tokens or s.max_new_tokens,
-                max_turns=p.max_turns or s.max_turns, device=self.device,
-                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                max_context=s.max_positions, autocast=self.autocast,
-            )  # fmt: skip
+            if self.setup.mode == "store":
+                eps = self._collect(model, self.prompt_rows(step))
+            else:
+                eps = self._collect(model, self.seeds(step))
         finally:
             model.train()
         return eps, time.perf_counter() - t0
+
+    def _collect(self, model: Any, starts: list[int]) -> list[Episode]:
+        """Episodes sampled from ``model``, one from each of ``starts``: the store's turns
+        (``rollouts: store``), or the environment's reset seeds."""
+        s, p = self.setup, self.p
+        sampling: dict[str, Any] = dict(
+            max_new_tokens=p.max_new_tokens or s.max_new_tokens, device=self.device,
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+            max_context=s.max_positions, autocast=self.autocast,
+        )  # fmt: skip
+        if s.mode == "store":
+            assert s.prompts is not None
+            return collect_prompts(model, s.text, s.prompts, starts, **sampling)
+        assert s.make_env is not None
+        return collect(
+            model, s.text, s.make_env, starts, policy_role=s.policy_role,
+            env_role=s.env_role, action_pattern=s.action_pattern,
+            max_turns=p.max_turns or s.max_turns, **sampling,
+        )  # fmt: skip
 
     def _sharded_rollout(self, step: int) -> tuple[list[Episode], float]:
         """This process's groups, one ``generate`` per group, each sampled with the torch
@@ -436,26 +440,10 @@ class RLStage:
             for i, gi in enumerate(groups):
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(self._seed(step, gi))
-                    if s.mode == "store":
-                        assert s.prompts is not None
-                        eps += collect_prompts(
-                            model, s.text, s.prompts, [rows[i]] * p.group_size,
-                            max_new_tokens=p.max_new_tokens or s.max_new_tokens,
-                            device=self.device, temperature=p.temperature, top_k=p.top_k,
-                            top_p=p.top_p, max_context=s.max_positions, autocast=self.autocast,
-                        )  # fmt: skip
-                        continue
-                    assert s.make_env is not None
-                    seed = p.seed_base + step * self.batch_size + gi
-                    eps += collect(
-                        model, s.text, s.make_env, [seed] * p.group_size,
-                        policy_role=s.policy_role, env_role=s.env_role,
-                        action_pattern=s.action_pattern,
-                        max_new_tokens=p.max_new_tokens or s.max_new_tokens,
-                        max_turns=p.max_turns or s.max_turns, device=self.device,
-                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                        max_context=s.max_positions, autocast=self.autocast,
-                    )  # fmt: skip
+                    start = (
+                        rows[i] if s.mode == "store" else p.seed_base + step * self.batch_size + gi
+                    )
+                    eps += self._collect(model, [start] * p.group_size)
         finally:
             model.train()
         return eps, time.perf_counter() - t0
