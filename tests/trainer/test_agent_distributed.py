@@ -27,7 +27,7 @@ from .test_agent_train import CONFIG, overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# the transition trainer's driver, noting the agent runner's evaluations instead
+# the shared driver, noting the agent runner's evaluations instead of the transition and QA ones
 _EVAL_PATCH = DRIVER[DRIVER.index("from trainer import evaluation") : DRIVER.index("kill = ")]
 AGENT_DRIVER = DRIVER.replace(
     _EVAL_PATCH,
@@ -41,11 +41,8 @@ runner.AgentTrainer._eval_metrics = metrics_and_note
 """,
 )
 
-EXTRA = [
-    "stages.0.steps=4",
-    "stages.0.batch_size=4",
-    "stages.0.grad_accumulation=2",
-    "stages.0.span_weights={reasoning: 0.3, action: 2.0, other: 1.0}",
+# small evaluations, a checkpoint every step: what every data-parallel agent test runs with
+QUICK_EVAL = [
     "eval.every=2",
     "eval.episodes=1",
     "eval.max_episode_steps=2",
@@ -53,6 +50,13 @@ EXTRA = [
     "agent.max_new_tokens=8",
     "agent.teacher=null",
     "checkpoint.every=1",
+]
+EXTRA = [
+    "stages.0.steps=4",
+    "stages.0.batch_size=4",
+    "stages.0.grad_accumulation=2",
+    "stages.0.span_weights={reasoning: 0.3, action: 2.0, other: 1.0}",
+    *QUICK_EVAL,
 ]
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tests.trainer.test_agent_distributed import AGENT_DRIVER
+from tests.trainer.test_agent_distributed import AGENT_DRIVER, QUICK_EVAL
 from tests.trainer.test_agent_train import ROOT, overrides
 from tests.trainer.test_checkpoint import assert_same_run
 from tests.trainer.test_distributed import torchrun
@@ -55,13 +55,7 @@ EXTRA = [
     "stages.2.sft_batch_size=2",
     "stages.2.kl_horizon=10",
     "stages.2.lr=1e-3",
-    "eval.every=2",
-    "eval.episodes=1",
-    "eval.max_episode_steps=2",
-    "agent.eval_turns=2",
-    "agent.max_new_tokens=8",
-    "agent.teacher=null",
-    "checkpoint.every=1",
+    *QUICK_EVAL,
 ]
 
 
