@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	# CPU build from the local wheel first: a bare `torch` requirement would pull a CUDA build.
 	$(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[dev,mujoco,agent,ray]"
+	$(PYTHON) -m pip install -q -e ".[dev,mujoco,agent,ray,minari]"
 	touch $(STAMP)
 
 # Demo trajectories are generated locally (gymnasium rollouts), then built into stores.
