@@ -203,6 +203,11 @@ class SourceSpec:
     episode_key: str = "episode"
     step_key: str | None = None  # step_per_line: order within the episode
     steps_key: str | None = None  # episode_per_line: the list of steps
+    # "jsonl": trajectory logs, one record per line; "minari": Minari dataset directories
+    # (or dataset ids under MINARI_DATASETS_PATH), whose spaces give the fields
+    format: Literal["jsonl", "minari"] = "jsonl"
+    # minari: a Dict observation's keys, flattened in this order (None: the dataset's order)
+    observation_keys: tuple[str, ...] | None = None
 
 
 # `store.part_rows: auto`: a store of more transitions than this is written in parts of
@@ -262,6 +267,10 @@ class TransitionSpec:
             d["fields"]["rewards"] = {name: dict(fp) for name, fp in rewards}
         if d["store"]["part_rows"] is None:  # likewise: a one-file store's spec is unchanged
             del d["store"]["part_rows"]
+        if d["source"]["format"] == "jsonl":  # and a log's spec, from before Minari sources
+            del d["source"]["format"]
+        if d["source"]["observation_keys"] is None:
+            del d["source"]["observation_keys"]
         return _jsonable(d)
 
     def sha256(self) -> str:
@@ -484,13 +493,41 @@ def _parse_fields(value: Any, ctx: _Ctx) -> FieldsSpec:
 
 
 def _parse_source(value: Any, ctx: _Ctx) -> SourceSpec:
-    d = _mapping(value, ctx, {"paths", "layout", "episode_key", "step_key", "steps_key"}, {"paths"})
+    keys = {"paths", "layout", "episode_key", "step_key", "steps_key", "format", "observation_keys"}
+    d = _mapping(value, ctx, keys, {"paths"})
+    fmt = d.get("format", "jsonl")
+    if fmt not in ("jsonl", "minari"):
+        raise ctx.child("format").fail(
+            f"must be `jsonl` (trajectory logs) or `minari` (Minari datasets), got {fmt!r}"
+        )
+    paths = _str_list(d["paths"], ctx.child("paths"), "file globs")
+    if fmt == "minari":
+        other = sorted(k for k in d if k not in ("paths", "format", "observation_keys"))
+        if other:
+            raise ctx.child(other[0]).fail(
+                "a Minari source has its own layout; give `paths` (dataset directories or ids) "
+                "and, for a Dict observation, `observation_keys`"
+            )
+        obs_keys = None
+        if "observation_keys" in d:
+            obs_keys = _str_list(
+                d["observation_keys"], ctx.child("observation_keys"), "observation keys"
+            )
+        # the layout of the steps the build makes of each Minari episode
+        return SourceSpec(
+            paths, "episode_per_line", "id", steps_key="steps", format="minari",
+            observation_keys=obs_keys,
+        )  # fmt: skip
+    if "observation_keys" in d:
+        raise ctx.child("observation_keys").fail(
+            "is for Minari sources (format: minari); a log's dict observation takes "
+            "fields.observation.keys"
+        )
     layout = d.get("layout", "step_per_line")
     if layout not in ("step_per_line", "episode_per_line"):
         raise ctx.child("layout").fail(
             f"must be `step_per_line` or `episode_per_line`, got {layout!r}"
         )
-    paths = _str_list(d["paths"], ctx.child("paths"), "file globs")
     episode_key = _path(d.get("episode_key", "episode"), ctx.child("episode_key"))
     if layout == "step_per_line":
         if "steps_key" in d:
@@ -504,6 +541,17 @@ def _parse_source(value: Any, ctx: _Ctx) -> SourceSpec:
         raise ctx.fail("`step_key` is for layout step_per_line; use `steps_key` here")
     steps_key = _path(d.get("steps_key", "steps"), ctx.child("steps_key"))
     return SourceSpec(paths, layout, episode_key, steps_key=steps_key)
+
+
+# The fields of a Minari source until the build reads the dataset's spaces
+# (pipeline.interchange.minari_import.resolve_spec fills in shapes, action type and bounds).
+MINARI_FIELDS = FieldsSpec(
+    observation=ObservationSpec(path="observations"),
+    action=ActionSpec(type="continuous", path="actions"),
+    reward=FieldPath("rewards"),
+    terminated=FieldPath("terminations"),
+    truncated=FieldPath("truncations"),
+)
 
 
 def _parse_store(value: Any, ctx: _Ctx) -> StoreSpec:
@@ -574,16 +622,28 @@ def parse_transition_spec(raw: Any, origin: str = "<spec>") -> TransitionSpec:
         "reference_returns",
         "description",
     }
-    d = _mapping(raw, ctx, allowed, {"name", "source", "fields"})
+    d = _mapping(raw, ctx, allowed, {"name", "source"})
     name = _str(d["name"], ctx.child("name"), "a store name")
     if "/" in name or name.startswith("."):
         raise ctx.child("name").fail(f"{name!r} is used as a directory name: no '/' or leading '.'")
     if d.get("kind", "transitions") != "transitions":
         raise ctx.child("kind").fail("must be `transitions` here")
+    source = _parse_source(d["source"], ctx.child("source"))
+    if source.format == "minari":
+        if "fields" in d:
+            raise ctx.child("fields").fail(
+                "a Minari source brings its fields (observations, actions, rewards, "
+                "terminations, truncations); remove `fields`"
+            )
+        fields = MINARI_FIELDS
+    elif "fields" not in d:
+        raise ctx.fail("missing required key 'fields'")
+    else:
+        fields = _parse_fields(d["fields"], ctx.child("fields"))
     return TransitionSpec(
         name=name,
-        source=_parse_source(d["source"], ctx.child("source")),
-        fields=_parse_fields(d["fields"], ctx.child("fields")),
+        source=source,
+        fields=fields,
         store=_parse_store(d.get("store", {}), ctx.child("store")),
         env=_parse_env(d["env"], ctx.child("env")) if d.get("env") else None,
         reference_returns=(

@@ -120,10 +120,30 @@ def _open_decoded(path: Path, raw: Any) -> Any:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (of a directory source: :func:`dir_sha256`)."""
+    if path.is_dir():
+        return dir_sha256(path)
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
+    return h.hexdigest()
+
+
+def dir_sha256(root: Path) -> str:
+    """sha256 of a directory source (a Minari dataset): over every file under ``root/data``
+    (or ``root``), in order of relative path, each file's path, size and bytes."""
+    data = root / "data" if (root / "data").is_dir() else root
+    files = sorted(
+        (p for p in data.rglob("*") if p.is_file()), key=lambda p: p.relative_to(data).as_posix()
+    )
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.relative_to(data).as_posix().encode()
+        h.update(len(rel).to_bytes(4, "little") + rel + f.stat().st_size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
     return h.hexdigest()
 
 

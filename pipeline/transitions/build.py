@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,14 @@ from data_specs.schema import TransitionSpec, load_spec, reward_column
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.engine import Engine, LocalEngine, default_workers
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
+from pipeline.interchange.minari_import import MinariDir, MinariTask, minari_chunk, minari_raw
 from pipeline.report import quarantine_summary
 from pipeline.sources import (
     Chunk,
     FileRange,
     SourceFile,
     as_chunk,
+    dir_sha256,
     iter_chunks,
     iter_ranges,
     resolve_sources,
@@ -60,6 +62,7 @@ from pipeline.transitions.chunks import (
     BuildContext,
     ChunkInfo,
     ChunkTask,
+    EpisodeChunk,
     bucket_of,
     bucket_run,
     bucket_transitions,
@@ -151,7 +154,14 @@ def build(
         engine, ray_address, parallelism,
     )  # fmt: skip
     spec = load_spec(spec_path)
-    sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
+    datasets = None
+    if spec.source.format == "minari":  # Minari datasets: one source per dataset directory
+        from pipeline.interchange import minari_import
+
+        datasets = minari_import.resolve_datasets(spec.source.paths, origin=f"{spec_path}")
+        sources = [minari_import.dataset_source(i, ds) for i, ds in enumerate(datasets)]
+    else:
+        sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory; give a directory for stores")
@@ -174,7 +184,9 @@ def build(
         started = connect(opts.ray_address)
     try:
         with staged(out, spec.name) as staging:
-            manifest = _build_into(spec, spec_path, sources, staging, max_bad_fraction, opts, out)
+            manifest = _build_into(
+                spec, spec_path, sources, staging, max_bad_fraction, opts, out, datasets
+            )
             publish(staging, target)
     finally:
         if started:
@@ -210,13 +222,24 @@ def _build_into(
     max_bad_fraction: float | None,
     opts: BuildOptions,
     out: Path,
+    datasets: list[MinariDir] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     raw_spec_sha = spec.sha256()
-    try:
-        spec = infer_shapes(spec, _first_records(sources))
-    except ValueError as e:
-        raise BuildError(str(e)) from None
+    minari_tasks: list[MinariTask] = []
+    if datasets is not None:
+        from pipeline.interchange import minari_import
+
+        spec = minari_import.resolve_spec(spec, datasets)
+        for s in sources:
+            if s.sha256 is None:
+                s.sha256 = dir_sha256(s.path)
+        minari_tasks = minari_import.plan_tasks(datasets, spec, opts.chunk_bytes)
+    else:
+        try:
+            spec = infer_shapes(spec, _first_records(sources))
+        except ValueError as e:
+            raise BuildError(str(e)) from None
     work = (staging / "_work").resolve()  # absolute: a Ray worker runs elsewhere
     ctx, workers = _plan(spec, sources, work, opts)
     lay = ctx.parser.layout
@@ -234,10 +257,15 @@ def _build_into(
     with _engine(ctx, workers, opts) as engine, _Progress(sources, show) as bar:
         workers = engine.workers
         try:
-            tasks = _chunk_tasks(sources, opts.chunk_bytes, bar, by_range=opts.engine == "ray")
-            if lay.per_line:
+            by_range = opts.engine == "ray"
+            if datasets is not None:
+                episodes = _minari_progress(minari_tasks, sources, bar)
+                _read_episodes(engine, episodes, sources, sink, quarantine, tally, minari_chunk)
+            elif lay.per_line:
+                tasks = _chunk_tasks(sources, opts.chunk_bytes, bar, by_range=by_range)
                 _read_episodes(engine, tasks, sources, sink, quarantine, tally)
             else:
+                tasks = _chunk_tasks(sources, opts.chunk_bytes, bar, by_range=by_range)
                 _read_steps(engine, tasks, sources, sink, quarantine, tally, opts.merge_rows)
         finally:
             sink.close()
@@ -299,31 +327,42 @@ def _chunk_tasks(
         bar.read_all(src)
 
 
+def _minari_progress(
+    tasks: list[MinariTask], sources: list[SourceFile], bar: _Progress
+) -> Iterator[MinariTask]:
+    """The tasks, the bar moving by each dataset as its last task is handed out."""
+    for i, task in enumerate(tasks):
+        yield task
+        if i + 1 == len(tasks) or tasks[i + 1].file_index != task.file_index:
+            bar.read_all(sources[task.file_index])
+
+
 # --------------------------------------------------------------------------- episode_per_line
 
 
 def _read_episodes(
     engine: Engine[BuildContext],
-    tasks: Iterator[ChunkTask],
+    tasks: Iterator[Any],
     sources: list[SourceFile],
     sink: ColumnSink,
     quarantine: Quarantine,
     tally: _Tally,
+    fn: Callable[[BuildContext, Any], EpisodeChunk] = episode_chunk,
 ) -> None:
-    """episode_per_line: every chunk's episodes, appended in input order.
+    """episode_per_line (and Minari datasets, ``fn``): every task's episodes, appended in
+    input order.
 
     An id is used once its episode is KEPT (``kept_at``: id -> where): a later episode that
     would be kept but whose id is used is quarantined as ``duplicate_episode``; a copy
     rejected for another reason keeps that reason and uses up nothing."""
     names = engine.context.source_names
     kept_at: dict[str, tuple[str, int]] = {}
-    for task, res in engine.map(episode_chunk, tasks):
+    for task, res in engine.map(fn, tasks):
         src = sources[task.file_index]
         duplicates = _use_ids(res.transitions, kept_at, src.display)
-        if duplicates:  # rare: build the chunk again here, less the duplicates
-            res = engine.run(episode_chunk, dataclasses.replace(task, exclude=tuple(duplicates)))
-            chunk = as_chunk(task.chunk)
-            res.rejected += [_duplicate(chunk, ln, *d) for ln, d in duplicates.items()]
+        if duplicates:  # rare: build the task again here, less the duplicates
+            res = engine.run(fn, dataclasses.replace(task, exclude=tuple(duplicates)))
+            res.rejected += [_duplicate(task, ln, *d) for ln, d in duplicates.items()]
             res.rejected.sort(key=lambda r: r.line)
         tally.add(src, res)
         quarantine.record_all(src, res.rejected)
@@ -348,9 +387,14 @@ def _use_ids(
     return duplicates
 
 
-def _duplicate(chunk: Chunk, ln: int, eid: str, file: str, line: int) -> Rejected:
+def _duplicate(task: Any, ln: int, eid: str, file: str, line: int) -> Rejected:
     detail = f"episode id {eid!r} was already used by the episode kept at {file}:{line}"
-    return Rejected(ln, DUPLICATE_EPISODE, detail, chunk.line(ln - chunk.first_line), eid)
+    if isinstance(task, ChunkTask):
+        chunk = as_chunk(task.chunk)
+        raw = chunk.line(ln - chunk.first_line)
+    else:  # a Minari episode: where it is
+        raw = minari_raw(task, ln)
+    return Rejected(ln, DUPLICATE_EPISODE, detail, raw, eid)
 
 
 # --------------------------------------------------------------------------- step_per_line

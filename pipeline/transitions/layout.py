@@ -4,7 +4,7 @@ from __future__ import annotations
 
 KIND = "transitions"
 # Bump on any change to the layout or semantics of a transition store, with a CHANGELOG entry.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 TRANSITIONS_ARROW = "transitions.arrow"
 EPISODES_ARROW = "episodes.arrow"

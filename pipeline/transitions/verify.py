@@ -202,8 +202,11 @@ def _order_problems(store: TransitionStore, e: _Episodes) -> list[str]:
             "not among the manifest's sources"
         ]
     key = file_idx.astype(np.int64) * (1 << 40) + e.source_line
-    if (e.source_line < 1).any():
-        return [f"episodes: {e.name(np.flatnonzero(e.source_line < 1)[0])}: source_line < 1"]
+    # a log's lines count from 1; a Minari dataset's episodes are its ids, from 0
+    first = 0 if store.manifest["spec"]["source"].get("format") == "minari" else 1
+    if (e.source_line < first).any():
+        bad = np.flatnonzero(e.source_line < first)[0]
+        return [f"episodes: {e.name(bad)}: source_line < {first}"]
     back = np.flatnonzero(np.diff(key) <= 0)
     if len(back):
         return [

@@ -323,9 +323,18 @@ def column_hasher(c: ColumnInfo) -> _ColumnHash:
     return _ColumnHash(c)
 
 
+# Columns of episodes.arrow that say where an episode came from, not what it is: the
+# content hash leaves them out, so the same data read from another file or format (a log
+# moved elsewhere, a Minari dataset exported from a store) hashes the same.
+PROVENANCE_COLUMNS = ("source_file", "source_line")
+
+
 def episodes_digest(table: pa.Table) -> str:
+    """sha256 of the episodes table's values, column by column, less its provenance."""
     h = hashlib.sha256()
     for name in table.column_names:
+        if name in PROVENANCE_COLUMNS:
+            continue
         col = table.column(name).to_pylist()
         h.update(name.encode() + b"=" + repr(col).encode())
     return h.hexdigest()

@@ -15,7 +15,12 @@ import pytest
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.format import MANIFEST, QUARANTINE, StoreError
 from pipeline.store import TransitionStore, open_store
-from pipeline.transitions.layout import EPISODES_ARROW, TRANSITIONS_ARROW, ZARR_GROUP
+from pipeline.transitions.layout import (
+    EPISODES_ARROW,
+    FORMAT_VERSION,
+    TRANSITIONS_ARROW,
+    ZARR_GROUP,
+)
 from pipeline.transitions.verify import column_digests
 from pipeline.transitions.writer import combine_digests, episodes_digest
 from pipeline.verify import verify
@@ -268,7 +273,9 @@ def test_verify_cli_reports_every_broken_invariant(tmp_path: Path) -> None:
 def test_a_store_of_format_version_1_must_be_rebuilt(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     edit_manifest(store, lambda m: m.update(format_version=1))
-    with pytest.raises(StoreError, match="format_version 1 but this reader reads 2"):
+    with pytest.raises(
+        StoreError, match=f"format_version 1 but this reader reads {FORMAT_VERSION}"
+    ):
         verify(store)
     with pytest.raises(StoreError, match="rebuild"):
         open_store(store)
