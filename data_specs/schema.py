@@ -256,6 +256,7 @@ class TransitionSpec:
     env: EnvSpec | None = None
     reference_returns: ReferenceReturns | None = None
     description: str = ""
+    license: str | None = None  # the data's license (an SPDX id such as cc-by-4.0), for exports
     kind: Literal["transitions"] = "transitions"
     origin: str = field(default="<spec>", compare=False)
 
@@ -271,6 +272,7 @@ class TransitionSpec:
             del d["source"]["format"]
         if d["source"]["observation_keys"] is None:
             del d["source"]["observation_keys"]
+        _drop_absent_license(d)
         return _jsonable(d)
 
     def sha256(self) -> str:
@@ -621,6 +623,7 @@ def parse_transition_spec(raw: Any, origin: str = "<spec>") -> TransitionSpec:
         "env",
         "reference_returns",
         "description",
+        "license",
     }
     d = _mapping(raw, ctx, allowed, {"name", "source"})
     name = _str(d["name"], ctx.child("name"), "a store name")
@@ -652,8 +655,23 @@ def parse_transition_spec(raw: Any, origin: str = "<spec>") -> TransitionSpec:
             else None
         ),
         description=str(d.get("description", "")),
+        license=parse_license(d, ctx),
         origin=origin,
     )
+
+
+def parse_license(d: Mapping[str, Any], ctx: _Ctx) -> str | None:
+    """The spec's optional ``license``: the data's license, named as exports carry it (an
+    SPDX id such as ``cc-by-4.0``, or ``other``)."""
+    if d.get("license") is None:
+        return None
+    return _str(d["license"], ctx.child("license"), "a license id such as cc-by-4.0")
+
+
+def _drop_absent_license(d: dict[str, Any]) -> None:
+    """A spec without a license hashes as it did before specs had one."""
+    if d.get("license") is None:
+        d.pop("license", None)
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -769,12 +787,14 @@ class SegmentSpec:
     segments: SegmentsSpec = field(default_factory=SegmentsSpec)
     store: SegmentStoreSpec = field(default_factory=SegmentStoreSpec)
     description: str = ""
+    license: str | None = None  # the data's license, for exports
     kind: Literal["segments"] = "segments"
     origin: str = field(default="<spec>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("origin")
+        _drop_absent_license(d)
         return _jsonable(d)
 
     def sha256(self) -> str:
@@ -875,7 +895,9 @@ def _parse_segments(value: Any, ctx: _Ctx) -> SegmentsSpec:
 def parse_segment_spec(raw: Any, origin: str = "<spec>") -> SegmentSpec:
     """Check a ``kind: segments`` spec; errors name the key and the fix."""
     ctx = _Ctx(origin)
-    allowed = {"name", "kind", "source", "tokenizer", "segments", "store", "description"}
+    allowed = {
+        "name", "kind", "source", "tokenizer", "segments", "store", "description", "license",
+    }  # fmt: skip
     d = _mapping(raw, ctx, allowed, {"name", "kind", "source"})
     name = _str(d["name"], ctx.child("name"), "a store name")
     if "/" in name or name.startswith("."):
@@ -898,6 +920,7 @@ def parse_segment_spec(raw: Any, origin: str = "<spec>") -> SegmentSpec:
         segments=_parse_segments(d.get("segments", {}) or {}, ctx.child("segments")),
         store=SegmentStoreSpec(format="arrow"),
         description=str(d.get("description", "")),
+        license=parse_license(d, ctx),
         origin=origin,
     )
 

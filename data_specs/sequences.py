@@ -18,6 +18,7 @@ from data_specs.schema import (
     EnvSpec,
     _bool,
     _Ctx,
+    _drop_absent_license,
     _int,
     _jsonable,
     _mapping,
@@ -25,6 +26,7 @@ from data_specs.schema import (
     _path,
     _str,
     _str_list,
+    parse_license,
     read_yaml,
     spec_hash,
 )
@@ -118,12 +120,14 @@ class SequenceSpec:
     store: SequenceStoreSpec = field(default_factory=SequenceStoreSpec)
     env: EnvSpec | None = None  # a text environment (trainer.envs) the student can play
     description: str = ""
+    license: str | None = None  # the data's license, for exports
     kind: Literal["sequences"] = "sequences"
     origin: str = field(default="<spec>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("origin")
+        _drop_absent_license(d)
         return _jsonable(d)
 
     def sha256(self) -> str:
@@ -240,7 +244,7 @@ def parse_sequence_spec(raw: Any, origin: str = "<spec>") -> SequenceSpec:
     ctx = _Ctx(origin)
     allowed = {
         "name", "kind", "source", "fields", "tokenizer", "sequences", "store", "env",
-        "description",
+        "description", "license",
     }  # fmt: skip
     d = _mapping(raw, ctx, allowed, {"name", "kind", "source", "fields"})
     name = _str(d["name"], ctx.child("name"), "a store name")
@@ -296,6 +300,7 @@ def parse_sequence_spec(raw: Any, origin: str = "<spec>") -> SequenceSpec:
         store=SequenceStoreSpec(format=fmt),
         env=_parse_env(d["env"], ctx.child("env")) if d.get("env") is not None else None,
         description=str(d.get("description", "")),
+        license=parse_license(d, ctx),
         origin=origin,
     )
 

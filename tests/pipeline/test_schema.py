@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_specs.schema import SpecError, load_spec, parse_transition_spec, spec_kind
+from data_specs.schema import SpecError, load_spec, parse_transition_spec, spec_hash, spec_kind
 
 from .conftest import REPO, step_fields
 
@@ -207,3 +207,30 @@ def test_any_spec_either_parses_or_raises_spec_error(
 def test_unknown_keys_of_mixed_types() -> None:
     with pytest.raises(SpecError, match="fields.action: unknown key"):
         parse_transition_spec(with_("fields.action", {"type": "discrete", "n": 2, 0: 1, "x": 2}))
+
+
+def test_a_license_is_declared_and_a_spec_without_one_hashes_as_before() -> None:
+    plain = parse_transition_spec(valid())
+    assert plain.license is None and "license" not in plain.to_dict()
+    # the hash of the spec as every store before `license` was built from it
+    assert plain.sha256() == spec_hash({k: v for k, v in plain.to_dict().items() if k != "license"})
+    licensed = parse_transition_spec({**valid(), "license": "cc-by-4.0"})
+    assert licensed.license == "cc-by-4.0" and licensed.to_dict()["license"] == "cc-by-4.0"
+    assert licensed.sha256() != plain.sha256()
+    with pytest.raises(SpecError, match="license"):
+        parse_transition_spec({**valid(), "license": ["mit"]})
+
+
+def test_a_minari_source_takes_no_fields_and_no_log_keys() -> None:
+    minari = {"name": "m", "source": {"format": "minari", "paths": ["d-v0"]}}
+    spec = parse_transition_spec(minari)
+    assert spec.source.format == "minari" and spec.to_dict()["source"]["format"] == "minari"
+    assert "format" not in parse_transition_spec(valid()).to_dict()["source"]
+    for bad, needle in [
+        ({**minari, "fields": step_fields()}, "remove `fields`"),
+        ({**minari, "source": {**minari["source"], "layout": "step_per_line"}}, "source.layout"),
+        ({**minari, "source": {**minari["source"], "format": "csv"}}, "source.format"),
+        (with_("source.observation_keys", ["a"]), "observation_keys"),
+    ]:
+        with pytest.raises(SpecError, match=needle.replace(".", r"\.").replace("`", ".")):
+            parse_transition_spec(bad)
