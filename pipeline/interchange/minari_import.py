@@ -37,7 +37,7 @@ Each dataset is one source of the manifest: its directory, hashed over every fil
 (prefixed with the dataset's name when several datasets are imported together), unless the
 episode's metadata holds an ``episode_id``: a dataset that ``python -m pipeline.export --to
 minari`` wrote gets the store's own ids back, and an episode whose unbootstrappable last step
-the store had dropped (``last_step_dropped``, ``dropped_reward``) is dropped again, so
+the store had dropped (``dropped_last_step``, ``dropped_reward``) is dropped again, so
 store -> Minari -> store gives the same store.
 """
 
@@ -87,7 +87,7 @@ UNREADABLE_EPISODE = "unreadable_episode"
 
 # what the exporter writes in an episode's metadata (pipeline.interchange.minari_export)
 META_EPISODE_ID = "episode_id"
-META_LAST_STEP_DROPPED = "last_step_dropped"
+META_LAST_STEP_DROPPED = "dropped_last_step"
 META_DROPPED_REWARD = "dropped_reward"
 
 

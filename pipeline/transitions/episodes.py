@@ -282,8 +282,12 @@ def _assemble(
     dropped = ep.is_last & ends.drop_last[ep.seg] if n else in_kept
     keep = in_kept & ~dropped
     idx = ep.order[keep]
+    # The rewards as the store holds them (float32): returns, returns-to-go and a dropped
+    # step's reward are sums of exactly these, so the store's rows reproduce them (an export
+    # and its re-import give the same store).
+    rew = steps.rew.astype(np.float32).astype(np.float64)
     # every logged reward counts: returns run over the dropped last steps too
-    rew_all = steps.rew[ep.order[in_kept]]
+    rew_all = rew[ep.order[in_kept]]
     starts_all = np.zeros(n, dtype=bool)
     starts_all[ep.first] = True
     rtg_all = discounted_returns(rew_all, starts_all[in_kept], gamma)
@@ -292,7 +296,7 @@ def _assemble(
     first_all = np.flatnonzero(starts_all[in_kept])
     ep_return = np.add.reduceat(rew_all, first_all) if len(rew_all) else np.zeros(0)
     drop = ends.drop_last[kept_eps]
-    dropped_reward = np.where(drop, steps.rew[ep.order[ep.last[kept_eps]]], 0.0)
+    dropped_reward = np.where(drop, rew[ep.order[ep.last[kept_eps]]], 0.0)
     kn = int(keep.sum())
     kfirst = np.cumsum(length) - length
     klast = kfirst + length - 1
@@ -312,7 +316,7 @@ def _assemble(
         step=(np.arange(kn) - np.repeat(kfirst, length)).astype(np.int32),
         observation=steps.obs[idx],
         action=steps.act[idx],
-        reward=steps.rew[idx].astype(np.float32),
+        reward=rew[idx].astype(np.float32),
         next_observation=_next_observations(steps, ep, keep) if n else steps.obs[idx],
         terminated=term_out,
         truncated=trunc_out,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.store import open_store
 from pipeline.transitions.episodes import discounted_returns, discounted_returns_reference
+
+from .conftest import build_store, step_record, write_lines, write_spec
 
 GAMMAS = (0.0, 0.5, 0.99, 1.0)
 
@@ -93,3 +98,23 @@ def test_does_not_modify_its_inputs() -> None:
     discounted_returns(rewards, starts, 0.9)
     np.testing.assert_array_equal(rewards, before[0])
     np.testing.assert_array_equal(starts, before[1])
+
+
+def test_returns_are_sums_of_the_rewards_the_store_holds(tmp_path: Path) -> None:
+    """Rewards that float32 cannot hold exactly: the episode return, the returns-to-go and a
+    dropped step's reward are computed from the stored (float32) rewards, so a store's rows
+    give its returns back exactly (and an export re-imported gives the same store)."""
+    rewards = [0.1, 1 / 3, 2.7182818284, -0.7]
+    lines = [step_record("a", t, rew=r, last=t == 3) for t, r in enumerate(rewards)]
+    lines += [step_record("b", t, rew=r) for t, r in enumerate(rewards)]  # cut off: no final obs
+    spec = write_spec(tmp_path, [write_lines(tmp_path / "log.jsonl", lines)], discount=0.9)
+    s = open_store(build_store(spec, tmp_path / "out").path)
+    stored = np.asarray(rewards, dtype=np.float32).astype(np.float64)
+    ep = s.episode_table().to_pydict()
+    assert ep["return"] == [stored.sum(), stored.sum()]  # exactly, both episodes
+    assert ep["dropped_reward"] == [0.0, stored[-1]]
+    rtg = [sum(0.9 ** (j - t) * stored[j] for j in range(t, 4)) for t in range(4)]
+    want = np.asarray(rtg[:4] + rtg[:3], dtype=np.float32)
+    np.testing.assert_allclose(s.column("return_to_go"), want, rtol=1e-6)
+    exact = np.asarray(rewards, dtype=np.float64).sum()
+    assert ep["return"][0] != exact  # the float64 log sum differs: the test can tell
