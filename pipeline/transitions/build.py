@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -57,6 +57,7 @@ from pipeline.storage import (
     write_manifest,
 )
 from pipeline.transitions.chunks import (
+    BUCKET,
     BucketResult,
     BucketTask,
     BuildContext,
@@ -67,8 +68,11 @@ from pipeline.transitions.chunks import (
     bucket_run,
     bucket_transitions,
     episode_chunk,
+    group_transitions,
     load_bucket,
     step_chunk,
+    step_rows,
+    write_run,
 )
 from pipeline.transitions.episodes import Transitions
 from pipeline.transitions.layout import (
@@ -90,6 +94,9 @@ from pipeline.transitions.writer import (
     write_arrow_transitions,
     write_zarr,
 )
+
+if TYPE_CHECKING:
+    from pipeline.ray_engine import RayEngine
 
 DUPLICATE_EPISODE = "duplicate_episode"
 ENGINES = ("local", "ray")  # where the per-chunk functions run (pipeline.engine, ray_engine)
@@ -288,14 +295,16 @@ def _plan(
     """The context every task shares, and how many worker processes to use.
 
     step_per_line inputs over ``in_memory_bytes`` are spilled to hash buckets of about
-    ``bucket_bytes`` of parsed steps. A pool is started only for inputs of several chunks
+    ``bucket_bytes`` of parsed steps (on Ray, the buckets are the groups of its shuffle:
+    nothing is spilled here). A pool is started only for inputs of several chunks
     (and by default only for inputs of ``POOL_MIN_BYTES`` or more)."""
     est = sum(s.size * (5 if s.path.suffix in (".gz", ".zst") else 1) for s in sources)
     n_buckets, spill_dir = 1, None
     if spec.source.layout == "step_per_line" and est > opts.in_memory_bytes:
         n_buckets = max(1, min(256, math.ceil(est * 0.35 / opts.bucket_bytes)))
-        spill_dir = work / "spill"
-        spill_dir.mkdir(parents=True)
+        if opts.engine != "ray":
+            spill_dir = work / "spill"
+            spill_dir.mkdir(parents=True)
     workers = opts.workers
     if workers is None:
         cpus = default_workers()
@@ -419,16 +428,17 @@ def _read_steps(
     merge_rows: int,
 ) -> None:
     """step_per_line: read every chunk's steps (an episode's steps may be anywhere in the
-    inputs), then build whole episodes, one hash bucket of ids at a time."""
+    inputs), then build whole episodes, one hash bucket of ids at a time (on Ray: the
+    buckets are grouped by Ray Data, :func:`_group_on_ray`)."""
+    from pipeline.ray_engine import RayEngine
+
+    if isinstance(engine, RayEngine):
+        _group_on_ray(engine, tasks, sources, sink, quarantine, tally, merge_rows)
+        return
     steps = _Steps()
     for task, res in engine.map(step_chunk, tasks):
         src = sources[task.file_index]
-        tally.add(src, res)
-        quarantine.record_all(src, res.rejected)
-        for r in res.rejected:
-            if r.episode_id is not None:
-                why = f"{src.display}:{r.line}: {r.reason}: {r.detail}"
-                steps.rejected.setdefault(r.episode_id, why)
+        _take_chunk(src, res, quarantine, tally, steps.rejected)
         if res.steps is not None and len(res.steps):
             file_idx = np.full(len(res.steps), task.file_index, dtype=np.int64)
             steps.in_memory.append((res.steps, file_idx))
@@ -476,15 +486,9 @@ def _bucket_runs(
 ) -> list[ColumnFiles]:
     """Each spilled bucket built (by the engine) into a run of column files."""
     ctx = engine.context
-    ids = list(steps.rejected)
-    of_bucket = bucket_of(pl.Series(ids, dtype=pl.Utf8), ctx.n_buckets)
+    rejected = _rejected_by_bucket(steps.rejected, ctx.n_buckets)
     tasks = [
-        BucketTask(
-            b,
-            parts,
-            {i: steps.rejected[i] for i, ib in zip(ids, of_bucket.tolist()) if ib == b},
-            work / f"run-{b}",
-        )
+        BucketTask(b, parts, rejected[b], work / f"run-{b}")
         for b, parts in sorted(steps.spilled.items())
     ]
     runs: list[ColumnFiles] = []
@@ -495,10 +499,85 @@ def _bucket_runs(
     return runs
 
 
+def _take_chunk(
+    src: SourceFile,
+    info: ChunkInfo,
+    quarantine: Quarantine,
+    tally: _Tally,
+    rejected: dict[str, str],
+) -> None:
+    """A chunk's counts and rejected lines (chunks come in input order); ``rejected``: the
+    ids those lines name, each with the first line that rejected it."""
+    tally.add(src, info)
+    quarantine.record_all(src, info.rejected)
+    for r in info.rejected:
+        if r.episode_id is not None:
+            why = f"{src.display}:{r.line}: {r.reason}: {r.detail}"
+            rejected.setdefault(r.episode_id, why)
+
+
+def _rejected_by_bucket(rejected: dict[str, str], n_buckets: int) -> list[dict[str, str]]:
+    """The rejected ids (id -> why) of each bucket."""
+    out: list[dict[str, str]] = [{} for _ in range(n_buckets)]
+    ids = list(rejected)
+    for i, b in zip(ids, bucket_of(pl.Series(ids, dtype=pl.Utf8), n_buckets).tolist()):
+        out[b][i] = rejected[i]
+    return out
+
+
 def _take_bucket(res: BucketResult, quarantine: Quarantine, tally: _Tally) -> None:
     tally.counts.update(res.counts)
     for d in res.deferred:
         quarantine.defer(*d)
+
+
+def _group_on_ray(
+    engine: RayEngine[BuildContext],
+    tasks: Iterator[ChunkTask],
+    sources: list[SourceFile],
+    sink: ColumnSink,
+    quarantine: Quarantine,
+    tally: _Tally,
+    merge_rows: int,
+) -> None:
+    """step_per_line on Ray: the chunks' step rows stay in the object store, keyed by
+    bucket, while their infos come back here in input order (as :func:`_read_steps`
+    takes them); then Ray Data groups the rows by bucket and each bucket's episodes are
+    built on a worker by :func:`group_transitions` (:func:`bucket_transitions`, as the
+    local engine's buckets). The results are taken in bucket order, and the buckets'
+    transitions are appended or merged exactly as the local engine does, so the store is
+    the same: one bucket is appended whole; several are written here as runs and merged
+    in first-appearance order (:func:`_merge_runs`)."""
+    from pipeline.ray_engine import KeyedRows
+
+    ctx = engine.context
+    rows = KeyedRows(BUCKET)
+    rejected: dict[str, str] = {}
+    for task, info in engine.map_rows(step_rows, tasks, rows):
+        _take_chunk(sources[task.file_index], info, quarantine, tally, rejected)
+    by_bucket = dict(enumerate(_rejected_by_bucket(rejected, ctx.n_buckets)))
+    work = sink.directory.parent
+    results: dict[int, BucketResult] = {}
+    runs: dict[int, ColumnFiles] = {}
+    try:
+        groups = engine.map_groups(rows, group_transitions, by_bucket, ctx.n_buckets)
+        for b, res in groups:
+            assert res.transitions is not None
+            if ctx.n_buckets > 1:  # written as it comes: one bucket in memory at a time
+                runs[b] = write_run(ctx, res.transitions, work / f"run-{b}")
+                res.transitions = None
+            results[b] = res
+        for b in sorted(results):
+            _take_bucket(results[b], quarantine, tally)
+        if ctx.n_buckets == 1:
+            for res in results.values():
+                assert res.transitions is not None
+                sink.append(res.transitions, ctx.source_names)
+        else:
+            _merge_runs([runs[b] for b in sorted(runs)], sink, ctx.source_names, merge_rows)
+    finally:
+        for run in runs.values():
+            shutil.rmtree(run.directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- merge

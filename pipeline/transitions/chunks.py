@@ -12,7 +12,10 @@ task run twice writes the same bytes.
   spilled to one Arrow file per chunk holding one record batch per hash bucket of
   episode ids, so that a bucket holds whole episodes;
 * :func:`bucket_transitions` and :func:`bucket_run` (step_per_line): the transitions of
-  the episodes of one bucket, once every chunk has been read.
+  the episodes of one bucket, once every chunk has been read;
+* :func:`step_rows` and :func:`group_transitions` (step_per_line, for an engine that
+  groups rows by key itself, Ray Data's groupby): a chunk's checked steps as Arrow rows
+  with their bucket, and the transitions of one bucket's rows (:func:`bucket_transitions`).
 """
 
 from __future__ import annotations
@@ -242,10 +245,18 @@ def bucket_run(ctx: BuildContext, task: BucketTask) -> BucketResult:
     steps, file_idx = load_bucket(task.parts)
     result = bucket_transitions(ctx, steps, file_idx, task.rejected)
     assert result.transitions is not None
+    result.run = write_run(ctx, result.transitions, task.run_dir)
+    result.transitions = None
+    return result
+
+
+def write_run(ctx: BuildContext, tr: Transitions, run_dir: Path) -> ColumnFiles:
+    """A bucket's transitions as a run of column files in ``run_dir`` (no statistics or
+    digests: those are taken when the runs are merged into the store)."""
     lay = ctx.parser.layout
     discrete = ctx.spec.fields.action.type == "discrete"
     sink = ColumnSink(
-        task.run_dir,
+        run_dir,
         lay.obs_dim,
         discrete,
         lay.act_dim or 0,
@@ -253,14 +264,37 @@ def bucket_run(ctx: BuildContext, task: BucketTask) -> BucketResult:
         reward_names=tuple(name for name, _ in ctx.spec.fields.rewards),
     )
     try:
-        sink.append(result.transitions, ctx.source_names)
+        sink.append(tr, ctx.source_names)
     finally:
         sink.close()
-    result.transitions, result.run = None, sink.files()
-    return result
+    return sink.files()
+
+
+# --------------------------------------------------------------------------- grouped by the engine
+
+BUCKET = "bucket"  # step_rows: the column of each step's bucket (bucket_of its episode id)
+
+
+def step_rows(ctx: BuildContext, task: ChunkTask) -> tuple[pa.Table, ChunkInfo]:
+    """step_per_line, for an engine that groups rows by key itself: the chunk's checked
+    steps as Arrow rows (:func:`_steps_to_batch`, in line order) with their ``bucket``
+    column, and what else the chunk tells the build (its rejected lines, its counts)."""
+    steps, info = parse_chunk(ctx, as_chunk(task.chunk))
+    rows = pa.Table.from_batches([_steps_to_batch(steps, task.file_index)])
+    bucket = bucket_of(steps.episode_id, ctx.n_buckets)
+    return rows.append_column(BUCKET, pa.array(bucket, pa.int64())), info
+
+
+def group_transitions(ctx: BuildContext, rows: pa.Table, rejected: dict[str, str]) -> BucketResult:
+    """step_per_line: the transitions of the episodes whose steps are ``rows``: every
+    row of one bucket, from every chunk, in any order (:func:`bucket_transitions` orders
+    them by first appearance, then step). ``rejected``: as for :func:`bucket_transitions`."""
+    steps, file_idx = _batch_to_steps(rows)
+    return bucket_transitions(ctx, steps, file_idx, rejected)
 
 
 # --------------------------------------------------------------------------- spill format
+# (also the rows of step_rows; a group of them may come as a slice of a larger table)
 
 
 def _fixed(a: np.ndarray) -> pa.Array:
@@ -298,7 +332,7 @@ def _steps_to_batch(s: ParsedSteps, file_idx: int) -> pa.RecordBatch:
 def _to_np(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks()
     if pa.types.is_fixed_size_list(arr.type):
-        return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
     return arr.to_numpy(zero_copy_only=False)
 
 
@@ -309,7 +343,7 @@ def _batch_to_steps(t: pa.Table) -> tuple[ParsedSteps, np.ndarray]:
     if "fobs" in names:
         arr = t.column("fobs").combine_chunks()
         fobs_present = np.diff(arr.offsets.to_numpy()) > 0
-        fobs = arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        fobs = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         fobs = fobs.reshape(-1, obs.shape[1])
     steps = ParsedSteps(
         episode_id=pl.Series("_ep", t.column("ep").combine_chunks()).cast(pl.Utf8),

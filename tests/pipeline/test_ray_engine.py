@@ -6,6 +6,7 @@ The tests run on a local Ray cluster of 2 CPUs, started once for the module."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.arrowio import file_digest
+from pipeline.arrowio import file_digest, read_ipc
 from pipeline.format import QUARANTINE, BuildError
 from pipeline.sources import FileRange, SourceFile, iter_chunks, iter_ranges
+from pipeline.transitions.layout import EPISODES_ARROW, TRANSITIONS_ARROW
 
-from .conftest import build_store, episode_lines, run_cli, step_fields, write_lines, write_spec
-from .test_workers import CASES, _episode_corpus, _step_corpus
+from .conftest import (
+    build_store,
+    dumps,
+    episode_lines,
+    run_cli,
+    step_fields,
+    step_record,
+    write_lines,
+    write_spec,
+)
+from .test_workers import CASES, _episode, _episode_corpus, _step_corpus
 
 ray = pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]'")
 
@@ -182,3 +193,124 @@ def test_a_task_that_fails_is_one_line_naming_the_file(cluster: Path, tmp_path: 
         f"--engine ray: a build task failed: {path}: 1000 bytes expected at offset 0, "
         "9 read; the file changed during the build"
     )
+
+
+def _watch(root: Path) -> tuple[set[str], threading.Event, threading.Thread]:
+    """Every file seen under ``root`` (polled every 2 ms until the event is set), by its
+    path below the staging directory."""
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.002):
+            for dirpath, _dirs, files in os.walk(root):
+                for f in files:
+                    rel = Path(dirpath, f).relative_to(root).parts[1:]  # less the staging dir
+                    seen.add("/".join(rel))
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    return seen, stop, thread
+
+
+def _built_watched(spec: Path, out: Path, **options: Any) -> tuple[Any, set[str]]:
+    seen, stop, thread = _watch(out)
+    try:
+        result = build_store(spec, out, chunk_bytes=600, **options)
+    finally:
+        stop.set()
+        thread.join()
+    return result, seen
+
+
+def test_step_per_line_on_ray_spills_nothing_under_the_staging_directory(
+    cluster: Path, tmp_path: Path
+) -> None:
+    """On Ray the steps are grouped by Ray Data's shuffle, in its object store: the only
+    files of the build's work directory are the building process's own (the store's
+    columns, and each bucket's run before the merge). Watched the same way, the local
+    engine's spill files show up there."""
+    layout, options = CASES["step_per_line-spilled"]
+    spec = _corpus(tmp_path, layout)
+    local, seen_local = _built_watched(spec, tmp_path / "local", **options)
+    on_ray, seen_ray = _built_watched(spec, tmp_path / "ray", engine="ray", **options)
+    _same_store(local, on_ray)
+    assert any(p.startswith("_work/spill/chunk-") for p in seen_local), sorted(seen_local)
+    work = sorted(p for p in seen_ray if p.startswith("_work/"))
+    assert any(p.startswith("_work/run-") for p in work)  # the watch saw the runs
+    assert all(p.split("/")[1] == "final" or p.split("/")[1].startswith("run-") for p in work), work
+
+
+def _spread_corpus(rng: np.random.Generator) -> tuple[dict[str, list[bytes]], list[str]]:
+    """step_per_line records of 240 episodes (1 to 30 steps), each episode's records
+    scattered over four files in shuffled order, with faults: a bad record rejects an
+    episode whose other records are in other files and chunks."""
+    records: list[dict[str, Any]] = []
+    for e in range(240):
+        records += _episode(rng, f"ep-{e}", int(rng.integers(1, 31)))
+    for i in rng.choice(len(records), 6, replace=False):
+        records[int(i)]["rew"] = "bad"
+    records += [step_record("dup", 0), step_record("dup", 0), step_record("dup", 1, last=True)]
+    records += [step_record("gap", 0), step_record("gap", 2, last=True)]
+    lines = [dumps(r) for r in records] + [b"not json", b""]
+    names = ["a.jsonl", "b.jsonl", "c.jsonl.gz", "d.jsonl"]
+    files: dict[str, list[bytes]] = {name: [] for name in names}
+    for i in rng.permutation(len(lines)):
+        files[names[int(rng.integers(0, len(names)))]].append(lines[i])
+    ids = [str(r["ep"]) for r in records]
+    return files, ids
+
+
+def test_many_buckets_of_episodes_spread_over_files_and_chunks(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dozens of buckets, each a group of Ray Data's groupby holding steps from many
+    chunks of several files: the store is the local engine's, its episodes in order of
+    their first record (file, then line) and their steps in order."""
+    from pipeline.ray_engine import RayEngine
+
+    files, ids = _spread_corpus(np.random.default_rng(3))
+    where: dict[str, set[str]] = {}
+    for name, lines in files.items():
+        write_lines(tmp_path / "raw" / name, lines)
+        for line in lines:
+            for eid in set(ids):
+                if line.startswith(b'{"ep":"%s",' % eid.encode()):
+                    where.setdefault(eid, set()).add(name)
+    assert sum(len(v) >= 3 for v in where.values()) >= 100  # episodes really are spread
+    spec = write_spec(tmp_path, [tmp_path / "raw" / "*"], fields=step_fields())
+    options: dict[str, Any] = {
+        "chunk_bytes": 2000, "bucket_bytes": 300, "in_memory_bytes": 0, "merge_rows": 37,
+    }  # fmt: skip
+    groups: list[int] = []
+    map_groups = RayEngine.map_groups
+
+    def counted(self: Any, *args: Any) -> Iterator[tuple[int, Any]]:
+        for k, res in map_groups(self, *args):
+            groups.append(k)
+            yield k, res
+
+    monkeypatch.setattr(RayEngine, "map_groups", counted)
+    local = build_store(spec, tmp_path / "local", **options)
+    on_ray = build_store(spec, tmp_path / "ray", engine="ray", **options)
+    _same_store(local, on_ray)
+    assert len(groups) == len(set(groups)) >= 64, len(groups)
+    counts = on_ray.manifest["counts"]
+    assert counts["episodes"] >= 200 and counts["records_quarantined"] >= 10, counts
+    names = [s["path"] for s in on_ray.manifest["sources"]]
+    eps = read_ipc(on_ray.path / EPISODES_ARROW).to_pydict()
+    first = [(names.index(f), ln) for f, ln in zip(eps["source_file"], eps["source_line"])]
+    assert first == sorted(first) and len(set(first)) == len(first)
+    steps = read_ipc(on_ray.path / TRANSITIONS_ARROW).column("step").to_numpy()
+    for start, n in zip(eps["start"], eps["length"]):
+        assert steps[start : start + n].tolist() == list(range(n))
+
+
+def test_a_killed_worker_of_a_step_per_line_build_is_retried(cluster: Path, tmp_path: Path) -> None:
+    layout, options = CASES["step_per_line-spilled"]
+    spec = _corpus(tmp_path, layout)
+    local = build_store(spec, tmp_path / "local", chunk_bytes=600, **options)
+    cluster.write_text("armed")
+    on_ray = build_store(spec, tmp_path / "ray", chunk_bytes=600, engine="ray", **options)
+    assert not cluster.exists()  # a worker took the file and was killed
+    _same_store(local, on_ray)
