@@ -483,30 +483,45 @@ class _Bad(Exception):
 
 @dataclass
 class _Episode:
-    obs: np.ndarray  # (N + 1, obs_dim) float64 until checked
+    obs: np.ndarray  # (N + 1, obs_dim), in the file's dtype until checked
     act: np.ndarray  # (N,) int64 or (N, act_dim)
-    rew: np.ndarray  # (N,) float64
+    rew: np.ndarray  # (N,)
     term: np.ndarray  # (N,) bool
     trunc: np.ndarray  # (N,) bool
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _matrix(col: Any, rows: int, width: int, what: str) -> np.ndarray:
-    """(rows, width) float64 of an Arrow (fixed-size) list column or a numeric column."""
+def _numbers(arr: Any, what: str) -> np.ndarray:
+    """A primitive Arrow array without nulls as NumPy, viewed from its buffers (no copy;
+    pyarrow's own ``to_numpy`` would import pandas)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+
+    t = arr.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise _Bad(UNREADABLE_EPISODE, f"{what}: values of type {t}, expected numbers")
+    if arr.null_count:
+        raise _Bad(UNREADABLE_EPISODE, f"{what} has {arr.null_count} missing values")
+    data = arr.buffers()[1]
+    if pa.types.is_boolean(t):
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        return bits[arr.offset : arr.offset + len(arr)].astype(bool)
+    dt = np.dtype(t.to_pandas_dtype())
+    return np.frombuffer(data, dtype=dt, count=len(arr), offset=arr.offset * dt.itemsize)
+
+
+def _matrix(col: Any, rows: int, width: int, what: str) -> np.ndarray:
+    """(rows, width) in its own dtype: an Arrow (fixed-size) list column or a numeric one."""
+    import pyarrow as pa
 
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if arr.null_count:
         raise _Bad(UNREADABLE_EPISODE, f"{what} has {arr.null_count} missing values")
     if pa.types.is_fixed_size_list(arr.type) or pa.types.is_list(arr.type):
-        flat = pc.list_flatten(arr)
-    else:
-        flat = arr
-    values = flat.to_numpy(zero_copy_only=False)
+        arr = arr.flatten()
+    values = _numbers(arr, what)
     if values.size != rows * width:
         raise _Bad(WRONG_LENGTH, f"{what}: {values.size} values for {rows} rows of {width}")
-    return np.asarray(values, dtype=np.float64).reshape(rows, width)
+    return values.reshape(rows, width)
 
 
 def _read_arrow(path: Path, backend: str, lay: Layout, space_keys: tuple[str, ...]) -> _Episode:
@@ -570,8 +585,8 @@ def _read_arrow(path: Path, backend: str, lay: Layout, space_keys: tuple[str, ..
     else:
         act = _matrix(table.column("actions"), rows, lay.act_dim, "actions")[:n]
     rew = _matrix(table.column("rewards"), rows, 1, "rewards")[:n, 0]
-    term = table.column("terminations").to_numpy()[:n].astype(bool)
-    trunc = table.column("truncations").to_numpy()[:n].astype(bool)
+    term = _matrix(table.column("terminations"), rows, 1, "terminations")[:n, 0].astype(bool)
+    trunc = _matrix(table.column("truncations"), rows, 1, "truncations")[:n, 0].astype(bool)
     return _Episode(obs, act, rew, term, trunc, meta)
 
 
@@ -739,7 +754,7 @@ class _Read:
                 if self.act
                 else empty_act
             ),
-            rew=np.concatenate(self.rew) if self.rew else np.zeros(0),
+            rew=np.concatenate(self.rew).astype(np.float64) if self.rew else np.zeros(0),
             term=np.concatenate(self.term) if self.term else np.zeros(0, bool),
             trunc=np.concatenate(self.trunc) if self.trunc else np.zeros(0, bool),
             end=None,

@@ -29,6 +29,7 @@ from pipeline.transitions.parse import (
     UNBOOTSTRAPPABLE,
     ParsedSteps,
 )
+from pipeline.transitions.stats import ChunkStats, chunk_stats
 
 _BLOCK = 32
 
@@ -123,6 +124,7 @@ class Transitions:
     # the spec's named rewards (fields.rewards), in its order; None when it has none
     named_reward: np.ndarray | None = None  # (N, K) float32
     ep_dropped_named: np.ndarray | None = None  # (E, K) float64, as ep_dropped_reward
+    stats: ChunkStats | None = None  # the rows' statistics (None: the sink works them out)
 
     def __len__(self) -> int:
         return len(self.step)
@@ -378,4 +380,7 @@ def build_transitions(
         (ends.terminated & ~ends.has_final & ok_ep).sum()
     )
     c["transitions"] += len(tr)
+    tr.stats = chunk_stats(
+        tr.observation, tr.action, tr.reward, tr.return_to_go, tr.named_reward
+    )  # here, in the worker that built the chunk: the building process only merges them
     return tr

@@ -33,6 +33,9 @@ import pyarrow as pa
 from data_specs.schema import reward_column
 from pipeline.transitions.episodes import Transitions
 from pipeline.transitions.layout import TRANSITION_PARTS, part_file
+from pipeline.transitions.stats import RunningStats, chunk_stats
+
+__all__ = ["ColumnSink", "RunningStats"]
 
 COPY_ROWS = 1 << 16
 
@@ -45,57 +48,6 @@ class ColumnInfo:
     name: str
     dtype: np.dtype
     width: int  # 0: one value per row; >0: fixed-size list of this width
-
-
-@dataclass
-class RunningStats:
-    """Per-feature mean/std/min/max in float64, merged batch by batch (Chan et al.)."""
-
-    n: int = 0
-    mean: np.ndarray | None = None
-    m2: np.ndarray | None = None
-    lo: np.ndarray | None = None
-    hi: np.ndarray | None = None
-
-    def update(self, x: np.ndarray) -> None:
-        if len(x) == 0:
-            return
-        if x.ndim == 1:
-            x = x[:, None]
-        nb = len(x)
-        lo, hi = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
-        xd = x.astype(np.float64)
-        mb = xd.mean(axis=0)
-        np.subtract(xd, mb, out=xd)
-        np.square(xd, out=xd)
-        m2b = xd.sum(axis=0)
-        if self.mean is None or self.m2 is None or self.lo is None or self.hi is None:
-            self.n, self.mean, self.m2, self.lo, self.hi = nb, mb, m2b, lo, hi
-            return
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * nb / n
-        self.m2 = self.m2 + m2b + delta**2 * self.n * nb / n
-        self.n = n
-        self.lo = np.minimum(self.lo, lo)
-        self.hi = np.maximum(self.hi, hi)
-
-    def to_dict(self, scalar: bool = False) -> dict[str, Any]:
-        if self.mean is None or self.m2 is None or self.lo is None or self.hi is None:
-            return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
-        std = np.sqrt(self.m2 / max(self.n, 1))
-
-        def out(a: np.ndarray) -> Any:
-            v = [float(x) for x in a]
-            return v[0] if scalar else v
-
-        return {
-            "count": self.n,
-            "mean": out(self.mean),
-            "std": out(std),
-            "min": out(self.lo),
-            "max": out(self.hi),
-        }
 
 
 def _str_parts(s: pl.Series) -> tuple[np.ndarray, bytes]:
@@ -190,13 +142,18 @@ class ColumnSink:
         self._files["episode_id.utf8"].write(blob)
         if self.track:
             self._hash["episode_id"].update_bytes(blob)
-            self.obs_stats.update(tr.observation)
+            st = tr.stats  # summarised where the chunk was built (stats.chunk_stats)
+            if st is None:
+                st = chunk_stats(
+                    tr.observation, tr.action, tr.reward, tr.return_to_go, tr.named_reward
+                )
+            self.obs_stats.merge(st.observation)
             if not self.discrete:
-                self.act_stats.update(tr.action)
-            self.reward_stats.update(tr.reward)
-            self.rtg_stats.update(tr.return_to_go)
+                self.act_stats.merge(st.action)
+            self.reward_stats.merge(st.reward)
+            self.rtg_stats.merge(st.return_to_go)
             for k, name in enumerate(self.reward_names):
-                self.named_stats[name].update(named[:, k])
+                self.named_stats[name].merge(st.named[k])
         starts = self.rows + np.concatenate([[0], np.cumsum(tr.ep_length)[:-1]]).astype(np.int64)
         dropped_named = tr.ep_dropped_named
         if dropped_named is None:
