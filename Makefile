@@ -89,6 +89,7 @@ bench: data
 	$(PYTHON) scripts/bench_sampler.py
 	$(PYTHON) scripts/bench_parts.py
 	$(PYTHON) scripts/bench_minari_export.py
+	$(PYTHON) scripts/bench_minari_import.py
 	$(PYTHON) scripts/bench_train.py
 	$(PYTHON) scripts/bench_ddp.py
 	$(PYTHON) scripts/bench_qa.py

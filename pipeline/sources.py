@@ -130,13 +130,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def dir_sha256(root: Path) -> str:
+def dir_sha256(root: Path, files: list[Path] | None = None) -> str:
     """sha256 of a directory source (a Minari dataset): over every file under ``root/data``
-    (or ``root``), in order of relative path, each file's path, size and bytes."""
+    (or ``root``), in order of relative path, each file's path, size and bytes (``files``:
+    that listing, when the caller has it)."""
     data = root / "data" if (root / "data").is_dir() else root
-    files = sorted(
-        (p for p in data.rglob("*") if p.is_file()), key=lambda p: p.relative_to(data).as_posix()
-    )
+    if files is None:
+        files = [p for p in data.rglob("*") if p.is_file()]
+    files = sorted(files, key=lambda p: p.relative_to(data).as_posix())
     h = hashlib.sha256()
     for f in files:
         rel = f.relative_to(data).as_posix().encode()

@@ -188,13 +188,17 @@ class MinariDir:
     action_space: Space
     name: str  # its dataset_id, or its directory's name
 
+    _files: list[Path] | None = None
+
     @property
     def files(self) -> list[Path]:
-        """Every file under data/, sorted by relative path."""
-        return sorted(
-            (p for p in self.data.rglob("*") if p.is_file()),
-            key=lambda p: p.relative_to(self.data).as_posix(),
-        )
+        """Every file under data/, sorted by relative path (listed once)."""
+        if self._files is None:
+            self._files = sorted(
+                (p for p in self.data.rglob("*") if p.is_file()),
+                key=lambda p: p.relative_to(self.data).as_posix(),
+            )
+        return self._files
 
 
 def datasets_path() -> Path:

@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,13 +235,20 @@ def _build_into(
     t0 = time.perf_counter()
     raw_spec_sha = spec.sha256()
     minari_tasks: list[MinariTask] = []
+    hashes: dict[int, Future[str]] = {}
     if datasets is not None:
         from pipeline.interchange import minari_import
 
         spec = minari_import.resolve_spec(spec, datasets)
-        for s in sources:
-            if s.sha256 is None:
-                s.sha256 = dir_sha256(s.path)
+        # the datasets are hashed on a thread while their episodes are read (hashlib lets
+        # go of the GIL): the manifest needs the hashes only once the store is written
+        hashing = ThreadPoolExecutor(1, thread_name_prefix="hash-datasets")
+        hashes = {
+            s.index: hashing.submit(dir_sha256, s.path, datasets[s.index].files)
+            for s in sources
+            if s.sha256 is None
+        }
+        hashing.shutdown(wait=False)
         minari_tasks = minari_import.plan_tasks(datasets, spec, opts.chunk_bytes)
     else:
         try:
@@ -276,6 +284,8 @@ def _build_into(
                 _read_steps(engine, tasks, sources, sink, quarantine, tally, opts.merge_rows)
         finally:
             sink.close()
+    for i, fut in hashes.items():
+        sources[i].sha256 = fut.result()
     quarantine.finish(staging / QUARANTINE)
     _check_outcome(spec, spec_path, sources, sink, quarantine, max_bad_fraction, staging, out)
     manifest = _write_store(
