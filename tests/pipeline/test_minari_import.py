@@ -313,3 +313,18 @@ def test_inspect_says_what_an_import_would_read_without_building(
     assert proc.returncode == 0, proc.stderr
     assert "action          Text" in proc.stdout
     assert "cannot import" in proc.stdout and "Text spaces are not supported" in proc.stdout
+
+
+def test_the_ray_engine_imports_the_same_store(minari_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]'")
+    ds = tmp_path / "bad-v0"
+    shutil.copytree(minari_root / "test/pendulum-parquet-v0", ds)
+    shutil.rmtree(ds / "data" / "2")  # a quarantined episode too
+    sp = spec(tmp_path, ds)
+    local = build_store(sp, tmp_path / "local", chunk_bytes=4000)  # several tasks
+    on_ray = build_store(sp, tmp_path / "ray", chunk_bytes=4000, engine="ray")
+    assert on_ray.manifest["build_engine"] == "ray"
+    for key in ("content_hash", "column_digests", "counts", "statistics"):
+        assert on_ray.manifest[key] == local.manifest[key], key
+    assert quarantine_records(on_ray.path) == quarantine_records(local.path)
+    assert [r["reason"] for r in quarantine_records(local.path)] == ["missing_episode"]
