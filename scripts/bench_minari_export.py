@@ -35,52 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_episodes import ACT, OBS, SPEC, write_episodes  # noqa: E402
 
 from pipeline.build import build  # noqa: E402
 from pipeline.interchange.minari_export import export as minari_export  # noqa: E402
 from pipeline.interchange.minari_export import spaces, write_dataset  # noqa: E402
 from pipeline.store import TransitionStore, open_store  # noqa: E402
 
-OBS, ACT = 17, 6
 TARGET = 3.0
-
-SPEC = """
-name: bench-minari
-source: {{paths: ["{path}"], layout: episode_per_line, episode_key: episode, steps_key: steps}}
-fields:
-  observation: {{path: obs, shape: [{obs}]}}
-  action: {{path: act, type: continuous, shape: [{act}], low: -1.0, high: 1.0}}
-  reward: {{path: rew}}
-  terminated: {{path: terminal}}
-  truncated: {{path: timeout}}
-  final_observation: {{path: last_obs}}
-store: {{format: arrow, discount: 0.99}}
-"""
-
-
-def write_input(path: Path, n_steps: int, ep_len: int, seed: int = 0) -> None:
-    """Episodes of ``ep_len`` steps, one per line: every third terminated, the others
-    truncated, one in ten of those with no final observation (its last step is dropped)."""
-    rng = np.random.default_rng(seed)
-    with path.open("wb") as f:
-        for e in range(max(1, n_steps // ep_len)):
-            obs = np.round(rng.normal(size=(ep_len + 1, OBS)), 4).tolist()
-            act = np.round(np.clip(rng.normal(size=(ep_len, ACT)), -1, 1), 4).tolist()
-            rew = np.round(rng.normal(size=ep_len), 4).tolist()
-            term = e % 3 == 0
-            steps = [
-                {"obs": obs[t], "act": act[t], "rew": rew[t], "terminal": term and t == ep_len - 1,
-                 "timeout": not term and t == ep_len - 1}
-                for t in range(ep_len)
-            ]  # fmt: skip
-            line: dict[str, Any] = {"episode": f"ep-{e:06d}", "steps": steps}
-            if term or e % 10 != 1:
-                line["last_obs"] = obs[-1]
-            f.write(orjson.dumps(line))
-            f.write(b"\n")
 
 
 class Replay:
@@ -177,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         data = work / "steps.jsonl"
-        write_input(data, args.steps, ep_len)
+        write_episodes(data, args.steps, ep_len, cut_off_every=10)
         spec = work / "bench-minari.yaml"
-        spec.write_text(SPEC.format(path=data, obs=OBS, act=ACT))
+        spec.write_text(SPEC.format(name="bench-minari", path=data, store_extra=""))
         store_path = build(spec, work / "stores", progress=False, force=True).path
         store = open_store(store_path)
         replay = Replay(store)

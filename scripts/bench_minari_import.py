@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minari_export import ACT, OBS, SPEC, write_input  # noqa: E402
+from bench_episodes import ACT, OBS, SPEC, write_episodes  # noqa: E402
 
 from data_specs.schema import load_spec  # noqa: E402
 from pipeline.build import build  # noqa: E402
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        write_input(work / "steps.jsonl", args.steps, ep_len)
+        write_episodes(work / "steps.jsonl", args.steps, ep_len, cut_off_every=10)
         spec = work / "bench-minari.yaml"
-        spec.write_text(SPEC.format(path=work / "steps.jsonl", obs=OBS, act=ACT))
+        spec.write_text(SPEC.format(name="bench-minari", path=work / "steps.jsonl", store_extra=""))
         source = build(spec, work / "stores", progress=False, force=True).path
         dataset = work / "bench-v0"
         export(source, dataset, force=True)

@@ -33,10 +33,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_episodes import ACT, OBS, SPEC, write_episodes  # noqa: E402
 
 from pipeline.build import build  # noqa: E402
 from pipeline.store import PartedColumn, open_store  # noqa: E402
@@ -47,45 +49,14 @@ from trainer.samplers import (  # noqa: E402
     split_episodes,
 )
 
-OBS, ACT, BATCH = 17, 6, 256
+BATCH = 256
 TARGET = 1.5
-
-SPEC = """
-name: {name}
-source: {{paths: ["{path}"], layout: episode_per_line, episode_key: episode, steps_key: steps}}
-fields:
-  observation: {{path: obs, shape: [{obs}]}}
-  action: {{path: act, type: continuous, shape: [{act}], low: -1.0, high: 1.0}}
-  reward: {{path: rew}}
-  terminated: {{path: terminal}}
-  truncated: {{path: timeout}}
-  final_observation: {{path: last_obs}}
-store: {{format: arrow, discount: 0.99{parts}}}
-"""
-
-
-def write_input(path: Path, n_steps: int, ep_len: int, seed: int = 0) -> None:
-    """Episodes of ``ep_len`` steps, one per line; every third one terminated."""
-    rng = np.random.default_rng(seed)
-    with path.open("wb") as f:
-        for e in range(max(1, n_steps // ep_len)):
-            obs = np.round(rng.normal(size=(ep_len + 1, OBS)), 4).tolist()
-            act = np.round(np.clip(rng.normal(size=(ep_len, ACT)), -1, 1), 4).tolist()
-            rew = np.round(rng.normal(size=ep_len), 4).tolist()
-            term = e % 3 == 0
-            steps = [
-                {"obs": obs[t], "act": act[t], "rew": rew[t], "terminal": term and t == ep_len - 1,
-                 "timeout": not term and t == ep_len - 1}
-                for t in range(ep_len)
-            ]  # fmt: skip
-            f.write(orjson.dumps({"episode": f"ep-{e:06d}", "steps": steps, "last_obs": obs[-1]}))
-            f.write(b"\n")
 
 
 def build_store(work: Path, data: Path, name: str, part_rows: int | None) -> Path:
     spec = work / f"{name}.yaml"
     parts = "" if part_rows is None else f", part_rows: {part_rows}"
-    spec.write_text(SPEC.format(name=name, path=data, obs=OBS, act=ACT, parts=parts))
+    spec.write_text(SPEC.format(name=name, path=data, store_extra=parts))
     return build(spec, work / "stores", progress=False).path
 
 
@@ -136,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         data = work / "steps.jsonl"
-        write_input(data, args.transitions, ep_len)
+        write_episodes(data, args.transitions, ep_len)
         n = max(1, args.transitions // ep_len) * ep_len
         part_rows = math.ceil(n / args.parts)
         stores = {

@@ -60,10 +60,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.arrowio import read_manifest
 from pipeline.format import StoreError
-from pipeline.store import TransitionStore, open_store
-from pipeline.transitions.layout import KIND
+from pipeline.interchange.common import open_verified_transitions
+from pipeline.store import TransitionStore
 
 # d3rlpy.dataset.io.DATASET_VERSION of the layout written here (checked by the tests)
 DATASET_VERSION = "2.1"
@@ -129,21 +128,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 def _open_verified(path: Path) -> TransitionStore:
     """The store at ``path``, refused unless it is a transition store that verifies."""
-    from pipeline.verify import verify
-
-    kind = read_manifest(path).get("kind")
-    if kind != KIND:
-        raise StoreError(
-            f"{path}: a {kind} store; --to d3rlpy exports transition stores (--to hf takes any kind)"
-        )
-    problems = verify(path)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise StoreError(
-            f"{path}: does not verify, not exported: {problems[0]}{more}; "
-            f"see python -m pipeline.verify {path}"
-        )
-    store = open_store(path)
+    store = open_verified_transitions(path, "d3rlpy")
     if store.n_episodes == 0:
         raise StoreError(f"{path}: holds no episode; d3rlpy cannot load an empty dataset")
     return store

@@ -50,6 +50,7 @@ import yaml
 
 from pipeline.arrowio import read_ipc, read_manifest
 from pipeline.format import SPEC_COPY, StoreError
+from pipeline.interchange.common import check_verifies
 
 INSTALL_HINT = 'pip install -e ".[hf]"'
 FORMATS = ("arrow", "parquet")
@@ -631,14 +632,7 @@ def export(
         import datasets  # noqa: F401
     except ImportError:
         raise StoreError(f"--to hf needs the `datasets` package: {INSTALL_HINT}") from None
-    from pipeline.verify import verify
-
-    problems = verify(store)
-    if problems:
-        raise StoreError(
-            f"{store}: does not verify ({len(problems)} problem(s), first: {problems[0]}); "
-            f"see `python -m pipeline.verify {store}` and rebuild with --force"
-        )
+    check_verifies(store)
     built = EXPORTS[kind](store, manifest)
     _check_names(built, store)
 

@@ -68,10 +68,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.arrowio import read_manifest
 from pipeline.format import StoreError
-from pipeline.store import TransitionStore, open_store
-from pipeline.transitions.layout import KIND
+from pipeline.interchange.common import open_verified_transitions
+from pipeline.store import TransitionStore
 
 # Minari's storage backends (minari.dataset._storages): --format values
 BACKENDS = ("arrow", "hdf5", "parquet")
@@ -170,22 +169,7 @@ def _import_minari(file_format: str) -> Any:
 
 
 def _open_verified(path: Path) -> TransitionStore:
-    manifest = read_manifest(path)
-    if manifest.get("kind") != KIND:
-        raise StoreError(
-            f"{path}: a {manifest.get('kind')} store; --to minari exports transition stores "
-            "(--to hf exports every kind)"
-        )
-    from pipeline.verify import verify
-
-    problems = verify(path)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise StoreError(
-            f"{path}: the store does not verify, so it is not exported: {problems[0]}{more}; "
-            f"see `python -m pipeline.verify {path}`"
-        )
-    return open_store(path)
+    return open_verified_transitions(path, "minari")
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -375,7 +375,7 @@ def test_user_errors_are_one_line_and_write_nothing(
     data = bytearray((broken / "transitions.arrow").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (broken / "transitions.arrow").write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="does not verify, not exported"):
+    with pytest.raises(StoreError, match="does not verify, so it is not exported"):
         d3rlpy_export.export(broken, out)
     assert not out.exists()
 
