@@ -844,9 +844,12 @@ def minari_chunk(ctx: BuildContext, task: MinariTask) -> EpisodeChunk:
 
 
 def is_dataset(path: str | Path) -> bool:
-    """Whether ``path`` is a Minari dataset directory (or its data/ directory)."""
+    """Whether ``path`` is a Minari dataset directory (or its data/ directory), or the id of
+    one under MINARI_DATASETS_PATH (when no such path exists)."""
     p = Path(path)
-    return (p / "data" / METADATA).is_file() or (p.name == "data" and (p / METADATA).is_file())
+    if (p / "data" / METADATA).is_file() or (p.name == "data" and (p / METADATA).is_file()):
+        return True
+    return not p.exists() and (datasets_path() / str(path) / "data" / METADATA).is_file()
 
 
 def _space_text(raw: Any) -> str:

@@ -5,7 +5,9 @@ recorded, in each of its three storage backends."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -307,6 +309,14 @@ def test_inspect_says_what_an_import_would_read_without_building(
     assert "observation dim 4, the Dict flattened in the order cart (2), pole (2)" in out
     assert "discrete actions, n 2" in out and "env             CartPole-v1" in out
     assert list(ds.iterdir()) == [ds / "data"]  # nothing built or written
+
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(minari_root)}  # a dataset id works too
+    by_id = subprocess.run(
+        [sys.executable, "-m", "pipeline.inspect", "test/dict-parquet-v0"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert by_id.returncode == 0, by_id.stderr
+    assert "backend         parquet" in by_id.stdout and "3 listed, 3 with data" in by_id.stdout
 
     odd = _with_space(minari_root, tmp_path / "x", "action_space", {"type": "Text"})
     proc = run_cli("pipeline.inspect", odd)
