@@ -35,6 +35,7 @@ from pipeline.transitions.store import TransitionStore
 from pipeline.transitions.writer import (
     COPY_ROWS,
     ColumnInfo,
+    arrow_string_parts,
     column_hasher,
     combine_digests,
     episodes_digest,
@@ -72,16 +73,6 @@ def _column_infos(store: TransitionStore) -> list[ColumnInfo]:
     ]
 
 
-def _string_parts(arr: pa.Array) -> tuple[np.ndarray, bytes]:
-    """(int32 byte length of each value, their UTF-8 bytes back to back) of a string array."""
-    wide = pa.types.is_large_string(arr.type)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if wide else np.int32)
-    offsets = offsets[arr.offset : arr.offset + len(arr) + 1]
-    data = arr.buffers()[2]
-    blob = b"" if data is None else data.to_pybytes()[int(offsets[0]) : int(offsets[-1])]
-    return np.diff(offsets).astype(np.int32), blob
-
-
 def column_digests(store: TransitionStore) -> dict[str, str]:
     """The per-column digests, recomputed from the store's data, as the builder takes them."""
     out: dict[str, str] = {}
@@ -90,7 +81,7 @@ def column_digests(store: TransitionStore) -> dict[str, str]:
         h = column_hasher(c)
         for start, stop in _ranges(n, COPY_ROWS):
             if c.name == "episode_id":
-                lengths, blob = _string_parts(store.episode_id_slice(start, stop))
+                lengths, blob = arrow_string_parts(store.episode_id_slice(start, stop))
                 h.update(lengths)
                 h.update_bytes(blob)
             else:
@@ -435,7 +426,9 @@ def _count_problems(store: TransitionStore, e: _Episodes) -> list[str]:
 
 def part_problems(store: Path, manifest: dict[str, Any]) -> list[str]:
     """A parted store's parts, each on its own (their bytes are checked as data files):
-    listed in order with their digests, cut every ``part_rows`` rows, each ONE record
+    listed in order with their digests, each of 1 to ``part_rows`` rows (the manifest's
+    rows of each part, which add up to the store's, say where the parts cut; the local
+    engine cuts every ``part_rows``, a Ray build where its tasks end), each ONE record
     batch of the rows and the schema the manifest says, and no other part file beside
     them. The rows across parts are then checked as one table, episodes that go on in
     the next part included."""
@@ -462,11 +455,10 @@ def part_problems(store: Path, manifest: dict[str, Any]) -> list[str]:
         elif name not in data_files:
             problems.append(f"{store / name}: not among the manifest's data_files (no digest)")
         rows = part.get("rows")
-        last = k == len(parts) - 1
-        if not isinstance(rows, int) or not (1 <= rows <= part_rows if last else rows == part_rows):
+        if not isinstance(rows, int) or not 1 <= rows <= part_rows:
             problems.append(
-                f"{store / str(name)}: manifest says {rows} rows; parts hold part_rows "
-                f"({part_rows}) rows each, the last one 1 to {part_rows}"
+                f"{store / str(name)}: manifest says {rows} rows; a part holds 1 to "
+                f"part_rows ({part_rows}) rows"
             )
     total = sum(part["rows"] for part in parts if isinstance(part.get("rows"), int))
     if total != manifest["counts"]["transitions"]:

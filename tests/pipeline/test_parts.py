@@ -548,12 +548,13 @@ def test_a_manifest_whose_parts_do_not_add_up(tmp_path: Path) -> None:
     problems = verify(store)
     assert any(part_file(0) in p and "manifest says 5 rows" in p for p in problems), problems
     assert any("add up to" in p for p in problems), problems
-    # a short part before the last one, the total unchanged: parts are cut every part_rows
+    # a part over part_rows, the total unchanged
     m[PARTS_KEY]["parts"][0]["rows"] = 4
-    m[PARTS_KEY]["parts"][1]["rows"] = 3
-    m[PARTS_KEY]["parts"][-1]["rows"] += 1
+    m[PARTS_KEY]["parts"][1]["rows"] = 5
+    m[PARTS_KEY]["parts"][-1]["rows"] -= 1
     (store / MANIFEST).write_text(json.dumps(m), encoding="utf-8")
-    one_problem(store, part_file(1), "manifest says 3 rows", "part_rows (4) rows each")
+    problems = verify(store)
+    assert any(part_file(1) in p and "a part holds 1 to part_rows (4)" in p for p in problems)
     # a manifest whose parts are not a list of {file, rows}: one line, no traceback
     m[PARTS_KEY]["parts"] = ["transitions/part-00000.arrow"]
     (store / MANIFEST).write_text(json.dumps(m), encoding="utf-8")
@@ -561,3 +562,51 @@ def test_a_manifest_whose_parts_do_not_add_up(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="transition_parts lists no parts"):
         open_store(store)
     assert_one_error_line(run_cli("pipeline.inspect", store), "transition_parts")
+
+
+def recut_parts(store: Path, sizes: list[int]) -> None:
+    """Write the store's rows again as parts of ``sizes`` rows, with a manifest to match
+    (as a Ray build cuts them: where its tasks end)."""
+    m = json.loads((store / MANIFEST).read_text(encoding="utf-8"))
+    whole = pa.concat_tables([read_part(store, k) for k in range(len(m[PARTS_KEY]["parts"]))])
+    assert sum(sizes) == whole.num_rows
+    for f in (store / TRANSITION_PARTS).iterdir():
+        del m["data_files"][f"{TRANSITION_PARTS}/{f.name}"]
+        f.unlink()
+    parts, start = [], 0
+    for k, n in enumerate(sizes):
+        path = store / part_file(k)
+        write_arrow_table(whole.slice(start, n).combine_chunks(), path)
+        m["data_files"][part_file(k)] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+        parts.append({"file": part_file(k), "rows": n})
+        start += n
+    m[PARTS_KEY]["parts"] = parts
+    (store / MANIFEST).write_text(json.dumps(m), encoding="utf-8")
+
+
+def test_parts_of_unequal_rows_anywhere_are_a_store(tmp_path: Path) -> None:
+    """Parts of 1 to part_rows rows, short ones before the last, read and verify as the
+    store cut every part_rows; a gather across them is the plain loop's."""
+    store = make_parted(tmp_path)
+    even = TransitionStore(store)
+    n = len(even)
+    sizes: list[int] = []
+    for k in range(n):  # 1, 4, 2, 3, 1, 4, ... then what is left
+        take = min((1, 4, 2, 3)[k % 4], n - sum(sizes))
+        if take == 0:
+            break
+        sizes.append(take)
+    assert len(set(sizes)) >= 3 and sizes[-1] >= 1
+    recut_parts(store, sizes)
+    assert verify(store) == []
+    uneven = TransitionStore(store)
+    np.testing.assert_array_equal(uneven.part_starts, np.cumsum([0, *sizes]))
+    assert_same_table(even, uneven)
+    rows = np.random.default_rng(0).integers(0, n, 64)
+    for name in NUMERIC:
+        col = getattr(uneven, name)
+        assert isinstance(col, PartedColumn) and len(col.parts) == len(sizes)
+        loop = np.array([np.asarray(col)[int(r)] for r in rows])
+        np.testing.assert_array_equal(col[rows], loop, err_msg=name)
+    recut_parts(store, [sizes[0] + sizes[1], *sizes[2:]])  # a first part of 5 rows
+    assert any(part_file(0) in p and "1 to part_rows (4)" in p for p in verify(store))
