@@ -25,8 +25,17 @@ transitions as a run and merges the runs in first-appearance order, as the local
 does. Workers read only their input ranges and never need the building process's disk:
 nothing of a build passes through files on a shared filesystem.
 
+With ``store.part_rows: N`` (JSONL inputs), the tasks write the store's transitions
+themselves: each task that builds transitions writes them as parts of at most N rows under
+the staging directory (:meth:`pipeline.transitions.chunks.BuildContext.write_parts`) and
+returns only their episodes, statistics and counts; the building process renames the parts
+in task order and reads them back to hash them (:mod:`pipeline.transitions.build`). Those
+builds need the staging directory on a filesystem the workers mount at the same path.
+
 A worker that dies (killed, out of memory) has its task retried by Ray; the functions
-are pure (a ``step_per_line`` task returns the same rows again), so the store is the same.
+are pure (a ``step_per_line`` task returns the same rows again; a task that writes parts
+writes the same bytes under the same names, each file whole or not at all), so the store
+is the same.
 
 Ray is an extra: ``pip install -e ".[ray]"`` (``make setup`` installs it).
 """

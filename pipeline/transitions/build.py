@@ -6,7 +6,9 @@ transitions are built, by the pure per-chunk functions of
 :mod:`pipeline.transitions.chunks`, in this process or in worker processes
 (:mod:`pipeline.engine`; ``workers``). The results come back in input order and are
 appended to per-column files in a staging directory next to the target, so the store is
-the same for any number of workers. Memory holds a few chunks, or for ``step_per_line``
+the same for any number of workers. On Ray, a store of ``store.part_rows: N`` is written by
+the tasks themselves, as parts (:func:`_workers_write_parts`); this process puts them in
+order and hashes them. Memory holds a few chunks, or for ``step_per_line``
 logs (whose episodes may be spread over files) one hash bucket of episodes spilled to
 disk. The store appears under ``OUT/NAME`` only when it is complete (one rename); a killed
 build leaves a hidden staging directory and no store.
@@ -65,14 +67,19 @@ from pipeline.transitions.chunks import (
     ChunkInfo,
     ChunkTask,
     EpisodeChunk,
+    GroupTask,
+    MergeTask,
     bucket_of,
     bucket_run,
     bucket_transitions,
     episode_chunk,
     group_transitions,
     load_bucket,
+    merge_parts,
+    merge_windows,
     step_chunk,
     step_rows,
+    window_transitions,
     write_run,
 )
 from pipeline.transitions.episodes import Transitions
@@ -81,8 +88,10 @@ from pipeline.transitions.layout import (
     FORMAT_VERSION,
     KIND,
     PARTS_KEY,
+    TRANSITION_PARTS,
     TRANSITIONS_ARROW,
     ZARR_GROUP,
+    part_file,
 )
 from pipeline.transitions.parse import ParsedSteps, Rejected, infer_shapes, parse_line
 from pipeline.transitions.quarantine import Quarantine
@@ -256,7 +265,7 @@ def _build_into(
         except ValueError as e:
             raise BuildError(str(e)) from None
     work = (staging / "_work").resolve()  # absolute: a Ray worker runs elsewhere
-    ctx, workers = _plan(spec, sources, work, opts)
+    ctx, workers = _plan(spec, sources, work, opts, minari=datasets is not None)
     lay = ctx.parser.layout
     discrete = spec.fields.action.type == "discrete"
     sink = ColumnSink(
@@ -300,14 +309,21 @@ def _build_into(
 
 
 def _plan(
-    spec: TransitionSpec, sources: list[SourceFile], work: Path, opts: BuildOptions
+    spec: TransitionSpec,
+    sources: list[SourceFile],
+    work: Path,
+    opts: BuildOptions,
+    minari: bool = False,
 ) -> tuple[BuildContext, int]:
     """The context every task shares, and how many worker processes to use.
 
     step_per_line inputs over ``in_memory_bytes`` are spilled to hash buckets of about
     ``bucket_bytes`` of parsed steps (on Ray, the buckets are the groups of its shuffle:
     nothing is spilled here). A pool is started only for inputs of several chunks
-    (and by default only for inputs of ``POOL_MIN_BYTES`` or more)."""
+    (and by default only for inputs of ``POOL_MIN_BYTES`` or more).
+
+    On Ray, a store of ``store.part_rows: N`` (JSONL inputs) has its transitions written as
+    parts by the tasks that build them (:func:`_workers_write_parts`)."""
     est = sum(s.size * (5 if s.path.suffix in (".gz", ".zst") else 1) for s in sources)
     n_buckets, spill_dir = 1, None
     if spec.source.layout == "step_per_line" and est > opts.in_memory_bytes:
@@ -320,7 +336,25 @@ def _plan(
         cpus = default_workers()
         workers = cpus if est >= POOL_MIN_BYTES and cpus >= POOL_MIN_CPUS else 1
     workers = max(1, min(workers, math.ceil(est / opts.chunk_bytes)))
-    return BuildContext(spec, [s.display for s in sources], n_buckets, spill_dir), workers
+    ctx = BuildContext(spec, [s.display for s in sources], n_buckets, spill_dir)
+    if _workers_write_parts(spec, opts, minari):
+        assert isinstance(spec.store.part_rows, int)
+        ctx.parts_dir, ctx.part_rows = work / "parts", spec.store.part_rows
+    return ctx, workers
+
+
+def _workers_write_parts(spec: TransitionSpec, opts: BuildOptions, minari: bool) -> bool:
+    """Whether the tasks write the store's transitions themselves, as parts: on Ray, for a
+    store of ``store.part_rows: N`` built from JSONL. Everything else (one file, ``auto``,
+    whose choice needs the total rows, zarr, Minari datasets, the local engine) is written
+    here from the column sink."""
+    return (
+        opts.engine == "ray"
+        and not minari
+        and spec.store.format == "arrow"
+        and isinstance(spec.store.part_rows, int)
+        and not isinstance(spec.store.part_rows, bool)
+    )
 
 
 def _engine(ctx: BuildContext, workers: int, opts: BuildOptions) -> Engine:
@@ -379,15 +413,22 @@ def _read_episodes(
     for task, res in engine.map(fn, tasks):
         src = sources[task.file_index]
         duplicates = _use_ids(res.transitions, kept_at, src.display)
-        if duplicates:  # rare: build the task again here, less the duplicates
-            res = engine.run(fn, dataclasses.replace(task, exclude=tuple(duplicates)))
+        if duplicates:  # rare: build the task again, less the duplicates
+            again = dataclasses.replace(task, exclude=tuple(duplicates))
+            if engine.context.parts_dir is None:  # here
+                res = engine.run(fn, again)
+            else:  # by a worker, which writes its parts again
+                ((_, res),) = engine.map(fn, [again])
             res.rejected += [_duplicate(task, ln, *d) for ln, d in duplicates.items()]
             res.rejected.sort(key=lambda r: r.line)
         tally.add(src, res)
         quarantine.record_all(src, res.rejected)
         if res.transitions is not None:
             tally.counts.update(res.transitions.counts)
-            sink.append(res.transitions, names)
+            if res.parts is not None:
+                sink.append_written(res.transitions, res.parts, names)
+            else:
+                sink.append(res.transitions, names)
 
 
 def _use_ids(
@@ -565,15 +606,19 @@ def _group_on_ray(
     rejected: dict[str, str] = {}
     for task, info in engine.map_rows(step_rows, tasks, rows):
         _take_chunk(sources[task.file_index], info, quarantine, tally, rejected)
-    by_bucket = dict(enumerate(_rejected_by_bucket(rejected, ctx.n_buckets)))
+    by_bucket = {
+        b: GroupTask(b, ids) for b, ids in enumerate(_rejected_by_bucket(rejected, ctx.n_buckets))
+    }
     work = sink.directory.parent
     results: dict[int, BucketResult] = {}
     runs: dict[int, ColumnFiles] = {}
     try:
         groups = engine.map_groups(rows, group_transitions, by_bucket, ctx.n_buckets)
         for b, res in groups:
-            assert res.transitions is not None
-            if ctx.n_buckets > 1:  # written as it comes: one bucket in memory at a time
+            if res.run is not None:  # written by the worker (ctx.parts_dir)
+                runs[b] = res.run
+            elif ctx.n_buckets > 1:  # written as it comes: one bucket in memory at a time
+                assert res.transitions is not None
                 runs[b] = write_run(ctx, res.transitions, work / f"run-{b}")
                 res.transitions = None
             results[b] = res
@@ -582,12 +627,29 @@ def _group_on_ray(
         if ctx.n_buckets == 1:
             for res in results.values():
                 assert res.transitions is not None
-                sink.append(res.transitions, ctx.source_names)
+                if res.parts is not None:
+                    sink.append_written(res.transitions, res.parts, ctx.source_names)
+                else:
+                    sink.append(res.transitions, ctx.source_names)
+        elif ctx.parts_dir is not None:
+            _merge_on_workers(engine, [runs[b] for b in sorted(runs)], sink, merge_rows)
         else:
             _merge_runs([runs[b] for b in sorted(runs)], sink, ctx.source_names, merge_rows)
     finally:
         for run in runs.values():
             shutil.rmtree(run.directory, ignore_errors=True)
+
+
+def _merge_on_workers(
+    engine: Engine[BuildContext], runs: list[ColumnFiles], sink: ColumnSink, window_rows: int
+) -> None:
+    """:func:`_merge_runs` with each window's transitions written as parts by a worker
+    (:func:`merge_parts`): the windows, and so the statistics, are the local engine's."""
+    bare = [dataclasses.replace(run, episodes=[]) for run in runs]  # the windows carry theirs
+    windows = merge_windows(runs, window_rows)
+    tasks = (MergeTask(window, bare) for window in windows)
+    for _, res in engine.map(merge_parts, tasks):
+        sink.append_written(res.transitions, res.parts, engine.context.source_names)
 
 
 # --------------------------------------------------------------------------- merge
@@ -597,83 +659,10 @@ def _merge_runs(
     runs: list[ColumnFiles], sink: ColumnSink, names: list[str], window_rows: int
 ) -> None:
     """Merge per-bucket runs (each in first-appearance order) into ``sink`` in global
-    first-appearance order, a window of about ``window_rows`` rows at a time (bounded memory)."""
-    eps: list[tuple[int, int, int, int]] = []  # (key, run, start, length)
-    ep_rows: list[dict[str, Any]] = []
-    for r, run in enumerate(runs):
-        for e in run.episodes:
-            eps.append((e["_key"], r, e["start"], e["length"]))
-            ep_rows.append(e)
-    order = sorted(range(len(eps)), key=lambda i: eps[i][0])
-    cols = {c.name: c for c in runs[0].columns} if runs else {}
-    window: list[int] = []
-    rows = 0
-
-    def flush() -> None:
-        nonlocal window, rows
-        if not window:
-            return
-        per_run: dict[int, list[int]] = {}
-        for i in window:
-            per_run.setdefault(eps[i][1], []).append(i)
-        blocks: dict[str, list[np.ndarray]] = {n: [] for n in cols}
-        base: dict[int, int] = {}
-        offset = 0
-        for r, idxs in per_run.items():
-            start = eps[idxs[0]][2]
-            stop = eps[idxs[-1]][2] + eps[idxs[-1]][3]
-            for name, c in cols.items():
-                if name == "episode_id":
-                    continue
-                blocks[name].append(runs[r].read_column(c, start, stop))
-            base[r] = offset - start
-            offset += stop - start
-        gather = np.concatenate(
-            [np.arange(eps[i][2], eps[i][2] + eps[i][3]) + base[eps[i][1]] for i in window]
-        )
-        data = {name: np.concatenate(b)[gather] for name, b in blocks.items() if b}
-        lengths = np.array([eps[i][3] for i in window], dtype=np.int64)
-        ids = pl.Series([ep_rows[i]["episode_id"] for i in window], dtype=pl.Utf8)
-        named = [reward_column(name) for name in sink.reward_names]
-        tr = Transitions(
-            episode_id=ids.gather(np.repeat(np.arange(len(window)), lengths)),
-            step=data["step"],
-            observation=data["observation"],
-            action=data["action"],
-            reward=data["reward"],
-            next_observation=data["next_observation"],
-            terminated=data["terminated"].astype(bool),
-            truncated=data["truncated"].astype(bool),
-            return_to_go=data["return_to_go"],
-            ep_id=ids,
-            ep_length=lengths,
-            ep_return=np.array([ep_rows[i]["return"] for i in window]),
-            ep_dropped_reward=np.array([ep_rows[i]["dropped_reward"] for i in window]),
-            ep_last_step_dropped=np.array(
-                [ep_rows[i]["last_step_dropped"] for i in window], dtype=bool
-            ),
-            ep_terminated=np.array([ep_rows[i]["terminated"] for i in window], dtype=bool),
-            ep_truncated=np.array([ep_rows[i]["truncated"] for i in window], dtype=bool),
-            ep_file=np.array([ep_rows[i]["_key"] >> 40 for i in window], dtype=np.int64),
-            ep_line=np.array(
-                [ep_rows[i]["_key"] & ((1 << 40) - 1) for i in window], dtype=np.int64
-            ),
-            named_reward=np.stack([data[c] for c in named], axis=1) if named else None,
-            ep_dropped_named=(
-                np.array([[ep_rows[i][f"dropped_{c}"] for c in named] for i in window])
-                if named
-                else None
-            ),
-        )
-        sink.append(tr, names)
-        window, rows = [], 0
-
-    for i in order:
-        window.append(i)
-        rows += eps[i][3]
-        if rows >= window_rows:
-            flush()
-    flush()
+    first-appearance order, a window of about ``window_rows`` rows at a time (bounded
+    memory; :func:`merge_windows`, :func:`window_transitions`)."""
+    for window in merge_windows(runs, window_rows):
+        sink.append(window_transitions(runs, window, sink.reward_names), names)
 
 
 # --------------------------------------------------------------------------- finish
@@ -723,7 +712,12 @@ def _write_store(
     parted: dict[str, Any] = {}  # only in a parted store's manifest
     if spec.store.format == "arrow":
         part_rows = spec.store.rows_per_part(sink.rows)
-        if part_rows is None:
+        if sink.parts:  # written by the tasks (and hashed as they came): put in place
+            assert part_rows is not None
+            parts = _publish_parts(sink, staging)
+            parted[PARTS_KEY] = {"part_rows": part_rows, "parts": parts}
+            data_files = [part["file"] for part in parts]
+        elif part_rows is None:
             write_arrow_transitions(sink, staging / TRANSITIONS_ARROW)
             data_files = [TRANSITIONS_ARROW]
         else:
@@ -754,6 +748,19 @@ def _write_store(
         tally.steps_read,
         parted,
     )
+
+
+def _publish_parts(sink: ColumnSink, staging: Path) -> list[dict[str, Any]]:
+    """The parts the tasks wrote (already read back and hashed, in row order, as they
+    were taken: :meth:`ColumnSink.append_written`), renamed in that order to
+    ``transitions/part-NNNNN.arrow``. Returns the manifest's list of parts."""
+    (staging / TRANSITION_PARTS).mkdir(parents=True, exist_ok=True)
+    listed: list[dict[str, Any]] = []
+    for k, (path, rows) in enumerate(sink.parts):
+        name = part_file(k)
+        path.rename(staging / name)
+        listed.append({"file": name, "rows": rows})
+    return listed
 
 
 # --------------------------------------------------------------------------- helpers

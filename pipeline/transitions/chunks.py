@@ -15,11 +15,19 @@ task run twice writes the same bytes.
   the episodes of one bucket, once every chunk has been read;
 * :func:`step_rows` and :func:`group_transitions` (step_per_line, for an engine that
   groups rows by key itself, Ray Data's groupby): a chunk's checked steps as Arrow rows
-  with their bucket, and the transitions of one bucket's rows (:func:`bucket_transitions`).
+  with their bucket, and the transitions of one bucket's rows (:func:`bucket_transitions`);
+* :func:`merge_windows`, :func:`window_transitions` and :func:`merge_parts`
+  (step_per_line, several buckets): the buckets' runs merged in first-appearance order,
+  a window of episodes at a time.
+
+With ``BuildContext.parts_dir`` set (Ray, ``store.part_rows: N``), the functions that
+build transitions write them as the store's parts themselves
+(:meth:`BuildContext.write_parts`) and return them less their rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +38,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from data_specs.schema import TransitionSpec
+from data_specs.schema import TransitionSpec, reward_column
 from pipeline.sources import Chunk, FileRange, as_chunk
 from pipeline.transitions.episodes import Transitions, build_transitions
 from pipeline.transitions.parse import (
@@ -42,7 +50,8 @@ from pipeline.transitions.parse import (
     is_episode_id,
     parse_line,
 )
-from pipeline.transitions.writer import ColumnFiles, ColumnSink
+from pipeline.transitions.stats import chunk_stats
+from pipeline.transitions.writer import ColumnFiles, ColumnSink, WrittenParts, write_parts
 
 # A record quarantined once its episode is known: (file index, line, reason, detail, id).
 Deferred = tuple[int, int, str, str, str | None]
@@ -56,6 +65,10 @@ class BuildContext:
     source_names: list[str]  # display name of each input file, by file index
     n_buckets: int = 1  # step_per_line: hash buckets of episode ids
     spill_dir: Path | None = None  # step_per_line: where step_chunk spills (None: in memory)
+    # tasks that write their transitions as parts themselves (Ray, store.part_rows N):
+    # where they write them (None: the transitions are returned), at most part_rows each
+    parts_dir: Path | None = None
+    part_rows: int = 0
     _parser: ChunkParser | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -66,6 +79,23 @@ class BuildContext:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_parser": None}
+
+    def write_parts(self, tr: Transitions, stem: str) -> tuple[Transitions, WrittenParts]:
+        """``tr``'s rows written as parts ``parts_dir/STEM-K.arrow`` (:func:`write_parts`),
+        and ``tr`` less its rows (its episodes, statistics, counts: what the build takes)."""
+        assert self.parts_dir is not None
+        lay = self.parser.layout
+        parts = write_parts(
+            tr,
+            lay.obs_dim,
+            self.spec.fields.action.type == "discrete",
+            lay.act_dim or 0,
+            tuple(name for name, _ in self.spec.fields.rewards),
+            self.parts_dir,
+            stem,
+            self.part_rows,
+        )
+        return without_rows(tr), parts
 
     def build(self, steps: ParsedSteps, file_idx: np.ndarray, sorted_by_line: bool) -> Transitions:
         """:func:`build_transitions` with the spec's end reasons and discount."""
@@ -126,6 +156,7 @@ def episode_id_of(raw: bytes, key: str) -> str | None:
 @dataclass
 class EpisodeChunk(ChunkInfo):
     transitions: Transitions | None = None  # None: no line of the chunk had a valid step
+    parts: WrittenParts | None = None  # the rows, written as parts (ctx.parts_dir)
 
 
 def episode_chunk(ctx: BuildContext, task: ChunkTask) -> EpisodeChunk:
@@ -145,6 +176,8 @@ def episode_chunk(ctx: BuildContext, task: ChunkTask) -> EpisodeChunk:
         out.rejected.append(Rejected(ln, rej.reason, rej.detail, raw, rej.episode_id))
     out.rejected.sort(key=lambda r: r.line)
     out.transitions = tr
+    if ctx.parts_dir is not None:  # a task run again (a retry, or less duplicates) rewrites them
+        out.transitions, out.parts = ctx.write_parts(tr, f"c{task.index:06d}")
     return out
 
 
@@ -203,6 +236,7 @@ class BucketResult:
     counts: Counter[str]
     transitions: Transitions | None = None  # bucket_transitions
     run: ColumnFiles | None = None  # bucket_run: the transitions, as column files
+    parts: WrittenParts | None = None  # the transitions, written as parts (ctx.parts_dir)
 
 
 def load_bucket(parts: list[tuple[Path, int]]) -> tuple[ParsedSteps, np.ndarray]:
@@ -285,12 +319,163 @@ def step_rows(ctx: BuildContext, task: ChunkTask) -> tuple[pa.Table, ChunkInfo]:
     return rows.append_column(BUCKET, pa.array(bucket, pa.int64())), info
 
 
-def group_transitions(ctx: BuildContext, rows: pa.Table, rejected: dict[str, str]) -> BucketResult:
+@dataclass(frozen=True)
+class GroupTask:
+    """What :func:`group_transitions` is told about a bucket besides its rows."""
+
+    bucket: int
+    rejected: dict[str, str]  # ids of this bucket that a record got rejected -> why
+
+
+def group_transitions(ctx: BuildContext, rows: pa.Table, task: GroupTask) -> BucketResult:
     """step_per_line: the transitions of the episodes whose steps are ``rows``: every
     row of one bucket, from every chunk, in any order (:func:`bucket_transitions` orders
-    them by first appearance, then step). ``rejected``: as for :func:`bucket_transitions`."""
+    them by first appearance, then step). ``task.rejected``: as for :func:`bucket_transitions`.
+
+    With ``ctx.parts_dir``, the transitions are written where the build finds them: as the
+    store's parts when there is one bucket (its rows are the store's, in order), else as a
+    run of column files ``run-B`` beside the parts, merged by :func:`merge_parts`."""
     steps, file_idx = _batch_to_steps(rows)
-    return bucket_transitions(ctx, steps, file_idx, rejected)
+    res = bucket_transitions(ctx, steps, file_idx, task.rejected)
+    if ctx.parts_dir is not None and res.transitions is not None:
+        if ctx.n_buckets == 1:
+            res.transitions, res.parts = ctx.write_parts(res.transitions, f"g{task.bucket:05d}")
+        else:
+            run_dir = ctx.parts_dir.parent / f"run-{task.bucket}"
+            res.run = write_run(ctx, res.transitions, run_dir)
+            res.transitions = None
+    return res
+
+
+# --------------------------------------------------------------------------- merge
+
+# An episode of a run: (first-appearance key, run, first row in the run, rows)
+RunEpisode = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class MergeWindow:
+    """Some episodes of several runs, in global first-appearance order (a window of
+    :func:`merge_windows`): each with its row in the runs' episode tables."""
+
+    index: int  # the window's place in the merge
+    episodes: list[RunEpisode]
+    rows: list[dict[str, Any]]
+
+
+def merge_windows(runs: list[ColumnFiles], window_rows: int) -> list[MergeWindow]:
+    """The episodes of per-bucket runs (each in first-appearance order) in global
+    first-appearance order, cut in windows of about ``window_rows`` rows (whole episodes:
+    a window ends once it holds ``window_rows`` or more)."""
+    eps: list[RunEpisode] = []
+    ep_rows: list[dict[str, Any]] = []
+    for r, run in enumerate(runs):
+        for e in run.episodes:
+            eps.append((e["_key"], r, e["start"], e["length"]))
+            ep_rows.append(e)
+    order = sorted(range(len(eps)), key=lambda i: eps[i][0])
+    windows: list[MergeWindow] = []
+    window: list[int] = []
+    rows = 0
+    for i in order:
+        window.append(i)
+        rows += eps[i][3]
+        if rows >= window_rows:
+            windows.append(MergeWindow(len(windows), [eps[j] for j in window],
+                                       [ep_rows[j] for j in window]))  # fmt: skip
+            window, rows = [], 0
+    if window:
+        windows.append(MergeWindow(len(windows), [eps[j] for j in window],
+                                   [ep_rows[j] for j in window]))  # fmt: skip
+    return windows
+
+
+def window_transitions(
+    runs: list[ColumnFiles], window: MergeWindow, reward_names: tuple[str, ...]
+) -> Transitions:
+    """The transitions of a window's episodes, in its order, read from their runs."""
+    eps, ep_rows = window.episodes, window.rows
+    cols = {c.name: c for c in runs[0].columns}
+    per_run: dict[int, list[int]] = {}
+    for i, e in enumerate(eps):
+        per_run.setdefault(e[1], []).append(i)
+    blocks: dict[str, list[np.ndarray]] = {n: [] for n in cols}
+    base: dict[int, int] = {}
+    offset = 0
+    for r, idxs in per_run.items():
+        start = eps[idxs[0]][2]
+        stop = eps[idxs[-1]][2] + eps[idxs[-1]][3]
+        for name, c in cols.items():
+            if name == "episode_id":
+                continue
+            blocks[name].append(runs[r].read_column(c, start, stop))
+        base[r] = offset - start
+        offset += stop - start
+    gather = np.concatenate([np.arange(e[2], e[2] + e[3]) + base[e[1]] for e in eps])
+    data = {name: np.concatenate(b)[gather] for name, b in blocks.items() if b}
+    lengths = np.array([e[3] for e in eps], dtype=np.int64)
+    ids = pl.Series([row["episode_id"] for row in ep_rows], dtype=pl.Utf8)
+    named = [reward_column(name) for name in reward_names]
+    return Transitions(
+        episode_id=ids.gather(np.repeat(np.arange(len(eps)), lengths)),
+        step=data["step"],
+        observation=data["observation"],
+        action=data["action"],
+        reward=data["reward"],
+        next_observation=data["next_observation"],
+        terminated=data["terminated"].astype(bool),
+        truncated=data["truncated"].astype(bool),
+        return_to_go=data["return_to_go"],
+        ep_id=ids,
+        ep_length=lengths,
+        ep_return=np.array([row["return"] for row in ep_rows]),
+        ep_dropped_reward=np.array([row["dropped_reward"] for row in ep_rows]),
+        ep_last_step_dropped=np.array([row["last_step_dropped"] for row in ep_rows], dtype=bool),
+        ep_terminated=np.array([row["terminated"] for row in ep_rows], dtype=bool),
+        ep_truncated=np.array([row["truncated"] for row in ep_rows], dtype=bool),
+        ep_file=np.array([row["_key"] >> 40 for row in ep_rows], dtype=np.int64),
+        ep_line=np.array([row["_key"] & ((1 << 40) - 1) for row in ep_rows], dtype=np.int64),
+        named_reward=np.stack([data[c] for c in named], axis=1) if named else None,
+        ep_dropped_named=(
+            np.array([[row[f"dropped_{c}"] for c in named] for row in ep_rows]) if named else None
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    """A window of the merge, for :func:`merge_parts`: the runs it reads (less their
+    episode tables: the window carries its episodes' rows)."""
+
+    window: MergeWindow
+    runs: list[ColumnFiles]
+
+
+@dataclass
+class MergeResult:
+    transitions: Transitions  # the window's episodes and statistics, less its rows
+    parts: WrittenParts
+
+
+def merge_parts(ctx: BuildContext, task: MergeTask) -> MergeResult:
+    """A window of the merge (:func:`window_transitions`) written as parts
+    (``ctx.parts_dir``), its statistics taken over the window as a sink takes them."""
+    names = tuple(name for name, _ in ctx.spec.fields.rewards)
+    tr = window_transitions(task.runs, task.window, names)
+    tr.stats = chunk_stats(tr.observation, tr.action, tr.reward, tr.return_to_go, tr.named_reward)
+    left, parts = ctx.write_parts(tr, f"m{task.window.index:06d}")
+    return MergeResult(left, parts)
+
+
+def without_rows(tr: Transitions) -> Transitions:
+    """``tr`` less its rows: zero-length columns, its episodes, statistics and counts."""
+    empty = {
+        name: getattr(tr, name)[:0].copy()
+        for name in ("step", "observation", "action", "reward", "next_observation",
+                     "terminated", "truncated", "return_to_go")
+    }  # fmt: skip
+    named = None if tr.named_reward is None else tr.named_reward[:0].copy()
+    return dataclasses.replace(tr, episode_id=tr.episode_id.head(0), named_reward=named, **empty)
 
 
 # --------------------------------------------------------------------------- spill format

@@ -9,7 +9,10 @@ The last step lays those columns out as the store format:
   from arrays over the memory-mapped column files, so the data is never held in memory;
   episode ids over 2 GiB in total make the id column ``large_string``. With
   ``store.part_rows`` the same batch is written as slices of that many rows, one stream
-  file (of one batch) per part;
+  file (of one batch) per part. On Ray the tasks write their own rows as parts
+  (:func:`write_parts`, the same :func:`write_part`), and the sink takes their episodes
+  and statistics and reads the parts back, in order, for the digests
+  (:meth:`ColumnSink.append_written`, :func:`hash_parts`);
 * zarr: a group with one array per column, written chunk by chunk.
 
 The content hash is taken over the logical column bytes (format-independent), so an
@@ -86,28 +89,13 @@ class ColumnSink:
     # the fixed columns, and one float64 column dropped_reward_NAME each in the episodes
     reward_names: tuple[str, ...] = ()
     named_stats: dict[str, RunningStats] = field(default_factory=dict)
+    # parts written by the tasks themselves (append_written), in row order: (file, rows)
+    parts: list[tuple[Path, int]] = field(default_factory=list)
+    _appended: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        d, a = self.obs_dim, self.act_dim
-        self.columns = [
-            ColumnInfo("episode_id", np.dtype(np.int32), -1),
-            ColumnInfo("step", np.dtype(np.int32), 0),
-            ColumnInfo("observation", np.dtype(np.float32), d),
-            ColumnInfo(
-                "action",
-                np.dtype(np.int64) if self.discrete else np.dtype(np.float32),
-                0 if self.discrete else a,
-            ),
-            ColumnInfo("reward", np.dtype(np.float32), 0),
-            ColumnInfo("next_observation", np.dtype(np.float32), d),
-            ColumnInfo("terminated", np.dtype(np.uint8), 0),
-            ColumnInfo("truncated", np.dtype(np.uint8), 0),
-            ColumnInfo("return_to_go", np.dtype(np.float32), 0),
-        ]
-        self.columns += [
-            ColumnInfo(reward_column(name), np.dtype(np.float32), 0) for name in self.reward_names
-        ]
+        self.columns = sink_columns(self.obs_dim, self.discrete, self.act_dim, self.reward_names)
         self.named_stats = {name: RunningStats() for name in self.reward_names}
         self._files: dict[str, BinaryIO] = {
             c.name: (self.directory / f"{c.name}.bin").open("wb") for c in self.columns
@@ -118,30 +106,38 @@ class ColumnSink:
     def append(self, tr: Transitions, source_names: list[str]) -> None:
         if len(tr) == 0 and tr.n_episodes == 0:
             return
-        lengths, blob = _str_parts(tr.episode_id)
+        if self.parts:
+            raise ValueError("a sink takes rows or written parts, not both")
+        self._appended = True
+        values = row_values(tr, self.columns, self.reward_names)
+        blob = values.pop("episode_id.utf8").tobytes()
         self.string_bytes += len(blob)
-        values = {
-            "episode_id": lengths,
-            "step": tr.step,
-            "observation": tr.observation,
-            "action": tr.action,
-            "reward": tr.reward,
-            "next_observation": tr.next_observation,
-            "terminated": tr.terminated.astype(np.uint8),
-            "truncated": tr.truncated.astype(np.uint8),
-            "return_to_go": tr.return_to_go,
-        }
-        named = _named(tr, self.reward_names)
-        for k, name in enumerate(self.reward_names):
-            values[reward_column(name)] = named[:, k]
         for c in self.columns:
-            arr = np.ascontiguousarray(values[c.name], dtype=c.dtype)
+            arr = values[c.name]
             self._files[c.name].write(arr.reshape(-1).data.cast("B"))
             if self.track:
                 self._hash[c.name].update(arr)
         self._files["episode_id.utf8"].write(blob)
         if self.track:
             self._hash["episode_id"].update_bytes(blob)
+        self._take_episodes(tr, len(tr), source_names)
+
+    def append_written(self, tr: Transitions, parts: WrittenParts, source_names: list[str]) -> None:
+        """Transitions that a task wrote itself as part files (:func:`write_parts`), after
+        the ones taken so far: ``tr`` holds their episodes and statistics (its rows may be
+        left out), ``parts`` the files, which are read back now to feed the column digests
+        (:func:`hash_parts`), so the hashing keeps pace with the tasks."""
+        if self._appended:
+            raise ValueError("a sink takes rows or written parts, not both")
+        paths = [parts.directory / name for name in parts.files]
+        if self.track:
+            hash_parts(self, paths)
+        self.parts += list(zip(paths, parts.rows))
+        self._take_episodes(tr, sum(parts.rows), source_names)
+
+    def _take_episodes(self, tr: Transitions, rows: int, source_names: list[str]) -> None:
+        """The statistics and episodes of ``rows`` transitions, appended after the others."""
+        if self.track:
             st = tr.stats  # summarised where the chunk was built (stats.chunk_stats)
             if st is None:
                 st = chunk_stats(
@@ -178,7 +174,7 @@ class ColumnSink:
                     },
                 }
             )
-        self.rows += len(tr)
+        self.rows += rows
 
     def close(self) -> None:
         for f in self._files.values():
@@ -224,6 +220,55 @@ def _named(tr: Transitions, names: tuple[str, ...]) -> np.ndarray:
         shape = None if tr.named_reward is None else tr.named_reward.shape
         raise ValueError(f"named rewards of shape {shape}, expected {(len(tr), len(names))}")
     return tr.named_reward
+
+
+def sink_columns(
+    obs_dim: int, discrete: bool, act_dim: int, reward_names: tuple[str, ...] = ()
+) -> list[ColumnInfo]:
+    """The columns of a store, in order, as a sink writes and hashes them."""
+    d, a = obs_dim, act_dim
+    return [
+        ColumnInfo("episode_id", np.dtype(np.int32), -1),
+        ColumnInfo("step", np.dtype(np.int32), 0),
+        ColumnInfo("observation", np.dtype(np.float32), d),
+        ColumnInfo(
+            "action",
+            np.dtype(np.int64) if discrete else np.dtype(np.float32),
+            0 if discrete else a,
+        ),
+        ColumnInfo("reward", np.dtype(np.float32), 0),
+        ColumnInfo("next_observation", np.dtype(np.float32), d),
+        ColumnInfo("terminated", np.dtype(np.uint8), 0),
+        ColumnInfo("truncated", np.dtype(np.uint8), 0),
+        ColumnInfo("return_to_go", np.dtype(np.float32), 0),
+        *(ColumnInfo(reward_column(name), np.dtype(np.float32), 0) for name in reward_names),
+    ]
+
+
+def row_values(
+    tr: Transitions, columns: list[ColumnInfo], reward_names: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """Each column of ``tr``'s rows as the contiguous array of its canonical dtype (what is
+    written and hashed): the ids as int32 byte lengths, their UTF-8 bytes under
+    ``episode_id.utf8`` (uint8)."""
+    lengths, blob = _str_parts(tr.episode_id)
+    values = {
+        "episode_id": lengths,
+        "step": tr.step,
+        "observation": tr.observation,
+        "action": tr.action,
+        "reward": tr.reward,
+        "next_observation": tr.next_observation,
+        "terminated": tr.terminated.astype(np.uint8),
+        "truncated": tr.truncated.astype(np.uint8),
+        "return_to_go": tr.return_to_go,
+    }
+    named = _named(tr, reward_names)
+    for k, name in enumerate(reward_names):
+        values[reward_column(name)] = named[:, k]
+    out = {c.name: np.ascontiguousarray(values[c.name], dtype=c.dtype) for c in columns}
+    out["episode_id.utf8"] = np.frombuffer(blob, dtype=np.uint8)
+    return out
 
 
 def read_column(directory: Path, c: ColumnInfo, start: int, stop: int) -> np.ndarray:
@@ -385,13 +430,127 @@ def _write_batches(
     arrays = [_column_array(sink, c, f.type, maps) for c, f in zip(sink.columns, schema)]
     batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
     for path, start, stop in files:
-        with (
-            _DroppingFile(path, maps) as out,
-            pa.PythonFile(out, mode="w") as f,
-            pa.ipc.new_stream(f, schema) as w,
-        ):
-            w.write_batch(batch.slice(start, stop - start))
+        write_part(path, batch.slice(start, stop - start), maps)
     # the arrays (and so the exported mappings) are released when this frame ends
+
+
+def write_part(path: Path, batch: pa.RecordBatch, maps: _Mappings | None = None) -> None:
+    """``batch`` as ONE record batch in the Arrow IPC stream file ``path`` (a part, or the
+    whole of ``transitions.arrow``); ``maps``: the mappings its buffers are views of, whose
+    pages are dropped as they are written (:class:`_DroppingFile`)."""
+    with (
+        _DroppingFile(path, maps) as out,
+        pa.PythonFile(out, mode="w") as f,
+        pa.ipc.new_stream(f, batch.schema) as w,
+    ):
+        w.write_batch(batch)
+
+
+@dataclass
+class WrittenParts:
+    """Part files a task wrote itself (:func:`write_parts`), in row order."""
+
+    directory: Path
+    files: list[str] = field(default_factory=list)  # names in ``directory``
+    rows: list[int] = field(default_factory=list)  # rows of each
+
+
+def transitions_batch(
+    tr: Transitions, obs_dim: int, discrete: bool, act_dim: int, reward_names: tuple[str, ...]
+) -> pa.RecordBatch:
+    """``tr``'s rows as one record batch of the store's schema (:func:`transition_schema`,
+    ids as ``string``), the values as a sink writes and hashes them (:func:`row_values`)."""
+    columns = sink_columns(obs_dim, discrete, act_dim, reward_names)
+    values = row_values(tr, columns, reward_names)
+    blob = values.pop("episode_id.utf8")
+    large = False  # every part of a store has the same schema: no part holds 2 GiB of ids
+    if len(blob) > STRING_BYTES_LIMIT:
+        raise ValueError(
+            f"{len(tr)} rows hold {len(blob)} bytes of episode ids, more than a part's "
+            "id column holds (2 GiB); lower store.part_rows"
+        )
+    schema = transition_schema(obs_dim, discrete, act_dim, large, reward_names)
+    n = len(tr)
+    arrays = []
+    for c, f in zip(columns, schema):
+        arr = values[c.name]
+        if c.name == "episode_id":
+            ends = np.cumsum(arr, dtype=np.int64)
+            offsets = np.concatenate([[0], ends]).astype(np.int64 if large else np.int32)
+            bufs = [None, pa.py_buffer(offsets), pa.py_buffer(blob)]
+            arrays.append(pa.Array.from_buffers(f.type, n, bufs))
+        elif pa.types.is_boolean(f.type):
+            arrays.append(pa.array(arr.astype(bool), pa.bool_()))
+        elif pa.types.is_fixed_size_list(f.type):
+            flat = pa.array(arr.reshape(-1), f.type.value_type)
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
+        else:
+            arrays.append(pa.array(arr, f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def write_parts(
+    tr: Transitions,
+    obs_dim: int,
+    discrete: bool,
+    act_dim: int,
+    reward_names: tuple[str, ...],
+    directory: Path,
+    stem: str,
+    part_rows: int,
+) -> WrittenParts:
+    """``tr``'s rows as parts of at most ``part_rows`` rows, ``directory/STEM-K.arrow``
+    (K = 0, 1, ...), each ONE record batch (:func:`write_part`). Each file is written
+    under a temporary name, then renamed: a file is whole or absent, and writing the same
+    rows again writes the same bytes under the same names."""
+    if part_rows < 1:
+        raise ValueError(f"part_rows must be >= 1, got {part_rows}")
+    directory.mkdir(parents=True, exist_ok=True)
+    out = WrittenParts(directory)
+    if len(tr) == 0:
+        return out
+    batch = transitions_batch(tr, obs_dim, discrete, act_dim, reward_names)
+    for k, start in enumerate(range(0, len(tr), part_rows)):
+        name = f"{stem}-{k:05d}.arrow"
+        n = min(part_rows, len(tr) - start)
+        partial = directory / f"{name}.{os.getpid()}.partial"
+        write_part(partial, batch.slice(start, n))
+        os.replace(partial, directory / name)
+        out.files.append(name)
+        out.rows.append(n)
+    return out
+
+
+def arrow_string_parts(arr: pa.Array) -> tuple[np.ndarray, bytes]:
+    """(int32 byte length of each value, their UTF-8 bytes back to back) of a string array."""
+    wide = pa.types.is_large_string(arr.type)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if wide else np.int32)
+    offsets = offsets[arr.offset : arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    blob = b"" if data is None else data.to_pybytes()[int(offsets[0]) : int(offsets[-1])]
+    return np.diff(offsets).astype(np.int32), blob
+
+
+def hash_parts(sink: ColumnSink, paths: list[Path]) -> None:
+    """Feed the sink's column hashers the rows of the part files ``paths``, in order, read
+    back memory-mapped: the bytes :meth:`ColumnSink.append` would have hashed for the same
+    rows (so the column digests are the same); the ids' bytes are counted as it counts them."""
+    for path in paths:
+        with pa.memory_map(str(path), "r") as source:
+            batch = pa.ipc.open_stream(source).read_next_batch()
+            for c in sink.columns:
+                arr = batch.column(c.name)
+                h = sink._hash[c.name]
+                if c.name == "episode_id":
+                    lengths, blob = arrow_string_parts(arr)
+                    h.update(lengths)
+                    h.update_bytes(blob)
+                    sink.string_bytes += len(blob)
+                    continue
+                if pa.types.is_fixed_size_list(arr.type):
+                    arr = arr.flatten()  # the values of this array's rows (its offset too)
+                h.update(np.ascontiguousarray(arr.to_numpy(zero_copy_only=False), c.dtype))
+            del batch, arr
 
 
 def _column_array(sink: ColumnSink, c: ColumnInfo, typ: pa.DataType, maps: _Mappings) -> pa.Array:
@@ -480,7 +639,7 @@ class _DroppingFile:
 
     closed = False
 
-    def __init__(self, path: Path, maps: _Mappings) -> None:
+    def __init__(self, path: Path, maps: _Mappings | None) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._maps = maps
         self._pos = 0
@@ -493,7 +652,7 @@ class _DroppingFile:
             done = 0
             while done < len(piece):
                 done += os.write(self._fd, piece[done:])
-            if address is not None:
+            if address is not None and self._maps is not None:
                 self._maps.drop(address + start, len(piece))
         self._pos += view.nbytes
         return view.nbytes

@@ -17,7 +17,12 @@ import pytest
 from pipeline.arrowio import file_digest, read_ipc
 from pipeline.format import QUARANTINE, BuildError
 from pipeline.sources import FileRange, SourceFile, iter_chunks, iter_ranges
-from pipeline.transitions.layout import EPISODES_ARROW, TRANSITIONS_ARROW
+from pipeline.transitions.layout import (
+    EPISODES_ARROW,
+    PARTS_KEY,
+    TRANSITION_PARTS,
+    TRANSITIONS_ARROW,
+)
 
 from .conftest import (
     build_store,
@@ -52,12 +57,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         ray.shutdown()
 
 
-def _corpus(tmp_path: Path, layout: str) -> Path:
+def _corpus(tmp_path: Path, layout: str, part_rows: int | None = None, **fields: Any) -> Path:
+    """The corpus of ``layout`` under ``tmp_path/raw`` (written once), and a spec of it
+    (``store.part_rows``: ``part_rows``)."""
     rng = np.random.default_rng(7)
     corpus = _step_corpus(rng) if layout == "step_per_line" else _episode_corpus(rng)
     for name, lines in corpus.items():
-        write_lines(tmp_path / "raw" / name, lines)
-    return write_spec(tmp_path, [tmp_path / "raw" / "*"], layout=layout, fields=step_fields())  # type: ignore[arg-type]
+        if not (tmp_path / "raw" / name).exists():
+            write_lines(tmp_path / "raw" / name, lines)
+    store: dict[str, Any] = {"format": "arrow", "discount": 0.99}
+    if part_rows is not None:
+        store["part_rows"] = part_rows
+    return write_spec(
+        tmp_path,
+        [tmp_path / "raw" / "*"],
+        layout=layout,  # type: ignore[arg-type]
+        fields={**step_fields(), **fields},
+        store=store,
+        file_name=f"store-{part_rows}.yaml",
+    )
 
 
 def _same_store(one: Any, two: Any) -> None:
@@ -67,6 +85,7 @@ def _same_store(one: Any, two: Any) -> None:
     for key in ("counts", "sources", "statistics", "quarantine_reasons"):
         assert b[key] == a[key], key
     assert file_digest(two.path / QUARANTINE) == file_digest(one.path / QUARANTINE)
+    assert read_ipc(two.path / EPISODES_ARROW).equals(read_ipc(one.path / EPISODES_ARROW))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -314,3 +333,104 @@ def test_a_killed_worker_of_a_step_per_line_build_is_retried(cluster: Path, tmp_
     on_ray = build_store(spec, tmp_path / "ray", chunk_bytes=600, engine="ray", **options)
     assert not cluster.exists()  # a worker took the file and was killed
     _same_store(local, on_ray)
+
+
+# --------------------------------------------------------------------------- parted stores
+
+PART_ROWS = 7  # small: a task's rows make several parts, and its last part a short one
+
+
+def _driver_writes_no_transitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, this process (the building one) fails if it appends rows to the
+    column sink or writes any part or transitions file: Ray's workers, other processes,
+    are untouched."""
+    import pipeline.transitions.writer as writer
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the building process wrote transitions")
+
+    monkeypatch.setattr(writer.ColumnSink, "append", refuse)
+    monkeypatch.setattr(writer, "write_part", refuse)
+
+
+def _parts(result: Any) -> list[int]:
+    return [part["rows"] for part in result.manifest[PARTS_KEY]["parts"]]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ray_workers_write_the_parts_of_the_local_engines_store(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """With store.part_rows, the tasks on Ray's workers write the parts themselves (the
+    building process writes none: it only reads them back to hash them), and the store is
+    the local engine's, parted or in one file: the same content_hash, digests, counts,
+    statistics, episodes and quarantine. Its parts are cut where the tasks end, so short
+    parts come before the last one when there are several tasks."""
+    layout, options = CASES[case]
+    one_file = build_store(_corpus(tmp_path, layout), tmp_path / "one", chunk_bytes=600, **options)
+    spec = _corpus(tmp_path, layout, part_rows=PART_ROWS)
+    local = build_store(spec, tmp_path / "local", chunk_bytes=600, **options)
+    _driver_writes_no_transitions(monkeypatch)
+    on_ray = build_store(spec, tmp_path / "ray", chunk_bytes=600, engine="ray", **options)
+    _same_store(local, on_ray)
+    _same_store(one_file, on_ray)
+    sizes = _parts(on_ray)
+    assert sum(sizes) == on_ray.manifest["counts"]["transitions"]
+    assert all(1 <= n <= PART_ROWS for n in sizes), sizes
+    if case != "step_per_line":  # (not spilled: one bucket, one task, cut every N)
+        assert len(set(sizes[:-1])) >= 2, sizes  # short parts before the last one
+    assert _parts(local)[:-1] == [PART_ROWS] * (len(_parts(local)) - 1)  # local: every N
+    names = sorted(p.name for p in (on_ray.path / TRANSITION_PARTS).iterdir())
+    assert names == [f"part-{k:05d}.arrow" for k in range(len(sizes))]
+    assert not (on_ray.path / TRANSITIONS_ARROW).exists()
+
+
+def test_a_killed_worker_rewrites_its_parts_and_the_store_is_the_same(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for layout, options in (CASES["episode_per_line"], CASES["step_per_line-spilled"]):
+        d = tmp_path / layout
+        spec = _corpus(d, layout, part_rows=PART_ROWS)
+        local = build_store(spec, d / "local", chunk_bytes=600, **options)
+        cluster.write_text("armed")
+        with monkeypatch.context() as patched:
+            _driver_writes_no_transitions(patched)
+            on_ray = build_store(spec, d / "ray", chunk_bytes=600, engine="ray", **options)
+        assert not cluster.exists()  # a worker took the file and was killed
+        _same_store(local, on_ray)
+
+
+def test_many_buckets_merged_into_parts_on_the_workers(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dozens of buckets of episodes spread over files: the workers build the buckets'
+    runs, then write the merge's windows as parts; the store is the local engine's."""
+    files, _ = _spread_corpus(np.random.default_rng(3))
+    for name, lines in files.items():
+        write_lines(tmp_path / "raw" / name, lines)
+    store = {"format": "arrow", "discount": 0.99, "part_rows": 50}
+    spec = write_spec(tmp_path, [tmp_path / "raw" / "*"], fields=step_fields(), store=store)
+    options: dict[str, Any] = {
+        "chunk_bytes": 2000, "bucket_bytes": 300, "in_memory_bytes": 0, "merge_rows": 37,
+    }  # fmt: skip
+    local = build_store(spec, tmp_path / "local", **options)
+    _driver_writes_no_transitions(monkeypatch)
+    on_ray = build_store(spec, tmp_path / "ray", engine="ray", **options)
+    _same_store(local, on_ray)
+    sizes = _parts(on_ray)
+    assert len(sizes) >= 20 and len(set(sizes)) >= 5, sizes
+
+
+def test_worker_written_parts_carry_the_named_reward_columns(
+    cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec's named rewards (one float32 column each) are in the workers' parts, hashed
+    and summarised as the local engine's."""
+    layout, options = CASES["step_per_line-spilled"]
+    spec = _corpus(tmp_path, layout, part_rows=PART_ROWS, rewards={"again": {"path": "rew"}})
+    local = build_store(spec, tmp_path / "local", chunk_bytes=600, **options)
+    _driver_writes_no_transitions(monkeypatch)
+    on_ray = build_store(spec, tmp_path / "ray", chunk_bytes=600, engine="ray", **options)
+    _same_store(local, on_ray)
+    assert "reward_again" in on_ray.manifest["column_digests"]
+    assert "reward_columns" in on_ray.manifest["statistics"]
