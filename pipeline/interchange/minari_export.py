@@ -36,8 +36,12 @@ What maps to what:
   ``module:Name-vN`` imports its module first); a store without ``env`` gets none;
 * ``ref_min_score`` / ``ref_max_score``: the spec's ``reference_returns`` (random,
   expert), for ``minari.get_normalized_score``; ``description`` and ``offrl_store`` say
-  which store (name, content hash) the dataset comes from. Named reward columns
-  (``reward_NAME``) are not carried: Minari has one reward per step.
+  which store (name, content hash) the dataset comes from;
+* named reward columns (``reward_NAME``, a spec's ``fields.rewards``): Minari has one reward
+  per step, so each goes in the step ``infos`` as ``reward_NAME`` (``N + 1`` values, as
+  Minari keeps infos: the first, for the reset, is 0), listed in ``offrl_store.reward_columns``,
+  and a dropped last step's in the episode metadata (``dropped_reward_NAME``); an import
+  gives them back as the store's columns.
 
 An episode cut off with no final observation lost its last step in the store: that step's
 transition cannot be formed (there is no observation after it), so the build dropped it
@@ -280,6 +284,7 @@ def dataset_metadata(
         "content_hash": store.content_hash,
         "format_version": m.get("format_version"),
         "truncated_last_steps_dropped": int(ep.last_step_dropped.sum()),
+        "reward_columns": list(store.reward_column_names),
     }
     return md
 
@@ -298,6 +303,10 @@ def episode_metadata(store: TransitionStore, i: int, rewards: np.ndarray) -> dic
         "episode_id": ep.episode_id[i],
         "dropped_last_step": bool(ep.last_step_dropped[i]),
         "dropped_reward": float(ep.dropped_reward[i]),
+        **{
+            f"dropped_{column}": float(ep.dropped_named_rewards[name][i])
+            for name, column in store.reward_column_names.items()
+        },
     }
 
 
@@ -318,6 +327,16 @@ def episode_arrays(
         store.terminated[start:stop],
         store.truncated[start:stop],
     )
+
+
+def named_reward_infos(store: TransitionStore, start: int, length: int) -> dict[str, np.ndarray]:
+    """The episode's named rewards as Minari step infos: {reward_NAME: (N + 1,) float64},
+    the first value (the reset's info) 0, then the reward of each step."""
+    return {
+        column: np.concatenate([[0.0], np.asarray(store.column(column)[start : start + length],
+                                                  dtype=np.float64)])
+        for column in store.reward_column_names.values()
+    }  # fmt: skip
 
 
 def write_dataset(
@@ -354,16 +373,21 @@ def _write_arrow(store: TransitionStore, data: Path, file_format: str) -> None:
     for i, (start, length) in enumerate(zip(ep.start.tolist(), ep.length.tolist())):
         obs, act, rew, term, trunc = episode_arrays(store, start, length)
         act = np.concatenate([act, np.zeros((1, *act.shape[1:]), act.dtype)])
-        batch = pa.RecordBatch.from_arrays(
-            [
-                _fixed_list(obs),
-                pa.array(act) if discrete else _fixed_list(act),
-                pa.array(np.append(rew, 0.0)),
-                pa.array(np.append(term, False)),
-                pa.array(np.append(trunc, False)),
-            ],
-            names=["observations", "actions", "rewards", "terminations", "truncations"],
-        )
+        columns = [
+            _fixed_list(obs),
+            pa.array(act) if discrete else _fixed_list(act),
+            pa.array(np.append(rew, 0.0)),
+            pa.array(np.append(term, False)),
+            pa.array(np.append(trunc, False)),
+        ]
+        names = ["observations", "actions", "rewards", "terminations", "truncations"]
+        infos = named_reward_infos(store, start, length)
+        if infos:  # as minari's arrow storage encodes infos: a struct, N + 1 rows
+            columns.append(
+                pa.StructArray.from_arrays([pa.array(v) for v in infos.values()], list(infos))
+            )
+            names.append("infos")
+        batch = pa.RecordBatch.from_arrays(columns, names=names)
         directory = data / str(i)
         directory.mkdir()
         if file_format == "parquet":
@@ -395,7 +419,9 @@ def _write_hdf5(store: TransitionStore, data: Path) -> None:
                 group.create_dataset(
                     name, data=values, chunks=True, maxshape=(None, *values.shape[1:])
                 )
-            group.create_group("infos")
+            infos = group.create_group("infos")
+            for name, values in named_reward_infos(store, start, length).items():
+                infos.create_dataset(name, data=values, chunks=True, maxshape=(None,))
 
 
 def _size_mb(path: Path) -> float:

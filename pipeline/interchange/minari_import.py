@@ -62,6 +62,7 @@ from data_specs.schema import (
     ObsKey,
     ReferenceReturns,
     TransitionSpec,
+    reward_column,
 )
 from pipeline.format import BuildError
 from pipeline.sources import SourceFile, _display
@@ -88,7 +89,9 @@ UNREADABLE_EPISODE = "unreadable_episode"
 # what the exporter writes in an episode's metadata (pipeline.interchange.minari_export)
 META_EPISODE_ID = "episode_id"
 META_LAST_STEP_DROPPED = "dropped_last_step"
-META_DROPPED_REWARD = "dropped_reward"
+META_DROPPED_REWARD = "dropped_reward"  # and dropped_reward_NAME for a named reward
+META_STORE = "offrl_store"  # the dataset's metadata: the store it was exported from
+INFOS = "infos"  # where named rewards travel, one value per step after the reset's
 
 
 # --------------------------------------------------------------------------- spaces
@@ -310,6 +313,23 @@ def _env(meta: dict[str, Any]) -> EnvSpec | None:
     )
 
 
+def _reward_names(datasets: list[MinariDir], where: str) -> tuple[str, ...]:
+    """The named reward columns a dataset written by ``pipeline.export --to minari`` carries
+    in its step infos (``offrl_store.reward_columns``); every dataset must carry the same."""
+    found = []
+    for ds in datasets:
+        store = ds.metadata.get(META_STORE)
+        names = store.get("reward_columns") if isinstance(store, dict) else None
+        found.append(tuple(str(n) for n in names) if isinstance(names, list) else ())
+    if len(set(found)) > 1:
+        raise BuildError(
+            f"{where}: the datasets carry different named reward columns "
+            f"({', '.join(f'{ds.name}: {list(n)}' for ds, n in zip(datasets, found))}); "
+            "import them into separate stores"
+        )
+    return found[0]
+
+
 def resolve_spec(spec: TransitionSpec, datasets: list[MinariDir]) -> TransitionSpec:
     """The spec with the fields the datasets' spaces give (every dataset must agree), its
     env from ``env_spec`` and its reference returns from the reference scores, unless the
@@ -349,12 +369,14 @@ def resolve_spec(spec: TransitionSpec, datasets: list[MinariDir]) -> TransitionS
             low=act_space.low,
             high=act_space.high,
         )
+    names = _reward_names(datasets, where)
     fields = FieldsSpec(
         observation=obs,
         action=action,
         reward=FieldPath("rewards"),
         terminated=FieldPath("terminations"),
         truncated=FieldPath("truncations"),
+        rewards=tuple((n, FieldPath(f"{INFOS}.{reward_column(n)}")) for n in names),
     )
     env = spec.env or _env(first.metadata)
     refs = spec.reference_returns
@@ -378,6 +400,7 @@ class Layout:
     n_actions: int
     low: tuple[float, ...]
     high: tuple[float, ...]
+    reward_names: tuple[str, ...] = ()  # named rewards, read from the step infos
 
 
 def layout_of(spec: TransitionSpec) -> Layout:
@@ -391,6 +414,7 @@ def layout_of(spec: TransitionSpec) -> Layout:
         int(a.n or 0),
         tuple(a.low or ()),
         tuple(a.high or ()),
+        tuple(name for name, _ in spec.fields.rewards),
     )
 
 
@@ -493,6 +517,7 @@ class _Episode:
     term: np.ndarray  # (N,) bool
     trunc: np.ndarray  # (N,) bool
     meta: dict[str, Any] = field(default_factory=dict)
+    named: np.ndarray | None = None  # (N, K) named rewards (Layout.reward_names)
 
 
 def _numbers(arr: Any, what: str) -> np.ndarray:
@@ -591,7 +616,21 @@ def _read_arrow(path: Path, backend: str, lay: Layout, space_keys: tuple[str, ..
     rew = _matrix(table.column("rewards"), rows, 1, "rewards")[:n, 0]
     term = _matrix(table.column("terminations"), rows, 1, "terminations")[:n, 0].astype(bool)
     trunc = _matrix(table.column("truncations"), rows, 1, "truncations")[:n, 0].astype(bool)
-    return _Episode(obs, act, rew, term, trunc, meta)
+    named = None
+    if lay.reward_names:
+        if INFOS not in table.column_names:
+            raise _Bad(UNREADABLE_EPISODE, f"{path}: no column {INFOS!r} (the named rewards)")
+        infos = table.column(INFOS).combine_chunks()
+        cols = []
+        for name in lay.reward_names:
+            key = reward_column(name)
+            try:
+                sub = infos.field(key)
+            except (KeyError, pa.ArrowException):
+                raise _Bad(UNREADABLE_EPISODE, f"{path}: infos have no {key!r}") from None
+            cols.append(_matrix(sub, rows, 1, f"infos[{key!r}]")[1:, 0])
+        named = np.stack(cols, axis=1)
+    return _Episode(obs, act, rew, term, trunc, meta, named)
 
 
 def _h5_obs(node: Any, lay: Layout) -> np.ndarray:
@@ -623,6 +662,15 @@ def _read_hdf5(file: Any, eid: int, lay: Layout) -> _Episode:
         term = np.asarray(g["terminations"][()]).astype(bool).reshape(-1)
         trunc = np.asarray(g["truncations"][()]).astype(bool).reshape(-1)
         meta = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in g.attrs.items()}
+        named = None
+        if lay.reward_names:
+            info = g.get(INFOS, {})
+            keys = [reward_column(n) for n in lay.reward_names]
+            if any(k not in info for k in keys):
+                raise _Bad(UNREADABLE_EPISODE, f"{key}: infos lack the named rewards {keys}")
+            named = np.stack(
+                [np.asarray(info[k][()], dtype=np.float64).reshape(-1) for k in keys], axis=1
+            )
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise _Bad(UNREADABLE_EPISODE, f"{key}: {str(e).splitlines()[0][:200]}") from None
     n = len(rew)
@@ -644,11 +692,13 @@ def _read_hdf5(file: Any, eid: int, lay: Layout) -> _Episode:
             raise _Bad(
                 WRONG_LENGTH, f"actions of width {act.shape[1]}, the space's is {lay.act_dim}"
             )
+    if named is not None and len(named) != n + 1:
+        raise _Bad(WRONG_LENGTH, f"{len(named)} infos for {n} steps: Minari keeps N + 1")
     if obs.shape[1] != lay.obs_dim:
         raise _Bad(
             WRONG_LENGTH, f"observations of width {obs.shape[1]}, the space's is {lay.obs_dim}"
         )
-    return _Episode(obs, act, rew, term, trunc, meta)
+    return _Episode(obs, act, rew, term, trunc, meta, None if named is None else named[1:])
 
 
 def _check(ep: _Episode, lay: Layout) -> None:
@@ -659,6 +709,8 @@ def _check(ep: _Episode, lay: Layout) -> None:
     bad = ~np.isfinite(ep.obs).all(axis=1)
     if bad.any():
         raise _Bad(NON_FINITE, f"observation {int(np.flatnonzero(bad)[0])} is not finite")
+    if ep.named is not None and not np.isfinite(ep.named).all():
+        raise _Bad(NON_FINITE, "a named reward (infos) is not finite")
     if not np.isfinite(ep.rew).all():
         raise _Bad(
             NON_FINITE, f"reward {int(np.flatnonzero(~np.isfinite(ep.rew))[0])} is not finite"
@@ -703,12 +755,14 @@ class _Read:
     fobs: list[np.ndarray] = field(default_factory=list)
     has_final: list[bool] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    named: list[np.ndarray] = field(default_factory=list)  # (n, K) each, K named rewards
 
-    def add(self, task: MinariTask, eid: int, ep: _Episode) -> None:
+    def add(self, task: MinariTask, eid: int, ep: _Episode, names: tuple[str, ...]) -> None:
         n = len(ep.rew)
         obs = ep.obs[:n].astype(np.float32)
         act, rew = ep.act, ep.rew
         term, trunc = ep.term.copy(), ep.trunc.copy()
+        named = ep.named if ep.named is not None else np.zeros((n, len(names)))
         final = ep.obs[n].astype(np.float32)
         has_final = True
         if ep.meta.get(META_LAST_STEP_DROPPED):
@@ -720,6 +774,8 @@ class _Read:
             rew = np.append(rew, float(ep.meta.get(META_DROPPED_REWARD, 0.0)))
             term = np.append(term, False)
             trunc = np.append(np.zeros(n, dtype=bool), True)
+            dropped = [float(ep.meta.get(f"dropped_{reward_column(k)}", 0.0)) for k in names]
+            named = np.concatenate([named, np.asarray([dropped], dtype=np.float64)])
             has_final = False
             n += 1
         eid_text = ep.meta.get(META_EPISODE_ID)
@@ -733,6 +789,7 @@ class _Read:
         self.fobs.append(final)
         self.has_final.append(has_final)
         self.lengths.append(n)
+        self.named.append(named)
 
     def steps(self, lay: Layout) -> ParsedSteps:
         lengths = np.asarray(self.lengths, dtype=np.int64)
@@ -768,6 +825,11 @@ class _Read:
             fobs_present=fobs_present,
             line=np.repeat(np.asarray(self.lines, dtype=np.int64), lengths),
             id_int=np.zeros(total, dtype=bool),
+            named_rew=(
+                (np.concatenate(self.named) if self.named else np.zeros((0, len(lay.reward_names))))
+                if lay.reward_names
+                else None
+            ),
         )
 
 
@@ -808,7 +870,7 @@ def read_task(task: MinariTask) -> tuple[ParsedSteps, list[Rejected], int]:
                     )
                 )
                 continue
-            out.add(task, eid, ep)
+            out.add(task, eid, ep, lay.reward_names)
     finally:
         if h5 is not None:
             h5.close()

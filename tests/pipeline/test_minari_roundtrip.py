@@ -117,6 +117,33 @@ def test_a_continuous_store_with_inexact_rewards_round_trips(tmp_path: Path, bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_named_reward_columns_travel_in_the_step_infos(tmp_path: Path, backend: str) -> None:
+    def step(ep: str, t: int, **kw: Any) -> dict[str, Any]:
+        return {"ep": ep, "t": t, "obs": [t / 3, 1.0, -t], "act": t % 2, "rew": 0.1 * t,
+                "up": np.cos(t), "cost": -t / 7, "term": False, "trunc": False, **kw}  # fmt: skip
+
+    lines = [step("a", t, term=t == 3) for t in range(4)]
+    lines += [step("b", t) for t in range(5)]  # cut off: the dropped step's named rewards too
+    fields = step_fields(obs_dim=3, final_observation=False)
+    fields["rewards"] = {"upright": {"path": "up"}, "cost": {"path": "cost"}}
+    spec = write_spec(tmp_path, [write_lines(tmp_path / "log.jsonl", lines)], fields=fields)
+    first = build_store(spec, tmp_path / "s")
+    back = round_trip(first.path, tmp_path, backend)
+    assert_same_store(first.path, back)
+    sb = open_store(back)
+    assert list(sb.reward_columns) == ["upright", "cost"]
+    assert sb.episodes.dropped_named_rewards["upright"][1] == pytest.approx(np.cos(4))
+    # what Minari's own reader sees: infos, N + 1 values (the reset's first, 0)
+    eps = list(minari.MinariDataset(tmp_path / f"trip-{backend}-v0" / "data").iterate_episodes())
+    np.testing.assert_array_equal(
+        eps[0].infos["reward_upright"], np.float32([0.0, *np.cos(np.arange(4))])
+    )
+    np.testing.assert_array_equal(
+        eps[1].infos["reward_cost"], np.float32([0.0, *(-np.arange(4) / 7)])
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_a_datacollector_dataset_comes_back_array_by_array(
     tmp_path: Path, env_id: str, backend: str
