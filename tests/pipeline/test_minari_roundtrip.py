@@ -177,3 +177,17 @@ def test_a_datacollector_dataset_comes_back_array_by_array(
     assert again_ds.spec.env_spec is not None and again_ds.spec.env_spec.id == env_id
     assert again_ds.spec.env_spec.max_episode_steps == 15
     assert again_ds.recover_environment().spec.id == env_id
+
+
+@pytest.mark.parametrize("name", ["pendulum-mixed", "cartpole-mixed"])
+def test_the_shipped_demo_stores_round_trip(
+    demo_stores: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    """The demo stores (Pendulum with a named reward column, CartPole with discrete actions)
+    through Minari and back are the same stores."""
+    first = demo_stores[name]
+    assert open_store(first).manifest["counts"]["records_quarantined"] == 0
+    back = round_trip(
+        first, tmp_path, "arrow", discount=open_store(first).manifest["spec"]["store"]["discount"]
+    )
+    assert_same_store(first, back)
