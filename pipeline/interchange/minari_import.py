@@ -191,17 +191,32 @@ class MinariDir:
     action_space: Space
     name: str  # its dataset_id, or its directory's name
 
-    _files: list[Path] | None = None
+    _listing: list[tuple[str, int, int]] | None = None
+
+    @property
+    def listing(self) -> list[tuple[str, int, int]]:
+        """(path relative to data/, size, mtime_ns) of every file under data/, sorted by
+        path (listed once, by os.scandir: a dataset may hold a file per episode)."""
+        if self._listing is None:
+            out: list[tuple[str, int, int]] = []
+            stack = [("", str(self.data))]
+            while stack:
+                rel, path = stack.pop()
+                with os.scandir(path) as entries:
+                    for e in entries:
+                        name = f"{rel}{e.name}"
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append((f"{name}/", e.path))
+                        elif e.is_file():
+                            st = e.stat()
+                            out.append((name, st.st_size, st.st_mtime_ns))
+            self._listing = sorted(out)
+        return self._listing
 
     @property
     def files(self) -> list[Path]:
-        """Every file under data/, sorted by relative path (listed once)."""
-        if self._files is None:
-            self._files = sorted(
-                (p for p in self.data.rglob("*") if p.is_file()),
-                key=lambda p: p.relative_to(self.data).as_posix(),
-            )
-        return self._files
+        """Every file under data/, sorted by relative path."""
+        return [self.data / rel for rel, _, _ in self.listing]
 
 
 def datasets_path() -> Path:
@@ -263,11 +278,8 @@ def resolve_datasets(patterns: tuple[str, ...], origin: str = "spec") -> list[Mi
 def dataset_source(index: int, ds: MinariDir) -> SourceFile:
     """The manifest's source entry of a dataset: its directory, every file under data/
     counted in its size and mtime (hashed by :func:`pipeline.sources.dir_sha256`)."""
-    size, mtime = 0, 0
-    for f in ds.files:
-        st = f.stat()
-        size += st.st_size
-        mtime = max(mtime, st.st_mtime_ns)
+    size = sum(n for _, n, _ in ds.listing)
+    mtime = max((t for _, _, t in ds.listing), default=0)
     return SourceFile(index, ds.root, _display(ds.root), size, mtime)
 
 
@@ -449,9 +461,10 @@ def episode_ids(ds: MinariDir) -> tuple[list[int], list[int], dict[int, int]]:
         per = max(1, path.stat().st_size // max(1, len(present)))
         present = {i: per for i in present}
     else:
-        for d in ds.data.iterdir():
-            if d.is_dir() and d.name.isdigit():
-                present[int(d.name)] = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        for rel, size, _ in ds.listing:  # data/<id>/<file>
+            head, _, rest = rel.partition("/")
+            if rest and head.isdigit():
+                present[int(head)] = present.get(int(head), 0) + size
     listed = ds.metadata.get("total_episodes")
     expected = set(range(int(listed))) if isinstance(listed, int) else set()
     missing = sorted(expected - set(present))

@@ -337,6 +337,9 @@ def _plan(
         workers = cpus if est >= POOL_MIN_BYTES and cpus >= POOL_MIN_CPUS else 1
     workers = max(1, min(workers, math.ceil(est / opts.chunk_bytes)))
     ctx = BuildContext(spec, [s.display for s in sources], n_buckets, spill_dir)
+    # statistics are summarised where chunks are built when that is another process; in a
+    # build of one process the building thread has time for them while the next is read
+    ctx.summarise = opts.engine == "ray" or workers > 1
     if _workers_write_parts(spec, opts, minari):
         assert isinstance(spec.store.part_rows, int)
         ctx.parts_dir, ctx.part_rows = work / "parts", spec.store.part_rows

@@ -69,6 +69,10 @@ class BuildContext:
     # where they write them (None: the transitions are returned), at most part_rows each
     parts_dir: Path | None = None
     part_rows: int = 0
+    # tasks summarise their transitions' statistics (Transitions.stats) where they run: on
+    # worker processes and Ray workers; in a build of one process the building thread does
+    # it while it waits for the next chunk (the same numbers either way)
+    summarise: bool = True
     _parser: ChunkParser | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -107,6 +111,7 @@ class BuildContext:
             terminated_reasons=end.terminated if end else (),
             truncated_reasons=end.truncated if end else (),
             gamma=self.spec.store.discount,
+            summarise=self.summarise,
         )
 
 

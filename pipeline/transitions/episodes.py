@@ -345,6 +345,7 @@ def build_transitions(
     terminated_reasons: tuple[str, ...] = (),
     truncated_reasons: tuple[str, ...] = (),
     gamma: float = 0.99,
+    summarise: bool = True,
 ) -> Transitions:
     """Turn the steps of complete episodes into transitions.
 
@@ -380,7 +381,8 @@ def build_transitions(
         (ends.terminated & ~ends.has_final & ok_ep).sum()
     )
     c["transitions"] += len(tr)
-    tr.stats = chunk_stats(
-        tr.observation, tr.action, tr.reward, tr.return_to_go, tr.named_reward
-    )  # here, in the worker that built the chunk: the building process only merges them
+    if summarise:  # here, where the chunk was built: the building process only merges them
+        tr.stats = chunk_stats(
+            tr.observation, tr.action, tr.reward, tr.return_to_go, tr.named_reward
+        )
     return tr
