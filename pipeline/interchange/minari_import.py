@@ -566,7 +566,7 @@ def _matrix(col: Any, rows: int, width: int, what: str) -> np.ndarray:
     return values.reshape(rows, width)
 
 
-def _read_arrow(path: Path, backend: str, lay: Layout, space_keys: tuple[str, ...]) -> _Episode:
+def _read_arrow(path: Path, backend: str, lay: Layout) -> _Episode:
     import pyarrow as pa
 
     files = sorted(f for f in path.iterdir() if f.is_file() and f.name != METADATA)
@@ -874,7 +874,7 @@ def read_task(task: MinariTask) -> tuple[ParsedSteps, list[Rejected], int]:
                 if h5 is not None:
                     ep = _read_hdf5(h5, eid, lay)
                 else:
-                    ep = _read_arrow(data / str(eid), task.backend, lay, lay.obs_keys)
+                    ep = _read_arrow(data / str(eid), task.backend, lay)
                 _check(ep, lay)
             except _Bad as bad:
                 rejected.append(

@@ -38,7 +38,16 @@ from data_specs.schema import TransitionSpec, load_spec, reward_column
 from pipeline.arrowio import file_digest, write_arrow_table
 from pipeline.engine import Engine, LocalEngine, default_workers
 from pipeline.format import FORMAT_NAME, QUARANTINE, SPEC_COPY, BuildError
-from pipeline.interchange.minari_import import MinariDir, MinariTask, minari_chunk, minari_raw
+from pipeline.interchange.minari_import import (
+    MinariDir,
+    MinariTask,
+    dataset_source,
+    minari_chunk,
+    minari_raw,
+    plan_tasks,
+    resolve_datasets,
+    resolve_spec,
+)
 from pipeline.report import quarantine_summary
 from pipeline.sources import (
     Chunk,
@@ -173,10 +182,8 @@ def build(
     spec = load_spec(spec_path)
     datasets = None
     if spec.source.format == "minari":  # Minari datasets: one source per dataset directory
-        from pipeline.interchange import minari_import
-
-        datasets = minari_import.resolve_datasets(spec.source.paths, origin=f"{spec_path}")
-        sources = [minari_import.dataset_source(i, ds) for i, ds in enumerate(datasets)]
+        datasets = resolve_datasets(spec.source.paths, origin=f"{spec_path}")
+        sources = [dataset_source(i, ds) for i, ds in enumerate(datasets)]
     else:
         sources = resolve_sources(spec.source.paths, origin=f"{spec_path}")
     out = Path(out_dir)
@@ -246,9 +253,7 @@ def _build_into(
     minari_tasks: list[MinariTask] = []
     hashes: dict[int, Future[str]] = {}
     if datasets is not None:
-        from pipeline.interchange import minari_import
-
-        spec = minari_import.resolve_spec(spec, datasets)
+        spec = resolve_spec(spec, datasets)
         # the datasets are hashed on a thread while their episodes are read (hashlib lets
         # go of the GIL): the manifest needs the hashes only once the store is written
         hashing = ThreadPoolExecutor(1, thread_name_prefix="hash-datasets")
@@ -258,7 +263,7 @@ def _build_into(
             if s.sha256 is None
         }
         hashing.shutdown(wait=False)
-        minari_tasks = minari_import.plan_tasks(datasets, spec, opts.chunk_bytes)
+        minari_tasks = plan_tasks(datasets, spec, opts.chunk_bytes)
     else:
         try:
             spec = infer_shapes(spec, _first_records(sources))
@@ -336,10 +341,12 @@ def _plan(
         cpus = default_workers()
         workers = cpus if est >= POOL_MIN_BYTES and cpus >= POOL_MIN_CPUS else 1
     workers = max(1, min(workers, math.ceil(est / opts.chunk_bytes)))
-    ctx = BuildContext(spec, [s.display for s in sources], n_buckets, spill_dir)
     # statistics are summarised where chunks are built when that is another process; in a
     # build of one process the building thread has time for them while the next is read
-    ctx.summarise = opts.engine == "ray" or workers > 1
+    summarise = opts.engine == "ray" or workers > 1
+    ctx = BuildContext(
+        spec, [s.display for s in sources], n_buckets, spill_dir, summarise=summarise
+    )
     if _workers_write_parts(spec, opts, minari):
         assert isinstance(spec.store.part_rows, int)
         ctx.parts_dir, ctx.part_rows = work / "parts", spec.store.part_rows

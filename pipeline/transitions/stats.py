@@ -53,9 +53,6 @@ class RunningStats:
         self.lo = np.minimum(self.lo, b.lo)
         self.hi = np.maximum(self.hi, b.hi)
 
-    def update(self, x: np.ndarray) -> None:
-        self.merge(RunningStats.of(x))
-
     def to_dict(self, scalar: bool = False) -> dict[str, Any]:
         if self.mean is None or self.m2 is None or self.lo is None or self.hi is None:
             return {"count": 0, "mean": None, "std": None, "min": None, "max": None}

@@ -38,8 +38,6 @@ from pipeline.transitions.episodes import Transitions
 from pipeline.transitions.layout import TRANSITION_PARTS, part_file
 from pipeline.transitions.stats import RunningStats, chunk_stats
 
-__all__ = ["ColumnSink", "RunningStats"]
-
 COPY_ROWS = 1 << 16
 
 # (name, numpy dtype, per-row width or 0 for a vector column, or "str")
